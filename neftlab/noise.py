@@ -1,0 +1,167 @@
+"""Noise on the input embeddings for the `noise` group: none, uniform (NEFTune), gaussian, dynamic.
+
+NEFTune adds U(-1, 1) * alpha / sqrt(L_i * d) to the embedding output of sample i during
+training, with L_i its number of real tokens. Two forward hooks do it without touching the
+model's code: a pre-hook on the whole model catches the attention mask, and a hook on the
+input-embedding layer adds the noise to real tokens only, in training mode only.
+
+Bring-your-own-loop use::
+
+    with neftlab.noise.attach(model, "uniform", alpha=5.0) as noise:
+        ...train...            # noise.alpha is the current alpha
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .config import NoiseConfig
+
+log = logging.getLogger(__name__)
+
+
+class NoiseError(RuntimeError):
+    pass
+
+
+class Noise:
+    """An attached noise hook. `.alpha` is live (dynamic noise changes it); `.remove()` detaches it."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, alpha: float = 5.0, length_mode: str = "real",
+                 std: Optional[float] = None):
+        if kind not in ("none", "uniform", "gaussian", "dynamic"):
+            raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian or dynamic")
+        if length_mode not in ("real", "padded"):
+            raise NoiseError(f"unknown length_mode {length_mode!r}: use real or padded")
+        self.kind, self.alpha, self.length_mode, self.std = kind, float(alpha), length_mode, std
+        self.embedding = model.get_input_embeddings()
+        self.mean_magnitude: Optional[float] = None  # batch mean of alpha/sqrt(L_i*d) at the last noised forward
+        self._mask: Optional[torch.Tensor] = None
+        self._handles = []
+        if kind == "none":
+            return
+        if getattr(self.embedding, "_neftlab_noise", None) is not None or hasattr(self.embedding, "neftune_noise_alpha"):
+            raise NoiseError("this embedding already has noise attached (neftlab's or the Trainer's "
+                             "neftune_noise_alpha); noise is never applied twice")
+        self.embedding._neftlab_noise = self
+        self._handles = [model.register_forward_pre_hook(self._catch_mask, with_kwargs=True),
+                         self.embedding.register_forward_hook(self._add_noise)]
+
+    def _catch_mask(self, module, args, kwargs):
+        self._mask = kwargs.get("attention_mask")
+
+    def _add_noise(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return None
+        batch, length, dim = output.shape
+        mask = self._mask
+        if self.length_mode == "padded" or mask is None or mask.shape != (batch, length):
+            mask = None
+            lengths = torch.full((batch,), float(length), device=output.device)
+        else:
+            mask = mask.to(output.dtype)
+            lengths = mask.sum(1).clamp(min=1).float()
+        scale = self.alpha / torch.sqrt(lengths * dim)  # per sample: alpha / sqrt(L_i * d)
+        self.mean_magnitude = float(scale.mean())
+        if self.kind == "gaussian":
+            sigma = torch.full_like(scale, self.std) if self.std is not None else scale
+            noise = torch.randn_like(output) * sigma.to(output.dtype)[:, None, None]
+        else:
+            noise = torch.empty_like(output).uniform_(-1, 1) * scale.to(output.dtype)[:, None, None]
+        if mask is not None:
+            noise = noise * mask[:, :, None]
+        return output + noise
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._mask = None
+        if getattr(self.embedding, "_neftlab_noise", None) is self:
+            del self.embedding._neftlab_noise
+
+    def __enter__(self) -> "Noise":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
+    """Attach noise of `kind` to the input embedding of `model` (any HF model, PEFT-wrapped or not).
+
+    params: alpha, length_mode ("real" | "padded"), std (gaussian). Dynamic noise is uniform
+    noise whose alpha a `DynamicAlpha` moves; `attach` accepts its keys and ignores them.
+    """
+    for key in ("alpha_min", "alpha_max", "alpha_step", "adjust_interval", "stability_threshold"):
+        params.pop(key, None)
+    return Noise(model, kind, **params)
+
+
+@torch.no_grad()
+def stability(weight: torch.Tensor, chunk_rows: int = 8192) -> float:
+    """mean over tokens of std(token vector) / L2 norm(token vector), the design's statistic.
+
+    All-zero rows (pruned tokens) have no direction and are left out. Computed in row
+    chunks so a 7B-size embedding needs no matrix-sized temporary.
+    """
+    total, count = 0.0, 0
+    for rows in weight.detach().split(chunk_rows):
+        rows = rows.float()
+        norm = torch.linalg.vector_norm(rows, dim=1)
+        keep = norm > 0
+        total += float((rows.std(dim=1)[keep] / norm[keep]).sum())
+        count += int(keep.sum())
+    return total / count if count else float("nan")
+
+
+class DynamicAlpha:
+    """The Dynamic Embedding Noise rule: below the threshold alpha rises by alpha_step, else falls, within clamps."""
+
+    def __init__(self, noise: Noise, cfg: NoiseConfig):
+        self.noise, self.cfg = noise, cfg
+        self.threshold: Optional[float] = None if cfg.stability_threshold == "auto" else float(cfg.stability_threshold)
+
+    def update(self, value: float) -> dict:
+        if self.threshold is None:  # "auto": the statistic at the start of training is the reference
+            self.threshold = value
+        before = self.noise.alpha
+        if value < self.threshold:
+            self.noise.alpha = min(self.cfg.alpha_max, before + self.cfg.alpha_step)
+        else:
+            self.noise.alpha = max(self.cfg.alpha_min, before - self.cfg.alpha_step)
+        direction = (self.noise.alpha > before) - (self.noise.alpha < before)
+        return {"noise/stability": value, "noise/threshold": self.threshold, "noise/direction": direction,
+                "noise/alpha": self.noise.alpha}
+
+
+class NoiseCallback(TrainerCallback):
+    """Reports alpha and magnitude at each log and, for dynamic noise, adjusts alpha every adjust_interval steps."""
+
+    def __init__(self, noise: Noise, cfg: NoiseConfig, log_event: Callable[[int, dict], None]):
+        self.noise, self.log_event = noise, log_event
+        self.dynamic = DynamicAlpha(noise, cfg) if cfg.kind == "dynamic" else None
+        self.interval = cfg.adjust_interval
+
+    def metrics(self) -> dict:
+        if self.noise.kind == "none":
+            return {}
+        out = {"noise/alpha": self.noise.alpha}
+        if self.noise.mean_magnitude is not None:
+            out["noise/mean_magnitude"] = self.noise.mean_magnitude
+        return out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.dynamic is not None and self.dynamic.threshold is None:
+            self.dynamic.threshold = stability(self.noise.embedding.weight)
+            log.info("noise.stability_threshold=auto: %.6f, the statistic at the start of training",
+                     self.dynamic.threshold)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.dynamic is not None and state.global_step % self.interval == 0:
+            self.log_event(state.global_step, self.dynamic.update(stability(self.noise.embedding.weight)))
+

@@ -1,0 +1,181 @@
+"""Magnitude pruning for the `pruning` group (Sparse-NEFT): l1 entries or l2 token rows, kept zero during training.
+
+The threshold is found by a radix select over the bit patterns of |w| (for IEEE floats the
+integer order of the sign-cleared bits is the order of |w|), counted in chunks with
+`bincount`. Unlike `torch.quantile` it works at any size (quantile refuses more than 2^24
+elements) and in bf16/fp16, it needs no matrix-sized temporary besides the boolean mask,
+and the number of pruned entries is exact: ties at the threshold go by index.
+
+Bring-your-own-loop use: ``mask = neftlab.pruning.prune_(weight, 0.3, "l1")``, then
+``weight.data.mul_(mask)`` after each optimizer step keeps the pruned entries at zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterator
+
+import torch
+from transformers import TrainerCallback
+
+from .config import PruningConfig
+from .evaluation import parameter_counts
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 22
+_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _keys(flat: torch.Tensor) -> torch.Tensor:
+    """Non-negative integers ordered as |flat| is: the float's bits with the sign bit cleared."""
+    bits = flat.element_size() * 8 - 1
+    return flat.view(_INT[flat.element_size()]).long() & ((1 << bits) - 1)
+
+
+def _chunks(weights: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for w in weights:
+        yield from w.detach().reshape(-1).split(_CHUNK)
+
+
+def _kth_smallest_key(weights: list[torch.Tensor], k: int) -> tuple[int, int]:
+    """(t, n_below): the k-th smallest key over all weights (k >= 1) and how many keys are < t."""
+    bits = weights[0].element_size() * 8 - 1
+    prefix, known, below = 0, 0, 0
+    while known < bits:
+        width = min(16, bits - known)
+        shift = bits - known - width
+        hist = torch.zeros(1 << width, dtype=torch.long)
+        for chunk in _chunks(weights):
+            keys = _keys(chunk)
+            if known:
+                keys = keys[(keys >> (shift + width)) == prefix]
+            hist += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width)
+        cum = hist.cumsum(0)
+        b = int(torch.searchsorted(cum, k - below))
+        below += int(cum[b - 1]) if b else 0
+        prefix, known = (prefix << width) | b, known + width
+    return prefix, below
+
+
+@torch.no_grad()
+def _prune_l1(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+    total = sum(w.numel() for w in weights)
+    k = math.floor(ratio * total)
+    masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in weights]
+    if k == 0:
+        return masks
+    t, below = _kth_smallest_key(weights, k)
+    ties = k - below  # entries equal to the threshold to prune, lowest index first
+    for w, mask in zip(weights, masks):
+        for chunk, keep in zip(w.detach().view(-1).split(_CHUNK), mask.view(-1).split(_CHUNK)):
+            keys = _keys(chunk)
+            torch.gt(keys, t, out=keep)
+            if ties:
+                at = (keys == t).nonzero().flatten()
+                keep[at[ties:]] = True
+                ties -= min(ties, at.numel())
+            chunk.masked_fill_(~keep, 0)
+    return masks
+
+
+@torch.no_grad()
+def _prune_l2(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
+    norms = torch.cat([torch.linalg.vector_norm(w.detach(), dim=1, dtype=torch.promote_types(w.dtype, torch.float32))
+                       for w in weights])
+    k = math.floor(ratio * norms.numel())
+    keep = torch.ones(norms.numel(), dtype=torch.bool)
+    keep[torch.argsort(norms, stable=True)[:k]] = False  # stable: ties go by row index
+    masks = []
+    for w, rows in zip(weights, keep.split([w.shape[0] for w in weights])):
+        w.detach()[~rows] = 0
+        masks.append(rows.to(w.device)[:, None].expand(w.shape))
+    return masks
+
+
+def prune_tensors_(weights: list[torch.Tensor], ratio: float, method: str = "l1") -> list[torch.Tensor]:
+    """Zero the `ratio` smallest of `weights` taken together, in place; returns their masks of kept entries.
+
+    l1: exactly floor(ratio * entries) entries by |w|; l2: exactly floor(ratio * rows) whole rows by L2 norm.
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"pruning ratio {ratio} is not a fraction in [0, 1)")
+    if method == "l1":
+        if len({w.dtype for w in weights}) > 1:
+            raise ValueError("l1 pruning over several tensors needs them in one dtype")
+        return _prune_l1(weights, ratio)
+    if method == "l2":
+        if any(w.dim() != 2 for w in weights):
+            raise ValueError("l2 pruning removes rows and needs 2-D weights")
+        return _prune_l2(weights, ratio)
+    raise ValueError(f"unknown pruning method {method!r}: use l1 or l2")
+
+
+def prune_(weight: torch.Tensor, ratio: float, method: str = "l1") -> torch.Tensor:
+    """Prune one weight in place (see `prune_tensors_`); returns the boolean mask of kept entries."""
+    return prune_tensors_([weight], ratio, method)[0]
+
+
+def ratio_at(cfg: PruningConfig, step: int) -> float:
+    """The target ratio at `step`: constant, or Zhu & Gupta's cubic ramp from initial_ratio to ratio."""
+    if cfg.schedule == "constant":
+        return cfg.ratio
+    progress = min(step / cfg.ramp_steps, 1.0)
+    return cfg.ratio + (cfg.initial_ratio - cfg.ratio) * (1 - progress) ** 3
+
+
+def targets(model: torch.nn.Module, scope: str) -> list[torch.Tensor]:
+    """The weights in scope: the input embedding, or every Linear weight but the output head and LoRA's own."""
+    if scope == "embedding":
+        return [model.get_input_embeddings().weight]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    seen, out = set(), []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and "lora_" not in name:
+            if module.weight.data_ptr() not in seen:
+                seen.add(module.weight.data_ptr())
+                out.append(module.weight)
+    return out
+
+
+def output_tied(model: torch.nn.Module) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+
+
+class PruningCallback(TrainerCallback):
+    """Prunes before the first step and every `interval` optimizer steps; re-applies the masks after every step."""
+
+    def __init__(self, model: torch.nn.Module, cfg: PruningConfig, log_event: Callable[[int, dict], None]):
+        self.model, self.cfg, self.log_event = model, cfg, log_event
+        self.weights = targets(model, cfg.scope)
+        self.masks: list[torch.Tensor] = []
+        self.tied = cfg.scope == "embedding" and output_tied(model)
+        if self.tied:
+            log.warning("The output layer shares its weight with the input embedding: pruning the embedding "
+                        "prunes the output layer too (pruning/tied_output=true)")
+
+    def prune(self, step: int) -> dict:
+        ratio = ratio_at(self.cfg, step)
+        self.masks = prune_tensors_(self.weights, ratio, self.cfg.method)
+        zeros = sum(int((w == 0).sum()) for w in self.weights)
+        metrics = {"pruning/ratio_target": ratio,
+                   "pruning/sparsity": zeros / sum(w.numel() for w in self.weights),
+                   "pruning/tied_output": self.tied}
+        if self.cfg.method == "l2":
+            metrics["pruning/rows_pruned"] = sum(int((~m[:, 0]).sum()) for m in self.masks)
+        metrics.update(parameter_counts(self.model))
+        self.log_event(step, metrics)
+        return metrics
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.prune(state.global_step)
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.cfg.interval == 0:
+            self.prune(state.global_step)
+        else:
+            for w, mask in zip(self.weights, self.masks):
+                w.mul_(mask)

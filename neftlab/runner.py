@@ -1,0 +1,116 @@
+"""One run: validate the config, load data and model, train with the Hugging Face Trainer, evaluate, write files.
+
+Noise and pruning plug in as a forward hook and TrainerCallbacks; nothing here is a
+training loop. Errors end the run with status "failed" in summary.json and one line on the
+terminal; the traceback goes to the run's log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import data as data_mod
+from . import evaluation, models, noise, pruning
+from .config import Config, ConfigError
+from .tracking import Recorder, RunFiles
+
+log = logging.getLogger(__name__)
+
+EXPECTED_ERRORS = (ConfigError, data_mod.DataError, models.ModelLoadError, noise.NoiseError)
+FAILED: list[tuple[str, str]] = []  # (run dir, error) of every failed job in this process, for the exit code
+
+
+def training_arguments(cfg: Config, out_dir: Path):
+    from transformers import TrainingArguments
+    t = cfg.trainer
+    return TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"), seed=cfg.seed, report_to="none",
+        max_steps=t.max_steps or -1, num_train_epochs=t.num_train_epochs, learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm, optim=t.optim, per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, activation_checkpointing=t.activation_checkpointing,
+        bf16=t.bf16, logging_steps=t.logging_steps, eval_strategy="steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps, save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
+        neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def run(cfg: Config, files: RunFiles) -> None:
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
+    set_seed(cfg.seed)
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = data_mod.prepare(cfg.data, tokenizer, cfg.model.causal, cfg.seed)
+    model = models.load_model(cfg.model, tokenizer, num_labels=max(len(data.label_names), 2), seed=cfg.seed)
+
+    hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
+                        std=cfg.noise.std)
+    noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
+    callbacks = [Recorder(files, sources=[noise_callback]), noise_callback]
+    if cfg.pruning.method != "off":
+        callbacks.append(pruning.PruningCallback(model, cfg.pruning, files.log))
+    if cfg.model.causal:
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+        metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
+                          preprocess_logits_for_metrics=evaluation.argmax_logits)
+    else:
+        collator = DataCollatorWithPadding(tokenizer)
+        metric_fns = dict(compute_metrics=evaluation.classification_metrics)
+    trainer = Trainer(model=model, args=training_arguments(cfg, files.dir), data_collator=collator,
+                      train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                      callbacks=callbacks, **metric_fns)
+
+    with hook:  # the noise is gone after training, also when training raises
+        if cfg.trainer.max_steps != 0:
+            trainer.train()
+    trainer.evaluate()
+
+    step = trainer.state.global_step
+    if cfg.model.causal and cfg.eval.num_generations:
+        samples, metrics = evaluation.generate(model, tokenizer, data.prompts[: cfg.eval.num_generations], cfg.eval)
+        files.write_samples(samples)
+        files.log(step, metrics)
+    elif not cfg.model.causal:
+        files.log(step, evaluation.classification_latency(model, trainer.get_eval_dataloader()))
+    files.log(step, {**evaluation.parameter_counts(model), **evaluation.peak_memory(),
+                     **evaluation.stability(files.train_losses, cfg.eval.loss_window)})
+    if cfg.trainer.save_model:
+        trainer.save_model(str(files.dir / "model"))
+
+
+def main(dict_cfg: DictConfig) -> dict:
+    """Hydra's task function: one job of a run or a sweep."""
+    hydra_cfg = HydraConfig.get()
+    files = RunFiles(hydra_cfg.runtime.output_dir)
+    try:
+        cfg: Config = OmegaConf.to_object(dict_cfg)
+        cfg.validate()
+        run(cfg, files)
+    except KeyboardInterrupt:
+        files.finish("interrupted")
+        raise
+    except Exception as e:
+        if isinstance(e, EXPECTED_ERRORS):
+            message = str(e)
+        elif isinstance(e, OmegaConfBaseException):
+            message = str(e).splitlines()[0]
+        else:
+            message = f"{type(e).__name__}: {e}"
+        log.debug("Traceback:\n%s", traceback.format_exc())
+        log.error("%s", message)
+        log.info("Full traceback in %s", Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log")
+        FAILED.append((hydra_cfg.runtime.output_dir, message))
+        summary = files.finish("failed", message)
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise SystemExit(1)
+        return summary
+    return files.finish("completed")

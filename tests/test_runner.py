@@ -1,0 +1,108 @@
+"""End to end: each family trains, evaluates and leaves the run files; failures are recorded, not lost."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, cli, compose_cfg
+from neftlab import runner
+from neftlab.tracking import RunFiles
+
+CAUSAL_KEYS = {"train/loss", "eval/loss", "eval/perplexity", "eval/accuracy", "eval/response_length",
+               "eval/distinct_2", "eval/distinct_4", "eval/repetition_rate", "efficiency/latency_ms_per_token",
+               "efficiency/total_params", "efficiency/nonzero_params", "efficiency/peak_memory_mb",
+               "stability/loss_std"}
+
+
+def run_inline(tmp_path, *overrides):
+    files = RunFiles(tmp_path)
+    runner.run(compose_cfg(*TINY, *overrides), files)
+    summary = files.finish("completed")
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return summary, metrics
+
+
+@pytest.mark.parametrize("model", ["llama_tiny", "opt_tiny"])
+def test_causal_run_writes_every_file_and_metric(tmp_path, model):
+    summary, metrics = run_inline(tmp_path, f"model={model}")
+    assert CAUSAL_KEYS <= summary.keys()
+    assert summary["eval/perplexity"] == pytest.approx(2.718281828 ** summary["eval/loss"], rel=1e-6)
+    assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2]
+    samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and {"prompt", "reference", "generation"} <= samples[0].keys()
+
+
+def test_bert_run_classifies(tmp_path):
+    summary, _ = run_inline(tmp_path, "model=bert_tiny")
+    assert {"eval/accuracy", "eval/macro_f1", "efficiency/latency_ms_per_sample", "train/loss"} <= summary.keys()
+    assert not (tmp_path / "samples.jsonl").exists()
+
+
+def test_max_steps_zero_evaluates_the_untouched_model(tmp_path):
+    summary, metrics = run_inline(tmp_path, "model=llama_tiny", "trainer.max_steps=0")
+    assert "train/loss" not in summary and "eval/loss" in summary
+    assert all(m["step"] == 0 for m in metrics)
+
+
+def test_lora_with_checkpointing_and_noise(tmp_path):
+    summary, _ = run_inline(tmp_path, "model=llama_tiny", "model.lora.enabled=true", "noise=uniform",
+                            "trainer.activation_checkpointing=true")
+    assert summary["noise/alpha"] == 5.0 and summary["noise/mean_magnitude"] > 0
+    assert summary["efficiency/total_params"] > 0
+
+
+def test_dynamic_noise_end_to_end_logs_its_keys(tmp_path):
+    proc, summary = cli("model=llama_tiny", "noise=dynamic", "noise.adjust_interval=1", "noise.stability_threshold=auto",
+                        *TINY, out_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert summary["status"] == "completed"
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    adjustments = [m for m in metrics if "noise/stability" in m]
+    assert [m["step"] for m in adjustments] == [1, 2]
+    assert {"noise/threshold", "noise/direction", "noise/alpha"} <= adjustments[0].keys()
+    assert any("noise/mean_magnitude" in m for m in metrics)
+
+
+def test_pruned_model_is_saved_at_least_half_zero(tmp_path):
+    proc, summary = cli("model=llama_tiny", "pruning=l1", "pruning.ratio=0.5", "trainer.save_model=true", *TINY,
+                        out_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = load_file(tmp_path / "model" / "model.safetensors")
+    embedding = weights["model.embed_tokens.weight"]
+    assert (embedding == 0).float().mean() >= 0.5
+    assert summary["pruning/sparsity"] >= 0.5 and summary["pruning/tied_output"] is True
+
+
+def test_opt_offline_stops_before_training_with_the_alternatives(tmp_path):
+    proc, summary = cli("model=opt", out_dir=tmp_path)
+    assert proc.returncode != 0
+    assert "model=opt_tiny" in proc.stderr and "Traceback" not in proc.stderr
+    assert summary["status"] == "failed" and "not in the local Hugging Face cache" in summary["error"]
+
+
+def test_bad_data_file_is_one_clear_error(tmp_path):
+    proc, summary = cli("data=alpaca", f"data.path={tmp_path}/missing.json", "model=llama_tiny", out_dir=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"data.path={tmp_path}/missing.json: no such file" in proc.stderr
+
+
+def test_multirun_records_a_failing_job_and_runs_the_others(tmp_path):
+    proc, _ = cli("-m", "model=llama_tiny", "trainer.learning_rate=0.001,0", *TINY,
+                  f"hydra.sweep.dir={tmp_path}", out_dir=tmp_path)
+    assert proc.returncode != 0
+    assert "1 job(s) failed" in proc.stderr and "trainer.learning_rate=0.0" in proc.stderr
+    statuses = [json.loads((tmp_path / str(i) / "summary.json").read_text())["status"] for i in (0, 1)]
+    assert statuses == ["completed", "failed"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "bert"])
+def test_real_packaged_models_train_two_steps(tmp_path, model):
+    summary, _ = run_inline(tmp_path, f"model={model}", "data.max_samples=24", "data.eval_size=4",
+                            "eval.num_generations=1")
+    assert summary["train/loss"] > 0 and summary["eval/loss"] > 0
+    if model == "llama":  # a pretrained instruct model, not a random one: it already predicts most response tokens
+        assert summary["eval/perplexity"] < 100
+    assert torch.isfinite(torch.tensor(summary["eval/loss"]))
