@@ -1,0 +1,180 @@
+"""Noise statistics on padded batches, the dynamic-alpha rule, and where noise must never apply."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, BertConfig, BertForSequenceClassification
+from transformers.integrations.neftune import neftune_post_forward_hook
+
+from neftlab import noise
+from neftlab.config import NoiseConfig
+
+DIM = 64
+LENGTHS = [300, 80, 12]  # a padded batch of mixed lengths
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=500, hidden_size=DIM, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+
+
+def padded_batch(lengths=LENGTHS, vocab=500):
+    ids = torch.randint(1, vocab, (len(lengths), max(lengths)))
+    mask = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids, mask
+
+
+def added_noise(model, ids, mask, train=True):
+    """Noisy minus clean embedding output, as the model's own forward sees it."""
+    seen = []
+    emb = model.get_input_embeddings()
+    capture = emb.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    model.train(train)
+    model(input_ids=ids, attention_mask=mask)
+    capture.remove()
+    return seen[0] - F.embedding(ids, emb.weight).detach()
+
+
+def test_uniform_noise_follows_neftune_per_sample():
+    model, (ids, mask) = tiny_llama(), padded_batch()
+    torch.manual_seed(1)
+    with noise.attach(model, "uniform", alpha=5.0):
+        delta = added_noise(model, ids, mask)
+    for i, n in enumerate(LENGTHS):
+        bound = 5.0 / math.sqrt(n * DIM)
+        real = delta[i, :n]
+        assert real.abs().max() <= bound * (1 + 1e-5)
+        assert real.abs().max() >= 0.95 * bound
+        samples = real.numel()
+        assert abs(real.mean()) < 5 * bound / math.sqrt(3 * samples)  # 5 standard errors of the mean
+        assert real.var().item() == pytest.approx(bound ** 2 / 3, rel=0.15)
+        assert torch.count_nonzero(delta[i, n:]) == 0  # padding gets none
+
+
+def test_no_noise_in_eval_mode_or_after_remove():
+    model, (ids, mask) = tiny_llama(), padded_batch()
+    handle = noise.attach(model, "uniform", alpha=5.0)
+    assert torch.count_nonzero(added_noise(model, ids, mask, train=False)) == 0
+    assert torch.count_nonzero(added_noise(model, ids, mask)) > 0
+    handle.remove()
+    assert torch.count_nonzero(added_noise(model, ids, mask)) == 0
+
+
+def test_context_manager_removes_noise_when_training_raises():
+    model, (ids, mask) = tiny_llama(), padded_batch()
+    with pytest.raises(RuntimeError, match="boom"):
+        with noise.attach(model, "uniform", alpha=5.0):
+            raise RuntimeError("boom")
+    assert torch.count_nonzero(added_noise(model, ids, mask)) == 0
+
+
+def test_generation_gets_no_noise():
+    model, (ids, mask) = tiny_llama(), padded_batch([6])
+    reference = model.eval().generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    with noise.attach(model, "uniform", alpha=1000.0):
+        model.train()
+        model.eval()
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False), reference)
+
+
+def test_padded_length_mode_reproduces_the_trainers_hook():
+    model, (ids, mask) = tiny_llama(), padded_batch()
+    torch.manual_seed(3)
+    with noise.attach(model, "uniform", alpha=5.0, length_mode="padded"):
+        ours = added_noise(model, ids, mask)
+    emb = model.get_input_embeddings()
+    emb.neftune_noise_alpha = 5.0
+    hook = emb.register_forward_hook(neftune_post_forward_hook)
+    torch.manual_seed(3)
+    theirs = added_noise(model, ids, mask)
+    hook.remove()
+    assert torch.allclose(ours, theirs, atol=1e-7)
+
+
+def test_gaussian_std_from_alpha_and_absolute():
+    lengths = [512] * 4
+    model, (ids, mask) = tiny_llama(), padded_batch(lengths)
+    with noise.attach(model, "gaussian", alpha=5.0):
+        delta = added_noise(model, ids, mask)
+    assert delta.std().item() == pytest.approx(5.0 / math.sqrt(512 * DIM), rel=0.05)
+    with noise.attach(model, "gaussian", std=0.02):
+        assert added_noise(model, ids, mask).std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_bert_and_peft_models_get_noise():
+    from peft import LoraConfig, get_peft_model
+    bert = BertForSequenceClassification(BertConfig(vocab_size=500, hidden_size=DIM, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=2))
+    peft_llama = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"]))
+    for model in (bert, peft_llama):
+        ids, mask = padded_batch([20, 10])
+        with noise.attach(model, "uniform", alpha=5.0):
+            delta = added_noise(model, ids, mask)
+        assert torch.count_nonzero(delta[1, :10]) == 10 * DIM and torch.count_nonzero(delta[1, 10:]) == 0
+
+
+def test_noise_is_never_attached_twice():
+    model = tiny_llama()
+    with noise.attach(model, "uniform"):
+        with pytest.raises(noise.NoiseError, match="never applied twice"):
+            noise.attach(model, "gaussian")
+    model.get_input_embeddings().neftune_noise_alpha = 5.0  # what the Trainer's own NEFTune sets
+    with pytest.raises(noise.NoiseError, match="neftune_noise_alpha"):
+        noise.attach(model, "uniform")
+
+
+def test_none_attaches_no_hook():
+    model = tiny_llama()
+    emb = model.get_input_embeddings()
+    with noise.attach(model, "none"):
+        assert not emb._forward_hooks and not model._forward_pre_hooks
+
+
+def test_unknown_kind_is_refused():
+    with pytest.raises(noise.NoiseError, match="unknown noise kind 'pink'"):
+        noise.attach(tiny_llama(), "pink")
+
+
+def test_stability_statistic_is_about_one_over_sqrt_d():
+    torch.manual_seed(0)
+    weight = torch.randn(3000, 576)
+    assert noise.stability(weight) == pytest.approx(1 / math.sqrt(576), rel=0.01)
+    weight[:1000] = 0  # pruned rows have no direction and are left out
+    assert noise.stability(weight) == pytest.approx(1 / math.sqrt(576), rel=0.01)
+
+
+def dynamic(**kw):
+    cfg = NoiseConfig(kind="dynamic", **{"alpha": 1.0, "alpha_min": 0.5, "alpha_max": 2.0, "alpha_step": 0.5,
+                                         "adjust_interval": 3, "stability_threshold": 0.1, **kw})
+    handle = noise.attach(tiny_llama(), "dynamic", alpha=cfg.alpha)
+    events = []
+    return handle, noise.NoiseCallback(handle, cfg, lambda step, m: events.append((step, m))), events
+
+
+def test_dynamic_rule_moves_alpha_up_down_and_into_clamps_at_the_right_steps(monkeypatch):
+    handle, callback, events = dynamic()
+    scripted = iter([0.05, 0.05, 0.05, 0.2, 0.2, 0.2, 0.2])
+    monkeypatch.setattr(noise, "stability", lambda weight: next(scripted))
+    for step in range(1, 22):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert [step for step, _ in events] == [3, 6, 9, 12, 15, 18, 21]
+    assert [m["noise/alpha"] for _, m in events] == [1.5, 2.0, 2.0, 1.5, 1.0, 0.5, 0.5]
+    assert [m["noise/direction"] for _, m in events] == [1, 1, 0, -1, -1, -1, 0]
+    assert handle.alpha == 0.5 and callback.metrics()["noise/alpha"] == 0.5
+
+
+def test_auto_threshold_is_fixed_by_the_first_measurement(monkeypatch):
+    handle, callback, events = dynamic(stability_threshold="auto")
+    scripted = iter([0.04, 0.03, 0.05])
+    monkeypatch.setattr(noise, "stability", lambda weight: next(scripted))
+    callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    for step in (3, 6):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None)
+    assert [m["noise/threshold"] for _, m in events] == [0.04, 0.04]
+    assert [m["noise/direction"] for _, m in events] == [1, -1]
