@@ -72,10 +72,9 @@ def _prune_l1(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
         for chunk, keep in zip(w.detach().view(-1).split(_CHUNK), mask.view(-1).split(_CHUNK)):
             keys = _keys(chunk)
             torch.gt(keys, t, out=keep)
-            if ties:
-                at = (keys == t).nonzero().flatten()
-                keep[at[ties:]] = True
-                ties -= min(ties, at.numel())
+            at = (keys == t).nonzero().flatten()  # prune the first `ties` of these overall, keep the rest
+            keep[at[ties:]] = True
+            ties -= min(ties, at.numel())
             chunk.masked_fill_(~keep, 0)
     return masks
 

@@ -24,10 +24,14 @@ def test_l1_zeroes_exactly_the_smallest_entries(ratio):
         assert original[~mask].abs().max() <= original[mask].abs().min()
 
 
-def test_l1_ties_at_the_threshold_go_by_index():
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_l1_ties_at_the_threshold_go_by_index_across_chunks(monkeypatch, chunk):
+    monkeypatch.setattr(pruning, "_CHUNK", chunk)
     w = torch.ones(10, 10)
+    w[9] = 0.5  # 10 entries below the tie, then 25 of the 90 tied ones
     mask = pruning.prune_(w, 0.35, "l1")
-    assert (~mask).flatten().nonzero().flatten().tolist() == list(range(35))
+    assert sorted((~mask).flatten().nonzero().flatten().tolist()) == list(range(25)) + list(range(90, 100))
+    assert int((w == 0).sum()) == 35
 
 
 def test_repruning_at_the_same_ratio_keeps_the_same_zeros():
