@@ -1,0 +1,98 @@
+"""Step-time overhead of neftlab's noise against no noise and against the Trainer's built-in NEFTune.
+
+SmolLM2-135M, batch 4 x 256 ShareGPT tokens, forward + backward + AdamW step on the CPU.
+The three variants are interleaved step by step so that machine drift hits them alike;
+the hooks' own cost is also timed in isolation, since it is far below step-time jitter.
+
+    python benchmarks/noise_overhead.py [--steps 6]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from transformers import DataCollatorForSeq2Seq
+from transformers.integrations.neftune import neftune_post_forward_hook
+
+from pathlib import Path
+from neftlab import data, models, noise
+from neftlab.config import register
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    args = parser.parse_args()
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = OmegaConf.to_object(compose("config", ["data.max_length=256", "data.max_samples=64"])).validate()
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_model(cfg.model, tok)
+    prepared = data.prepare(cfg.data, tok, True, seed=0)
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([prepared.train[i] for i in range(4)])
+    print(f"batch {tuple(batch['input_ids'].shape)}, real tokens per sample {batch['attention_mask'].sum(1).tolist()}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    model.train()
+    emb = model.get_input_embeddings()
+
+    def step():
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return time.perf_counter() - start
+
+    def with_trainer_neftune():
+        emb.neftune_noise_alpha = 5.0
+        handle = emb.register_forward_hook(neftune_post_forward_hook)
+        try:
+            return step()
+        finally:
+            handle.remove()
+            del emb.neftune_noise_alpha
+
+    def with_neftlab():
+        with noise.attach(model, "uniform", alpha=5.0):
+            return step()
+
+    variants = {"none": step, "neftlab uniform": with_neftlab, "trainer neftune": with_trainer_neftune}
+    for fn in variants.values():  # warm-up
+        fn()
+    times = {name: [] for name in variants}
+    for _ in range(args.steps):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    base = statistics.median(times["none"])
+    for name, ts in times.items():
+        print(f"{name:16s} median step {statistics.median(ts):7.3f} s  ratio to none {statistics.median(ts) / base:.4f}"
+              f"  (steps: {', '.join(f'{t:.2f}' for t in ts)})")
+
+    # The hooks alone, on this batch's embedding output: what they add to every step.
+    out = emb(batch["input_ids"]).detach()
+    with noise.attach(model, "uniform", alpha=5.0) as hook:
+        hook._mask = batch["attention_mask"]
+        reps = 200
+        start = time.perf_counter()
+        for _ in range(reps):
+            hook._add_noise(emb, None, out)
+        ours = (time.perf_counter() - start) / reps
+    emb.neftune_noise_alpha = 5.0
+    start = time.perf_counter()
+    for _ in range(reps):
+        neftune_post_forward_hook(emb, None, out)
+    theirs = (time.perf_counter() - start) / reps
+    print(f"hook alone: neftlab {ours * 1e3:.3f} ms = {100 * ours / base:.4f}% of a step; "
+          f"trainer's {theirs * 1e3:.3f} ms = {100 * theirs / base:.4f}% of a step")
+
+    start = time.perf_counter()
+    value = noise.stability(emb.weight)
+    stat = time.perf_counter() - start
+    print(f"dynamic statistic on {tuple(emb.weight.shape)}: {stat * 1e3:.1f} ms (= {value:.5f}); at adjust_interval 100 "
+          f"that is {100 * stat / (100 * base):.4f}% of training time")
+
+
+if __name__ == "__main__":
+    main()
