@@ -12,6 +12,7 @@ Bring-your-own-loop use: ``mask = neftlab.pruning.prune_(weight, 0.3, "l1")``, t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Callable, Iterator
@@ -167,6 +168,20 @@ class PruningCallback(TrainerCallback):
         metrics.update(parameter_counts(self.model))
         self.log_event(step, metrics)
         return metrics
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def dense(self):
+        """The pruned entries temporarily refilled with random values of the kept ones' scale, to time the
+        same model unpruned: dense kernels do the same work whatever the values, so expect no difference."""
+        saved = [(w.detach()[~m].clone(), w.detach()[m].std()) for w, m in zip(self.weights, self.masks)]
+        for w, mask, (_, scale) in zip(self.weights, self.masks, saved):
+            w.detach()[~mask] = torch.randn(int((~mask).sum()), dtype=w.dtype, device=w.device) * scale
+        try:
+            yield
+        finally:
+            for w, mask, (values, _) in zip(self.weights, self.masks, saved):
+                w.detach()[~mask] = values
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.prune(state.global_step)

@@ -56,8 +56,9 @@ def run(cfg: Config, files: RunFiles) -> None:
                         std=cfg.noise.std)
     noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
     callbacks = [Recorder(files, sources=[noise_callback]), noise_callback]
-    if cfg.pruning.method != "off":
-        callbacks.append(pruning.PruningCallback(model, cfg.pruning, files.log))
+    pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
+    if pruner is not None:
+        callbacks.append(pruner)
     if cfg.model.causal:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
         metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
@@ -75,12 +76,21 @@ def run(cfg: Config, files: RunFiles) -> None:
     trainer.evaluate()
 
     step = trainer.state.global_step
-    if cfg.model.causal and cfg.eval.num_generations:
-        samples, metrics = evaluation.generate(model, tokenizer, data.prompts[: cfg.eval.num_generations], cfg.eval)
+    prompts = data.prompts[: cfg.eval.num_generations]
+
+    def generations_and_latency() -> tuple[list, dict]:
+        if not cfg.model.causal:
+            return [], evaluation.classification_latency(model, trainer.get_eval_dataloader())
+        return evaluation.generate(model, tokenizer, prompts, cfg.eval) if prompts else ([], {})
+
+    samples, metrics = generations_and_latency()
+    if samples:
         files.write_samples(samples)
-        files.log(step, metrics)
-    elif not cfg.model.causal:
-        files.log(step, evaluation.classification_latency(model, trainer.get_eval_dataloader()))
+    files.log(step, metrics)
+    if pruner is not None and pruner.masks:  # time the same model unpruned: dense kernels gain nothing from zeros
+        with pruner.dense():
+            dense = generations_and_latency()[1]
+        files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items() if "latency" in k})
     files.log(step, {**evaluation.parameter_counts(model), **evaluation.peak_memory(),
                      **evaluation.stability(files.train_losses, cfg.eval.loss_window)})
     if cfg.trainer.save_model:

@@ -144,3 +144,13 @@ def test_all_linear_scope_leaves_embedding_and_head_alone():
     weights = pruning.targets(model, "all_linear")
     assert model.get_input_embeddings().weight.data_ptr() not in {w.data_ptr() for w in weights}
     assert len(weights) == 7  # q, k, v, o, gate, up, down of the one layer
+
+
+def test_dense_refill_for_latency_restores_the_exact_pruned_model():
+    model = tiny_llama()
+    pruner = pruning.PruningCallback(model, PruningConfig(method="l1", ratio=0.5), lambda step, m: None)
+    pruner.prune(0)
+    before = model.get_input_embeddings().weight.clone()
+    with pruner.dense():
+        assert int((model.get_input_embeddings().weight == 0).sum()) < int((before == 0).sum())
+    assert torch.equal(model.get_input_embeddings().weight, before)

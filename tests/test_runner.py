@@ -73,6 +73,8 @@ def test_pruned_model_is_saved_at_least_half_zero(tmp_path):
     embedding = weights["model.embed_tokens.weight"]
     assert (embedding == 0).float().mean() >= 0.5
     assert summary["pruning/sparsity"] >= 0.5 and summary["pruning/tied_output"] is True
+    assert summary["efficiency/param_reduction"] > 0.4  # the tied embedding is most of a tiny model
+    assert summary["efficiency/unpruned_latency_ms_per_token"] > 0 and summary["efficiency/latency_ms_per_token"] > 0
 
 
 def test_opt_offline_stops_before_training_with_the_alternatives(tmp_path):
