@@ -232,9 +232,9 @@ class EvalConfig:
 @dataclass
 class LoggerConfig:
     kind: str = "none"  # none | wandb
-    mode: str = "auto"  # auto | online | offline | disabled
-    project: str = "neftlab"
-    entity: Optional[str] = None
+    mode: str = "auto"  # auto: $WANDB_MODE, else online with W&B credentials, else offline | online | offline | disabled
+    project: Optional[str] = None  # null: $WANDB_PROJECT, else "neftlab"
+    entity: Optional[str] = None  # null: $WANDB_ENTITY, else your default entity
 
     def validate(self, key: str) -> None:
         check_choice(f"{key}.kind", self.kind, ("none", "wandb"))

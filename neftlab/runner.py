@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import data as data_mod
 from . import evaluation, models, noise, pruning
 from .config import Config, ConfigError
-from .tracking import Recorder, RunFiles
+from .tracking import Recorder, RunFiles, WandbRun
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def training_arguments(cfg: Config, out_dir: Path):
     from transformers import TrainingArguments
     t = cfg.trainer
     return TrainingArguments(
-        output_dir=str(out_dir / "checkpoints"), seed=cfg.seed, report_to="none",
+        output_dir=str(out_dir / "checkpoints"), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
         max_steps=t.max_steps or -1, num_train_epochs=t.num_train_epochs, learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm, optim=t.optim, per_device_train_batch_size=t.per_device_train_batch_size,
@@ -97,6 +97,17 @@ def run(cfg: Config, files: RunFiles) -> None:
         trainer.save_model(str(files.dir / "model"))
 
 
+def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg) -> WandbRun:
+    """The job's W&B run: named by its overrides, grouped by its sweep, with the resolved config for filtering."""
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return WandbRun(cfg.logger, Path(hydra_cfg.runtime.output_dir), OmegaConf.to_container(dict_cfg, resolve=True),
+                    name=hydra_cfg.job.override_dirname or "default",
+                    group=Path(hydra_cfg.sweep.dir).name if multirun else None,
+                    job_type="train" if cfg.trainer.max_steps != 0 else "eval",
+                    tags=[f"model:{hydra_cfg.runtime.choices.get('model', cfg.model.arch)}",
+                          f"noise:{cfg.noise.kind}", f"pruning:{cfg.pruning.method}"])
+
+
 def main(dict_cfg: DictConfig) -> dict:
     """Hydra's task function: one job of a run or a sweep."""
     hydra_cfg = HydraConfig.get()
@@ -104,6 +115,8 @@ def main(dict_cfg: DictConfig) -> dict:
     try:
         cfg: Config = OmegaConf.to_object(dict_cfg)
         cfg.validate()
+        if cfg.logger.kind == "wandb":
+            files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg)
         run(cfg, files)
     except KeyboardInterrupt:
         files.finish("interrupted")

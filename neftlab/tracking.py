@@ -1,31 +1,35 @@
-"""Run files for the `logger` group: metrics.jsonl, summary.json and samples.jsonl in the run directory.
+"""Run files and W&B for the `logger` group.
 
-Every number a run produces goes through `RunFiles.log`, so the files on disk and any
-tracker see the same keys: `train/…`, `eval/…`, `noise/…`, `pruning/…`, `efficiency/…`,
-`stability/…`, each with the trainer's global step.
+Every number a run produces goes through `RunFiles.log`, so metrics.jsonl, summary.json
+and the W&B run see the same keys: `train/…`, `eval/…`, `noise/…`, `pruning/…`,
+`efficiency/…`, `stability/…`, with the trainer's global step (`train/global_step` in W&B).
+The Trainer's own logs reach W&B through its WandbCallback, which uses the same key
+scheme (loss -> train/loss, eval_loss -> eval/loss, train_loss -> train/train_loss).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import netrc
+import os
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
-# The Trainer's end-of-training averages; "train_loss" is the mean over the run, not the last step's loss.
-_TRAIN_END = {"train_loss": "train/mean_loss", "train_runtime": "train/runtime_s",
-              "train_samples_per_second": "train/samples_per_second", "train_steps_per_second": "train/steps_per_second"}
+from .config import LoggerConfig
+
+log = logging.getLogger(__name__)
 
 
 def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
-    """The Trainer's log keys in neftlab's namespaces: loss -> train/loss, eval_loss -> eval/loss (+ eval/perplexity)."""
+    """The Trainer's log keys as its WandbCallback names them (eval_x -> eval/x, x -> train/x), plus eval/perplexity."""
     out = {}
     for key, value in logs.items():
-        if key in _TRAIN_END:
-            out[_TRAIN_END[key]] = value
-        elif key.startswith("eval_"):
+        if key.startswith("eval_"):
             out["eval/" + key[5:]] = value
         elif "/" in key:
             out[key] = value
@@ -34,6 +38,47 @@ def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
     if "eval/loss" in out:
         out["eval/perplexity"] = math.exp(min(out["eval/loss"], 700.0))
     return out
+
+
+def wandb_mode(mode: str) -> str:
+    """auto: $WANDB_MODE if set, else online where W&B credentials are configured, else offline."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return "offline"
+
+
+class WandbRun:
+    """One W&B run per job, made the global `wandb.run` so the Trainer's WandbCallback logs into it too."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, group: str | None,
+                 job_type: str, tags: list[str]):
+        import wandb
+        mode = wandb_mode(cfg.mode)
+        # finish_previous: Hydra runs a sweep's jobs in one process, and the default reinit would hand
+        # every job the previous job's run.
+        self.run = wandb.init(project=cfg.project or os.environ.get("WANDB_PROJECT") or "neftlab",
+                              entity=cfg.entity, group=group, name=name, job_type=job_type, tags=tags,
+                              config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
+        self.run.define_metric("train/global_step")
+        self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
+        if mode == "offline":
+            log.info("W&B is offline (no credentials found): upload later with `wandb sync %s/wandb/offline-run-*`",
+                     run_dir)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self.run.log({**metrics, "train/global_step": step})
+
+    def finish(self, summary: dict[str, Any], exit_code: int) -> None:
+        self.run.summary.update(summary)
+        self.run.finish(exit_code=exit_code)
 
 
 def _jsonable(value: Any) -> Any:
@@ -50,11 +95,13 @@ class RunFiles:
     def __init__(self, out_dir: str | Path):
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.tracker: WandbRun | None = None
         self.summary: dict[str, Any] = {}
         self.train_losses: list[tuple[int, float]] = []
         self._metrics = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
 
-    def log(self, step: int, metrics: dict[str, Any]) -> None:
+    def log(self, step: int, metrics: dict[str, Any], tracked_elsewhere: Iterable[str] = ()) -> None:
+        """Append one event; keys in `tracked_elsewhere` already reached the tracker (the Trainer's WandbCallback)."""
         if not metrics:
             return
         metrics = {k: _jsonable(v) for k, v in metrics.items()}
@@ -63,6 +110,10 @@ class RunFiles:
         self.summary.update(metrics)
         if isinstance(metrics.get("train/loss"), float):
             self.train_losses.append((step, metrics["train/loss"]))
+        if self.tracker is not None:
+            untracked = {k: v for k, v in metrics.items() if k not in tracked_elsewhere}
+            if untracked:
+                self.tracker.log(step, untracked)
 
     def write_samples(self, samples: Iterable[dict]) -> None:
         with (self.dir / "samples.jsonl").open("w", encoding="utf-8") as f:
@@ -74,6 +125,9 @@ class RunFiles:
         self._metrics.close()
         summary = {"status": status, **({"error": error} if error else {}), **extra, **self.summary}
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        if self.tracker is not None:
+            self.tracker.finish(summary, exit_code=0 if status == "completed" else 1)
+            self.tracker = None
         return summary
 
 
@@ -86,7 +140,8 @@ class Recorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = namespaced(logs or {})
+        from_trainer = set(metrics) - {"eval/perplexity"} if "wandb" in args.report_to else set()
         if "train/loss" in metrics:
             for source in self.sources:
                 metrics.update(source.metrics())
-        self.files.log(state.global_step, metrics)
+        self.files.log(state.global_step, metrics, tracked_elsewhere=from_trainer)

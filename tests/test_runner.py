@@ -18,7 +18,7 @@ CAUSAL_KEYS = {"train/loss", "eval/loss", "eval/perplexity", "eval/accuracy", "e
 
 def run_inline(tmp_path, *overrides):
     files = RunFiles(tmp_path)
-    runner.run(compose_cfg(*TINY, *overrides), files)
+    runner.run(compose_cfg(*TINY, "logger=none", *overrides), files)
     summary = files.finish("completed")
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return summary, metrics
