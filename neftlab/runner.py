@@ -7,12 +7,15 @@ terminal; the traceback goes to the run's log file.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 import traceback
 from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -25,7 +28,7 @@ from .tracking import Recorder, RunFiles, WandbRun
 log = logging.getLogger(__name__)
 
 EXPECTED_ERRORS = (ConfigError, data_mod.DataError, models.ModelLoadError, noise.NoiseError)
-FAILED: list[tuple[str, str]] = []  # (run dir, error) of every failed job in this process, for the exit code
+FAILED: list[tuple[str, str]] = []  # (run dir, error) of the last sweep's failed jobs, for the exit code
 
 
 def training_arguments(cfg: Config, out_dir: Path):
@@ -131,9 +134,24 @@ def main(dict_cfg: DictConfig) -> dict:
         log.debug("Traceback:\n%s", traceback.format_exc())
         log.error("%s", message)
         log.info("Full traceback in %s", Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log")
-        FAILED.append((hydra_cfg.runtime.output_dir, message))
         summary = files.finish("failed", message)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise SystemExit(1)
         return summary
     return files.finish("completed")
+
+
+class SweepStatus(Callback):
+    """After a sweep, collect the jobs whose summary.json is not "completed", whichever launcher ran them
+    (joblib and SLURM jobs run in other processes), so that `python -m neftlab -m` can exit non-zero."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        FAILED.clear()
+        for path in sorted(Path(config.hydra.sweep.dir).rglob("summary.json")):
+            if path.stat().st_mtime >= self.started:
+                summary = json.loads(path.read_text())
+                if summary.get("status") != "completed":
+                    FAILED.append((str(path.parent), summary.get("error", summary.get("status"))))

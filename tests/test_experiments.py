@@ -1,0 +1,64 @@
+"""The Sparse-NEFT plan as experiment configs: each composes, and its tiny variant runs end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import CONF, ROOT, cli, compose_cfg
+from neftlab import report
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+JOBS_AT_ONE_SEED = {"baselines": 5, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
+                    "alpha_sweep": 4, "dynamic_vs_static": 2}
+
+
+def test_the_plan_is_all_there():
+    assert set(EXPERIMENTS) == set(JOBS_AT_ONE_SEED)
+
+
+@pytest.mark.parametrize("method, noise, pruning, steps", [
+    ("original", "none", "off", 0), ("finetune", "none", "off", 8), ("neftune", "uniform", "off", 8),
+    ("pruning", "none", "l1", 8), ("sparse_neft", "uniform", "l1", 8)])
+def test_plan_arms(method, noise, pruning, steps):
+    cfg = compose_cfg(f"method={method}")
+    assert (cfg.noise.kind, cfg.pruning.method, cfg.trainer.max_steps) == (noise, pruning, steps)
+
+
+def test_tiny_size_keeps_the_original_model_untrained():
+    assert compose_cfg("method=original", "size=tiny").trainer.max_steps == 0
+    assert compose_cfg("experiment=pruning_ratio", "size=tiny").model.arch_config["hidden_size"] == 64
+
+
+@pytest.mark.parametrize("launcher, target", [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launchers_compose(launcher, target):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 720
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_tiny_variant_runs_end_to_end(tmp_path, experiment):
+    sweep = tmp_path / "sweep"
+    proc, _ = cli("-m", f"experiment={experiment}", "size=tiny", "seed=1", f"hydra.sweep.dir={sweep}",
+                  out_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == JOBS_AT_ONE_SEED[experiment]
+    assert all(s["status"] == "completed" for s in summaries)
+    if experiment == "baselines":
+        assert "train/loss" not in summaries[0] and "train/loss" in summaries[1]  # original is eval only
+        assert report.write_report(sweep).read_text().count("| completed |") == 5
+
+
+def test_parallel_launcher_sweep_with_a_failing_job_exits_non_zero(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc, _ = cli("-m", "hydra/launcher=parallel", "size=tiny", "trainer.learning_rate=0.001,-1",
+                  f"hydra.sweep.dir={sweep}", out_dir=tmp_path)
+    assert proc.returncode != 0
+    assert "1 job(s) failed" in proc.stderr and "trainer.learning_rate=-1.0" in proc.stderr
+    statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json"))
+    assert statuses == ["completed", "failed"]
