@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
@@ -194,6 +195,11 @@ class TrainerConfig:
     dataloader_num_workers: int = 0
     # The Trainer's built-in NEFTune (padded length), kept for comparison runs only.
     neftune_noise_alpha: Optional[float] = None
+    # auto: continue the newest interrupted run with this config that has a checkpoint | true: the same, but
+    # an error if there is none | false | a run directory or checkpoint-N directory to continue.
+    resume: Any = "auto"
+    nonfinite_loss: str = "fail"  # fail: stop at a NaN/inf train loss | skip: drop that batch's gradient
+    max_skipped_steps: int = 10  # with skip: stop after this many dropped batches
 
     def validate(self, key: str) -> None:
         check(self.max_steps is None or self.max_steps >= 0, f"{key}.max_steps", self.max_steps,
@@ -213,6 +219,10 @@ class TrainerConfig:
         check(self.dataloader_num_workers >= 0, f"{key}.dataloader_num_workers", self.dataloader_num_workers, ">= 0")
         check(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, f"{key}.neftune_noise_alpha",
               self.neftune_noise_alpha, "null or > 0")
+        check(isinstance(self.resume, (bool, str)), f"{key}.resume", self.resume,
+              "auto, true, false, or a run or checkpoint directory")
+        check_choice(f"{key}.nonfinite_loss", self.nonfinite_loss, ("fail", "skip"))
+        check(self.max_skipped_steps >= 0, f"{key}.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
 
 
 @dataclass
@@ -284,6 +294,8 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore; conf/*/*.yaml extend them via their defaults list."""
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", package_path)
+    if not OmegaConf.has_resolver("pid"):  # in run directory names: two runs in the same second never collide
+        OmegaConf.register_new_resolver("pid", os.getpid)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),

@@ -183,13 +183,19 @@ class PruningCallback(TrainerCallback):
             for w, mask, (values, _) in zip(self.weights, self.masks, saved):
                 w.detach()[~mask] = values
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.prune(state.global_step)
-
     @torch.no_grad()
+    def apply_masks(self) -> None:
+        for w, mask in zip(self.weights, self.masks):
+            w.mul_(mask)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.masks:  # restored from a checkpoint: keep them until the next scheduled prune
+            self.apply_masks()
+        else:
+            self.prune(state.global_step)
+
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % self.cfg.interval == 0:
             self.prune(state.global_step)
         else:
-            for w, mask in zip(self.weights, self.masks):
-                w.mul_(mask)
+            self.apply_masks()

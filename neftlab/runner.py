@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,13 +22,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data as data_mod
-from . import evaluation, models, noise, pruning
+from . import evaluation, models, noise, pruning, safety
 from .config import Config, ConfigError
 from .tracking import Recorder, RunFiles, WandbRun
 
 log = logging.getLogger(__name__)
 
-EXPECTED_ERRORS = (ConfigError, data_mod.DataError, models.ModelLoadError, noise.NoiseError)
+EXPECTED_ERRORS = (ConfigError, data_mod.DataError, models.ModelLoadError, noise.NoiseError, safety.NonFiniteError)
 FAILED: list[tuple[str, str]] = []  # (run dir, error) of the last sweep's failed jobs, for the exit code
 
 
@@ -48,7 +49,7 @@ def training_arguments(cfg: Config, out_dir: Path):
     )
 
 
-def run(cfg: Config, files: RunFiles) -> None:
+def run(cfg: Config, files: RunFiles, resume: safety.Resume | None = None) -> None:
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
     set_seed(cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
@@ -62,6 +63,12 @@ def run(cfg: Config, files: RunFiles) -> None:
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
     if pruner is not None:
         callbacks.append(pruner)
+    state = safety.StateCheckpoint(noise_callback, pruner)
+    stopper = safety.GracefulStop()
+    guard = safety.NonFiniteGuard(model, cfg.trainer.nonfinite_loss, cfg.trainer.max_skipped_steps, files.log)
+    callbacks += [state, stopper, guard]  # the guard last: it checks weights once a save has been decided
+    if resume is not None:
+        state.load(resume.checkpoint)
     if cfg.model.causal:
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
         metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
@@ -74,8 +81,14 @@ def run(cfg: Config, files: RunFiles) -> None:
                       callbacks=callbacks, **metric_fns)
 
     with hook:  # the noise is gone after training, also when training raises
-        if cfg.trainer.max_steps != 0:
-            trainer.train()
+        try:
+            if cfg.trainer.max_steps != 0:
+                trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
+        finally:
+            stopper.restore()
+            guard.remove()
+    if stopper.signum is not None:
+        raise safety.Interrupted(stopper.signum, trainer.state.global_step)
     trainer.evaluate()
 
     step = trainer.state.global_step
@@ -97,13 +110,14 @@ def run(cfg: Config, files: RunFiles) -> None:
     files.log(step, {**evaluation.parameter_counts(model), **evaluation.peak_memory(),
                      **evaluation.stability(files.train_losses, cfg.eval.loss_window)})
     if cfg.trainer.save_model:
+        safety.check_finite_weights(model, step)
         trainer.save_model(str(files.dir / "model"))
 
 
-def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg) -> WandbRun:
+def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg, run_dir: Path) -> WandbRun:
     """The job's W&B run: named by its overrides, grouped by its sweep, with the resolved config for filtering."""
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    return WandbRun(cfg.logger, Path(hydra_cfg.runtime.output_dir), OmegaConf.to_container(dict_cfg, resolve=True),
+    return WandbRun(cfg.logger, run_dir, OmegaConf.to_container(dict_cfg, resolve=True),
                     name=hydra_cfg.job.override_dirname or "default",
                     group=Path(hydra_cfg.sweep.dir).name if multirun else None,
                     job_type="train" if cfg.trainer.max_steps != 0 else "eval",
@@ -114,15 +128,24 @@ def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg) -> WandbRun:
 def main(dict_cfg: DictConfig) -> dict:
     """Hydra's task function: one job of a run or a sweep."""
     hydra_cfg = HydraConfig.get()
-    files = RunFiles(hydra_cfg.runtime.output_dir)
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    files = None
     try:
         cfg: Config = OmegaConf.to_object(dict_cfg)
         cfg.validate()
+        resume = safety.find_resume(cfg.trainer.resume, dict_cfg, out_dir)
+        if resume is not None:
+            log.info("Resuming %s from %s", resume.run_dir, resume.checkpoint.name)
+        files = RunFiles(resume.run_dir if resume else out_dir, resume_step=resume.step if resume else None)
         if cfg.logger.kind == "wandb":
-            files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg)
-        run(cfg, files)
+            files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg, files.dir)
+        run(cfg, files, resume)
+    except safety.Interrupted as e:
+        log.warning("%s", e)
+        files.finish("interrupted", str(e), step=e.step)
+        raise SystemExit(128 + e.signum)
     except KeyboardInterrupt:
-        files.finish("interrupted")
+        (files or RunFiles(out_dir)).finish("interrupted")
         raise
     except Exception as e:
         if isinstance(e, EXPECTED_ERRORS):
@@ -133,19 +156,32 @@ def main(dict_cfg: DictConfig) -> dict:
             message = f"{type(e).__name__}: {e}"
         log.debug("Traceback:\n%s", traceback.format_exc())
         log.error("%s", message)
-        log.info("Full traceback in %s", Path(hydra_cfg.runtime.output_dir) / f"{hydra_cfg.job.name}.log")
-        summary = files.finish("failed", message)
+        log.info("Full traceback in %s", out_dir / f"{hydra_cfg.job.name}.log")
+        summary = (files or RunFiles(out_dir)).finish("failed", message)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise SystemExit(1)
         return summary
     return files.finish("completed")
 
 
-class SweepStatus(Callback):
-    """After a sweep, collect the jobs whose summary.json is not "completed", whichever launcher ran them
-    (joblib and SLURM jobs run in other processes), so that `python -m neftlab -m` can exit non-zero."""
+class RunGuard(Callback):
+    """Checks the output directory before Hydra creates it, and after a sweep collects the jobs whose
+    summary.json is not "completed", whichever launcher ran them (joblib and SLURM jobs run in other
+    processes), so that `python -m neftlab -m` can exit non-zero."""
+
+    @staticmethod
+    def _check(path: str) -> None:
+        try:
+            safety.check_output_dir(Path(path))
+        except ConfigError as e:  # Hydra's own logging (to stdout) is in force here, not the run's
+            print(f"Error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config.hydra.sweep.dir)
         self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

@@ -14,6 +14,7 @@ import logging
 import math
 import netrc
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
@@ -62,11 +63,15 @@ class WandbRun:
                  job_type: str, tags: list[str]):
         import wandb
         mode = wandb_mode(cfg.mode)
+        id_file = run_dir / "wandb-run-id"  # a resumed run continues the same W&B run
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        id_file.write_text(run_id)
         # finish_previous: Hydra runs a sweep's jobs in one process, and the default reinit would hand
         # every job the previous job's run.
         self.run = wandb.init(project=cfg.project or os.environ.get("WANDB_PROJECT") or "neftlab",
                               entity=cfg.entity, group=group, name=name, job_type=job_type, tags=tags,
-                              config=config, dir=str(run_dir), mode=mode, reinit="finish_previous")
+                              config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
+                              id=run_id, resume="allow")
         self.run.define_metric("train/global_step")
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
         if mode == "offline":
@@ -92,24 +97,35 @@ def _jsonable(value: Any) -> Any:
 class RunFiles:
     """The run's files; metrics.jsonl is appended and flushed line by line, so an interrupted run keeps its history."""
 
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, resume_step: int | None = None):
+        """With `resume_step`, metrics.jsonl keeps its events up to that step (the checkpoint's) and goes on from there."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.tracker: WandbRun | None = None
         self.summary: dict[str, Any] = {}
         self.train_losses: list[tuple[int, float]] = []
-        self._metrics = (self.dir / "metrics.jsonl").open("a", encoding="utf-8")
+        path = self.dir / "metrics.jsonl"
+        kept = []
+        if resume_step is not None and path.exists():
+            events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            kept = [e for e in events if e["step"] <= resume_step]
+        self._metrics = path.open("w" if resume_step is not None else "a", encoding="utf-8")
+        for event in kept:
+            self._record(event.pop("step"), event)
+
+    def _record(self, step: int, metrics: dict[str, Any]) -> None:
+        self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._metrics.flush()
+        self.summary.update(metrics)
+        if isinstance(metrics.get("train/loss"), float):
+            self.train_losses.append((step, metrics["train/loss"]))
 
     def log(self, step: int, metrics: dict[str, Any], tracked_elsewhere: Iterable[str] = ()) -> None:
         """Append one event; keys in `tracked_elsewhere` already reached the tracker (the Trainer's WandbCallback)."""
         if not metrics:
             return
         metrics = {k: _jsonable(v) for k, v in metrics.items()}
-        self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._metrics.flush()
-        self.summary.update(metrics)
-        if isinstance(metrics.get("train/loss"), float):
-            self.train_losses.append((step, metrics["train/loss"]))
+        self._record(step, metrics)
         if self.tracker is not None:
             untracked = {k: v for k, v in metrics.items() if k not in tracked_elsewhere}
             if untracked:
