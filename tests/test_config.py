@@ -35,6 +35,10 @@ def test_packaged_weights_resolve_to_files():
     ("model.arch=gpt9", "model.arch", "llama, opt, bert"),
     ("data.format=parquet", "data.format", "sharegpt, alpaca, classification"),
     ("pruning.ratio=1.0", "pruning.ratio", "[0, 1)"),
+    ("pruning.interval=0", "pruning.interval", ">= 1"),
+    ("noise.alpha=-1", "noise.alpha", ">= 0"),
+    ("noise.kind=pink", "noise.kind", "none, uniform, gaussian, dynamic"),
+    ("trainer.nonfinite_loss=ignore", "trainer.nonfinite_loss", "fail, skip"),
 ])
 def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -78,3 +82,33 @@ def test_cli_prints_one_clear_error_without_traceback(tmp_path, override, expect
     if summary is not None:  # range errors are found inside the run and leave a failed summary
         assert summary["status"] == "failed" and expected in summary["error"]
         assert "Traceback" in (tmp_path / "neftlab.log").read_text()
+
+
+@pytest.mark.parametrize("overrides, key, allowed", [
+    (["noise=dynamic", "noise.alpha_min=5", "noise.alpha_max=2"], "noise.alpha_min", "<= noise.alpha_max (2.0)"),
+    (["noise=dynamic", "noise.alpha=20"], "noise.alpha", "within [noise.alpha_min, noise.alpha_max] = [1.0, 10.0]"),
+    (["noise=dynamic", "noise.alpha_step=0"], "noise.alpha_step", "> 0"),
+    (["noise=dynamic", "noise.adjust_interval=0"], "noise.adjust_interval", ">= 1"),
+    (["noise=dynamic", "noise.stability_threshold=high"], "noise.stability_threshold", 'a number > 0 or "auto"'),
+    (["noise=uniform", "noise.std=0.1"], "noise.std", "null unless noise.kind=gaussian"),
+    (["pruning=l1", "pruning.schedule=gradual", "pruning.initial_ratio=0.5", "pruning.ratio=0.3"],
+     "pruning.initial_ratio", "within [0, pruning.ratio = 0.3]"),
+    (["pruning=l1", "pruning.schedule=gradual", "pruning.ramp_steps=0"], "pruning.ramp_steps", ">= 1"),
+])
+def test_noise_and_pruning_combinations_are_checked(overrides, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        compose_cfg(*overrides)
+    assert str(e.value).startswith(key + "=") and allowed in str(e.value)
+
+
+def test_dynamic_presets_follow_the_design():
+    small, large = compose_cfg("noise=dynamic_small").noise, compose_cfg("noise=dynamic_large").noise
+    assert (small.alpha_min, small.alpha_max, small.stability_threshold) == (0.5, 5.0, 0.05)
+    assert (large.alpha_min, large.alpha_max, large.stability_threshold) == (1.0, 10.0, 0.1)
+    assert compose_cfg("noise=dynamic", "noise.stability_threshold=auto").noise.stability_threshold == "auto"
+
+
+def test_a_missing_package_names_the_install_command():
+    from neftlab.config import package_path
+    with pytest.raises(ConfigError, match="the package no_such_pkg is not installed: pip install --no-deps no-such-pkg"):
+        package_path("no_such_pkg", "x")

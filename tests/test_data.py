@@ -48,6 +48,9 @@ def test_malformed_record_in_the_middle_is_an_error(tmp_path):
     ("empty.jsonl", "\n", True, "no records"),
     ("data.parquet", "x", True, "unknown file type '.parquet'"),
     ("nolabel.csv", "text,kind\nhi,a\n", False, "row 0 has no column 'label'"),
+    ("floats.jsonl", '{"text": "hi", "label": 1.5}\n', False, "row 0 column 'label' is 1.5, expected an integer"),
+    ("notext.jsonl", '{"text": null, "label": 1}\n', False, "row 0 column 'text' is NoneType"),
+    ("rows.json", '[1, 2]', True, "row 0 is a int, expected an object with named fields"),
 ])
 def test_bad_data_names_file_row_or_column(tmp_path, llama_tokenizer, bert_tokenizer, name, content, causal, message):
     path = tmp_path / name
