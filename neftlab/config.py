@@ -8,9 +8,11 @@ typo costs a second, not a model load.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
+import time
 from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
@@ -193,6 +195,11 @@ class TrainerConfig:
     save_total_limit: Optional[int] = 2
     save_model: bool = False  # write the final model to <run dir>/model
     dataloader_num_workers: int = 0
+    # Under torchrun / accelerate launch: the Trainer's DDP backend (null: nccl on GPUs, gloo on CPUs), and
+    # FSDP with the Trainer's fsdp_config (version 2, the default, whose row-sharded weights neftlab reads).
+    ddp_backend: Optional[str] = None
+    fsdp: bool = False
+    fsdp_config: Dict[str, Any] = field(default_factory=dict)
     # The Trainer's built-in NEFTune (padded length), kept for comparison runs only.
     neftune_noise_alpha: Optional[float] = None
     # auto: continue the newest interrupted run with this config that has a checkpoint | true: the same, but
@@ -222,6 +229,10 @@ class TrainerConfig:
         check(isinstance(self.resume, (bool, str)), f"{key}.resume", self.resume,
               "auto, true, false, or a run or checkpoint directory")
         check_choice(f"{key}.nonfinite_loss", self.nonfinite_loss, ("fail", "skip"))
+        if self.fsdp:
+            version = self.fsdp_config.get("version", 2)
+            check(version == 2, f"{key}.fsdp_config.version", version,
+                  "2 (FSDP2): noise and pruning read its row-sharded weights")
         check(self.max_skipped_steps >= 0, f"{key}.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
 
 
@@ -290,12 +301,35 @@ def package_path(package: str, *parts: str) -> str:
     return str(Path(spec.submodule_search_locations[0], *parts))
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+@functools.lru_cache(maxsize=None)
+def run_id() -> str:
+    """`${run_id:}`: <date>_<time>_<pid> naming a run directory. Two runs started in the same second differ
+    by pid; under torchrun every rank of one job takes the launcher's pid and start time, so all ranks
+    share one directory."""
+    pid, started = os.getpid(), time.time()
+    if "LOCAL_RANK" in os.environ:
+        pid = os.getppid()
+        try:  # the launcher's start: field 22 of /proc/<pid>/stat, in clock ticks after boot
+            ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+            boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                        if line.startswith("btime"))
+            started = boot + ticks / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started)) + f"_{pid}"
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore; conf/*/*.yaml extend them via their defaults list."""
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", package_path)
-    if not OmegaConf.has_resolver("pid"):  # in run directory names: two runs in the same second never collide
-        OmegaConf.register_new_resolver("pid", os.getpid)
+        OmegaConf.register_new_resolver("run_id", run_id)
+        # Rank 0 logs to neftlab.log, other ranks to neftlab-rank<N>.log in the same run directory.
+        OmegaConf.register_new_resolver("rank_suffix", lambda: f"-rank{rank()}" if rank() else "")
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
+from .sharding import all_sum, local_rows
 
 
 def argmax_logits(logits, labels):
@@ -90,14 +91,20 @@ def classification_latency(model, dataloader) -> dict:
 
 
 def parameter_counts(model: torch.nn.Module) -> dict:
-    """Total and non-zero parameters, counting a tied (shared) tensor once."""
-    seen, total, nonzero = set(), 0, 0
+    """Total and non-zero parameters, counting a tied (shared) tensor once; sharded ones summed over ranks."""
+    seen, total, nonzero, sharded, group = set(), 0, 0, 0, None
     for p in model.parameters():
-        if p.data_ptr() in seen:
+        local, p_group = local_rows(p)
+        if local.data_ptr() in seen:
             continue
-        seen.add(p.data_ptr())
+        seen.add(local.data_ptr())
         total += p.numel()
-        nonzero += int(torch.count_nonzero(p))
+        if p_group is None:
+            nonzero += int(torch.count_nonzero(local))
+        else:
+            sharded += int(torch.count_nonzero(local))
+            group = p_group
+    nonzero += int(all_sum([sharded], group)[0])
     return {"efficiency/total_params": total, "efficiency/nonzero_params": nonzero,
             "efficiency/param_reduction": 1 - nonzero / total}
 

@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import NoiseConfig
+from .sharding import all_sum, local_rows
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ class Noise:
     """An attached noise hook. `.alpha` is live (dynamic noise changes it); `.remove()` detaches it."""
 
     def __init__(self, model: torch.nn.Module, kind: str, alpha: float = 5.0, length_mode: str = "real",
-                 std: Optional[float] = None):
+                 std: Optional[float] = None, seed: Optional[int] = None):
         if kind not in ("none", "uniform", "gaussian", "dynamic"):
             raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian or dynamic")
         if length_mode not in ("real", "padded"):
@@ -40,6 +41,9 @@ class Noise:
         self.kind, self.alpha, self.length_mode, self.std = kind, float(alpha), length_mode, std
         self.embedding = model.get_input_embeddings()
         self.mean_magnitude: Optional[float] = None  # batch mean of alpha/sqrt(L_i*d) at the last noised forward
+        # With a seed the noise has its own random stream (the runner gives each rank its own seed, so data-
+        # parallel ranks draw different noise); without, it draws from torch's global generator.
+        self.seed, self._generator, self._pending_state = seed, None, None
         self._mask: Optional[torch.Tensor] = None
         self._handles = []
         if kind == "none":
@@ -67,14 +71,38 @@ class Noise:
             lengths = mask.sum(1).clamp(min=1).float()
         scale = self.alpha / torch.sqrt(lengths * dim)  # per sample: alpha / sqrt(L_i * d)
         self.mean_magnitude = float(scale.mean())
+        generator = self._generator_on(output.device)
         if self.kind == "gaussian":
             sigma = torch.full_like(scale, self.std) if self.std is not None else scale
-            noise = torch.randn_like(output) * sigma.to(output.dtype)[:, None, None]
+            noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
+            noise = noise * sigma.to(output.dtype)[:, None, None]
         else:
-            noise = torch.empty_like(output).uniform_(-1, 1) * scale.to(output.dtype)[:, None, None]
+            noise = torch.empty_like(output).uniform_(-1, 1, generator=generator) * scale.to(output.dtype)[:, None, None]
         if mask is not None:
             noise = noise * mask[:, :, None]
         return output + noise
+
+    def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending_state is not None:
+                self._generator.set_state(self._pending_state)
+                self._pending_state = None
+        return self._generator
+
+    def rng_state(self) -> Optional[torch.Tensor]:
+        """The noise stream's position, for checkpoints (None: the global generator, which the Trainer saves)."""
+        if self._generator is not None:
+            return self._generator.get_state()
+        return self._pending_state
+
+    def set_rng_state(self, state: Optional[torch.Tensor]) -> None:
+        if self._generator is not None and state is not None:
+            self._generator.set_state(state)
+        else:
+            self._pending_state = state
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -94,7 +122,7 @@ class Noise:
 def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
     """Attach noise of `kind` to the input embedding of `model` (any HF model, PEFT-wrapped or not).
 
-    params: alpha, length_mode ("real" | "padded"), std (gaussian). Dynamic noise is uniform
+    params: alpha, length_mode ("real" | "padded"), std (gaussian), seed (an own random stream). Dynamic noise is uniform
     noise whose alpha a `DynamicAlpha` moves; `attach` accepts its keys and ignores them.
     """
     for key in ("alpha_min", "alpha_max", "alpha_step", "adjust_interval", "stability_threshold"):
@@ -106,16 +134,19 @@ def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
 def stability(weight: torch.Tensor, chunk_rows: int = 8192) -> float:
     """mean over tokens of std(token vector) / L2 norm(token vector), the design's statistic.
 
-    All-zero rows (pruned tokens) have no direction and are left out. Computed in row
-    chunks so a 7B-size embedding needs no matrix-sized temporary.
+    All-zero rows (pruned tokens) have no direction and are left out. Computed in row chunks so a
+    7B-size embedding needs no matrix-sized temporary; over a row-sharded (FSDP2) weight each rank sums
+    its rows and the sums are all-reduced, so every rank gets the whole matrix's value.
     """
+    rows_here, group = local_rows(weight)
     total, count = 0.0, 0
-    for rows in weight.detach().split(chunk_rows):
+    for rows in rows_here.split(chunk_rows):
         rows = rows.float()
         norm = torch.linalg.vector_norm(rows, dim=1)
         keep = norm > 0
         total += float((rows.std(dim=1)[keep] / norm[keep]).sum())
         count += int(keep.sum())
+    total, count = all_sum([total, count], group)
     return total / count if count else float("nan")
 
 

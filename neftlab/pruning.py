@@ -18,10 +18,12 @@ import math
 from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .config import PruningConfig
 from .evaluation import parameter_counts
+from .sharding import all_gather, all_sum, group_rank, local_rows
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +37,29 @@ def _keys(flat: torch.Tensor) -> torch.Tensor:
     return flat.view(_INT[flat.element_size()]).long() & ((1 << bits) - 1)
 
 
-def _chunks(weights: list[torch.Tensor]) -> Iterator[torch.Tensor]:
-    for w in weights:
-        yield from w.detach().reshape(-1).split(_CHUNK)
+def _chunks(shards: list[torch.Tensor]) -> Iterator[torch.Tensor]:
+    for w in shards:
+        yield from w.reshape(-1).split(_CHUNK)
 
 
-def _kth_smallest_key(weights: list[torch.Tensor], k: int) -> tuple[int, int]:
-    """(t, n_below): the k-th smallest key over all weights (k >= 1) and how many keys are < t."""
-    bits = weights[0].element_size() * 8 - 1
+def _kth_smallest_key(shards: list[torch.Tensor], k: int, group) -> tuple[int, int]:
+    """(t, n_below): the k-th smallest key over all weights (k >= 1) and how many keys are < t.
+
+    Each rank counts its shards; the histograms are summed over the group, so all ranks take the same path.
+    """
+    bits = shards[0].element_size() * 8 - 1
     prefix, known, below = 0, 0, 0
     while known < bits:
         width = min(16, bits - known)
         shift = bits - known - width
         hist = torch.zeros(1 << width, dtype=torch.long)
-        for chunk in _chunks(weights):
+        for chunk in _chunks(shards):
             keys = _keys(chunk)
             if known:
                 keys = keys[(keys >> (shift + width)) == prefix]
-            hist += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width)
+            hist += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width).cpu()
+        if group is not None:
+            dist.all_reduce(hist, group=group)
         cum = hist.cumsum(0)
         b = int(torch.searchsorted(cum, k - below))
         below += int(cum[b - 1]) if b else 0
@@ -62,35 +69,53 @@ def _kth_smallest_key(weights: list[torch.Tensor], k: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def _prune_l1(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
-    total = sum(w.numel() for w in weights)
-    k = math.floor(ratio * total)
-    masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in weights]
+    shards, group = zip(*map(local_rows, weights))
+    group = group[0]
+    k = math.floor(ratio * sum(w.numel() for w in weights))
+    masks = [torch.ones(w.shape, dtype=torch.bool, device=w.device) for w in shards]
     if k == 0:
         return masks
-    t, below = _kth_smallest_key(weights, k)
-    ties = k - below  # entries equal to the threshold to prune, lowest index first
-    for w, mask in zip(weights, masks):
-        for chunk, keep in zip(w.detach().view(-1).split(_CHUNK), mask.view(-1).split(_CHUNK)):
+    t, below = _kth_smallest_key(list(shards), k, group)
+    ties = k - below  # entries equal to the threshold to prune, lowest (global) index first
+    for w, mask in zip(shards, masks):
+        if group is None:
+            mine = ties
+        else:  # this tensor's ties on lower ranks come first in global order
+            counts = all_gather(sum(int((_keys(c) == t).sum()) for c in _chunks([w])), group)
+            rank = group_rank(group)
+            mine = min(max(ties - sum(counts[:rank]), 0), counts[rank])
+            ties = max(ties - sum(counts), 0)
+        for chunk, keep in zip(w.view(-1).split(_CHUNK), mask.view(-1).split(_CHUNK)):
             keys = _keys(chunk)
             torch.gt(keys, t, out=keep)
-            at = (keys == t).nonzero().flatten()  # prune the first `ties` of these overall, keep the rest
-            keep[at[ties:]] = True
-            ties -= min(ties, at.numel())
+            at = (keys == t).nonzero().flatten()  # prune the first `mine` of these, keep the rest
+            keep[at[mine:]] = True
+            pruned = min(mine, at.numel())
+            mine -= pruned
+            if group is None:
+                ties -= pruned
             chunk.masked_fill_(~keep, 0)
     return masks
 
 
 @torch.no_grad()
 def _prune_l2(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
-    norms = torch.cat([torch.linalg.vector_norm(w.detach(), dim=1, dtype=torch.promote_types(w.dtype, torch.float32))
-                       for w in weights])
+    shards, group = zip(*map(local_rows, weights))
+    group, rank = group[0], group_rank(group[0])
+    local_norms = [torch.linalg.vector_norm(w, dim=1, dtype=torch.promote_types(w.dtype, torch.float32)).cpu()
+                   for w in shards]
+    per_rank = all_gather(local_norms, group)  # [rank][tensor] -> global order: tensor by tensor, rank by rank
+    norms = torch.cat([per_rank[r][i] for i in range(len(shards)) for r in range(len(per_rank))])
     k = math.floor(ratio * norms.numel())
     keep = torch.ones(norms.numel(), dtype=torch.bool)
     keep[torch.argsort(norms, stable=True)[:k]] = False  # stable: ties go by row index
-    masks = []
-    for w, rows in zip(weights, keep.split([w.shape[0] for w in weights])):
-        w.detach()[~rows] = 0
-        masks.append(rows.to(w.device)[:, None].expand(w.shape))
+    masks, start = [], 0
+    for i, w in enumerate(shards):
+        offset = start + sum(per_rank[r][i].numel() for r in range(rank))
+        rows = keep[offset:offset + w.shape[0]].to(w.device)
+        start += sum(per_rank[r][i].numel() for r in range(len(per_rank)))
+        w[~rows] = 0
+        masks.append(rows[:, None].expand(w.shape))
     return masks
 
 
@@ -98,6 +123,7 @@ def prune_tensors_(weights: list[torch.Tensor], ratio: float, method: str = "l1"
     """Zero the `ratio` smallest of `weights` taken together, in place; returns their masks of kept entries.
 
     l1: exactly floor(ratio * entries) entries by |w|; l2: exactly floor(ratio * rows) whole rows by L2 norm.
+    Row-sharded (FSDP2) weights are pruned against the global threshold; each rank gets the masks of its rows.
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"pruning ratio {ratio} is not a fraction in [0, 1)")
@@ -149,7 +175,7 @@ class PruningCallback(TrainerCallback):
 
     def __init__(self, model: torch.nn.Module, cfg: PruningConfig, log_event: Callable[[int, dict], None]):
         self.model, self.cfg, self.log_event = model, cfg, log_event
-        self.weights = targets(model, cfg.scope)
+        self.weights: list[torch.Tensor] = []  # looked up when training begins: FSDP replaces the parameters
         self.masks: list[torch.Tensor] = []
         self.tied = cfg.scope == "embedding" and output_tied(model)
         if self.tied:
@@ -159,12 +185,15 @@ class PruningCallback(TrainerCallback):
     def prune(self, step: int) -> dict:
         ratio = ratio_at(self.cfg, step)
         self.masks = prune_tensors_(self.weights, ratio, self.cfg.method)
-        zeros = sum(int((w == 0).sum()) for w in self.weights)
+        shards, groups = zip(*map(local_rows, self.weights))
+        zeros, rows = all_sum([sum(int((w == 0).sum()) for w in shards),
+                               sum(int((~m[:, 0]).sum()) for m in self.masks) if self.cfg.method == "l2" else 0],
+                              groups[0])
         metrics = {"pruning/ratio_target": ratio,
                    "pruning/sparsity": zeros / sum(w.numel() for w in self.weights),
                    "pruning/tied_output": self.tied}
         if self.cfg.method == "l2":
-            metrics["pruning/rows_pruned"] = sum(int((~m[:, 0]).sum()) for m in self.masks)
+            metrics["pruning/rows_pruned"] = int(rows)
         metrics.update(parameter_counts(self.model))
         self.log_event(step, metrics)
         return metrics
@@ -174,21 +203,25 @@ class PruningCallback(TrainerCallback):
     def dense(self):
         """The pruned entries temporarily refilled with random values of the kept ones' scale, to time the
         same model unpruned: dense kernels do the same work whatever the values, so expect no difference."""
-        saved = [(w.detach()[~m].clone(), w.detach()[m].std()) for w, m in zip(self.weights, self.masks)]
-        for w, mask, (_, scale) in zip(self.weights, self.masks, saved):
-            w.detach()[~mask] = torch.randn(int((~mask).sum()), dtype=w.dtype, device=w.device) * scale
+        shards = [local_rows(w)[0] for w in self.weights]
+        saved = [(w[~m].clone(), w[m].std()) for w, m in zip(shards, self.masks)]
+        for w, mask, (_, scale) in zip(shards, self.masks, saved):
+            w[~mask] = torch.randn(int((~mask).sum()), dtype=w.dtype, device=w.device) * scale
         try:
             yield
         finally:
-            for w, mask, (values, _) in zip(self.weights, self.masks, saved):
-                w.detach()[~mask] = values
+            for w, mask, (values, _) in zip(shards, self.masks, saved):
+                w[~mask] = values
 
     @torch.no_grad()
     def apply_masks(self) -> None:
         for w, mask in zip(self.weights, self.masks):
-            w.mul_(mask)
+            local_rows(w)[0].mul_(mask)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.weights = targets(self.model, self.cfg.scope)
+        log.debug("Pruning %d weight(s) in scope %s: %s", len(self.weights), self.cfg.scope,
+                  sorted({str(getattr(w, "placements", "unsharded")) for w in self.weights}))
         if self.masks:  # restored from a checkpoint: keep them until the next scheduled prune
             self.apply_masks()
         else:

@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import data as data_mod
 from . import evaluation, models, noise, pruning, safety
-from .config import Config, ConfigError
+from .config import Config, ConfigError, rank
 from .tracking import Recorder, RunFiles, WandbRun
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def training_arguments(cfg: Config, out_dir: Path):
         eval_steps=t.eval_steps, save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
         neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs data-parallel (gloo)
+        ddp_backend=t.ddp_backend, fsdp=t.fsdp, fsdp_config=dict(t.fsdp_config) or None,
     )
 
 
@@ -57,7 +59,7 @@ def run(cfg: Config, files: RunFiles, resume: safety.Resume | None = None) -> No
     model = models.load_model(cfg.model, tokenizer, num_labels=max(len(data.label_names), 2), seed=cfg.seed)
 
     hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
-                        std=cfg.noise.std)
+                        std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank())  # each rank its own noise
     noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
     callbacks = [Recorder(files, sources=[noise_callback]), noise_callback]
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
@@ -137,7 +139,7 @@ def main(dict_cfg: DictConfig) -> dict:
         if resume is not None:
             log.info("Resuming %s from %s", resume.run_dir, resume.checkpoint.name)
         files = RunFiles(resume.run_dir if resume else out_dir, resume_step=resume.step if resume else None)
-        if cfg.logger.kind == "wandb":
+        if cfg.logger.kind == "wandb" and files.writes:
             files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg, files.dir)
         run(cfg, files, resume)
     except safety.Interrupted as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from .config import ConfigError
+from .config import ConfigError, rank
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def check_output_dir(path: Path) -> None:
     """Fail before anything loads when the run directory cannot be created, written or has no room."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
+        probe = path / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -129,16 +130,21 @@ class StateCheckpoint(TrainerCallback):
         self.noise_callback, self.pruner = noise_callback, pruner
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        dynamic = self.noise_callback.dynamic
-        torch.save({"noise_alpha": self.noise_callback.noise.alpha,
-                    "noise_threshold": dynamic.threshold if dynamic else None,
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        # Every rank has its own noise stream; masks are per rank too when the weights are sharded.
+        torch.save({"noise_rng": self.noise_callback.noise.rng_state(),
                     "pruning_masks": [m.contiguous() for m in self.pruner.masks] if self.pruner else None},
-                   Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+                   folder / f"neftlab_rank{rank()}.pt")
+        if state.is_world_process_zero:
+            dynamic = self.noise_callback.dynamic
+            torch.save({"noise_alpha": self.noise_callback.noise.alpha,
+                        "noise_threshold": dynamic.threshold if dynamic else None}, folder / STATE_FILE)
 
     def load(self, checkpoint: Path) -> None:
-        saved = torch.load(checkpoint / STATE_FILE, weights_only=True)
+        saved = {**torch.load(checkpoint / STATE_FILE, weights_only=True),
+                 **torch.load(checkpoint / f"neftlab_rank{rank()}.pt", weights_only=True)}
+        self.noise_callback.noise.set_rng_state(saved["noise_rng"])
         self.noise_callback.noise.alpha = saved["noise_alpha"]
         if self.noise_callback.dynamic is not None:
             self.noise_callback.dynamic.threshold = saved["noise_threshold"]
@@ -168,7 +174,13 @@ class GracefulStop(TrainerCallback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        signum = self.signum or 0
+        if args.world_size > 1:  # every rank must stop at the same step, or the others wait in a collective forever
+            flag = torch.tensor([signum], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            signum = int(flag)
+        if signum:
+            self.signum = signum
             control.should_save = True
             control.should_training_stop = True
 

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
-from .config import LoggerConfig
+from .config import LoggerConfig, rank
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +95,16 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunFiles:
-    """The run's files; metrics.jsonl is appended and flushed line by line, so an interrupted run keeps its history."""
+    """The run's files; metrics.jsonl is appended and flushed line by line, so an interrupted run keeps its history.
+
+    Under torchrun only rank 0 writes; the other ranks keep the values in memory.
+    """
 
     def __init__(self, out_dir: str | Path, resume_step: int | None = None):
         """With `resume_step`, metrics.jsonl keeps its events up to that step (the checkpoint's) and goes on from there."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.writes = rank() == 0
         self.tracker: WandbRun | None = None
         self.summary: dict[str, Any] = {}
         self.train_losses: list[tuple[int, float]] = []
@@ -109,13 +113,14 @@ class RunFiles:
         if resume_step is not None and path.exists():
             events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
             kept = [e for e in events if e["step"] <= resume_step]
-        self._metrics = path.open("w" if resume_step is not None else "a", encoding="utf-8")
+        self._metrics = path.open("w" if resume_step is not None else "a", encoding="utf-8") if self.writes else None
         for event in kept:
             self._record(event.pop("step"), event)
 
     def _record(self, step: int, metrics: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._metrics.flush()
+        if self._metrics is not None:
+            self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._metrics.flush()
         self.summary.update(metrics)
         if isinstance(metrics.get("train/loss"), float):
             self.train_losses.append((step, metrics["train/loss"]))
@@ -132,14 +137,18 @@ class RunFiles:
                 self.tracker.log(step, untracked)
 
     def write_samples(self, samples: Iterable[dict]) -> None:
+        if not self.writes:
+            return
         with (self.dir / "samples.jsonl").open("w", encoding="utf-8") as f:
             for s in samples:
                 f.write(json.dumps(s, ensure_ascii=False) + "\n")
 
     def finish(self, status: str, error: str | None = None, **extra: Any) -> dict:
         """Write summary.json: the last value of every metric, the status and, for a failed run, the error."""
-        self._metrics.close()
         summary = {"status": status, **({"error": error} if error else {}), **extra, **self.summary}
+        if not self.writes:
+            return summary
+        self._metrics.close()
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
         if self.tracker is not None:
             self.tracker.finish(summary, exit_code=0 if status == "completed" else 1)

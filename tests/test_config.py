@@ -14,7 +14,7 @@ def test_every_model_composes_with_sharegpt(model):
     assert cfg.model.arch in model and cfg.data.format == "sharegpt"
 
 
-@pytest.mark.parametrize("preset", ["cpu", "paper"])
+@pytest.mark.parametrize("preset", ["cpu", "paper", "fsdp"])
 def test_trainer_presets_compose(preset):
     assert compose_cfg(f"trainer={preset}").trainer.learning_rate == 5e-5
 
@@ -94,6 +94,7 @@ def test_cli_prints_one_clear_error_without_traceback(tmp_path, override, expect
     (["pruning=l1", "pruning.schedule=gradual", "pruning.initial_ratio=0.5", "pruning.ratio=0.3"],
      "pruning.initial_ratio", "within [0, pruning.ratio = 0.3]"),
     (["pruning=l1", "pruning.schedule=gradual", "pruning.ramp_steps=0"], "pruning.ramp_steps", ">= 1"),
+    (["trainer=fsdp", "trainer.fsdp_config.version=1"], "trainer.fsdp_config.version", "2 (FSDP2)"),
 ])
 def test_noise_and_pruning_combinations_are_checked(overrides, key, allowed):
     with pytest.raises(ConfigError) as e:

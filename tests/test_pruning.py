@@ -149,7 +149,7 @@ def test_all_linear_scope_leaves_embedding_and_head_alone():
 def test_dense_refill_for_latency_restores_the_exact_pruned_model():
     model = tiny_llama()
     pruner = pruning.PruningCallback(model, PruningConfig(method="l1", ratio=0.5), lambda step, m: None)
-    pruner.prune(0)
+    pruner.on_train_begin(None, SimpleNamespace(global_step=0), None)
     before = model.get_input_embeddings().weight.clone()
     with pruner.dense():
         assert int((model.get_input_embeddings().weight == 0).sum()) < int((before == 0).sum())

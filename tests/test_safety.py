@@ -37,7 +37,7 @@ def test_sigterm_saves_and_rerunning_the_command_resumes_to_the_uninterrupted_re
     _, reference = cli(*RESUMABLE, out_dir=tmp_path / "reference")
     assert reference["status"] == "completed"
 
-    command = neftlab(*RESUMABLE, f"hydra.run.dir={tmp_path}/runs/" + "${now:%H-%M-%S-%f}_${pid:}")
+    command = neftlab(*RESUMABLE, f"hydra.run.dir={tmp_path}/runs/" + "${run_id:}")
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list(tmp_path.glob("runs/*/checkpoints/checkpoint-5")):
