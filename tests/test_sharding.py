@@ -4,8 +4,10 @@ exactly what one process gives on the whole matrix; and DDP runs end to end unde
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -103,3 +105,27 @@ def test_each_rank_draws_its_own_noise():
             model(input_ids=ids)
             capture.remove()
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
+
+
+def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_rerun_resumes(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab", "size=tiny",
+               "trainer.max_steps=120", "trainer.save_steps=5", "noise=dynamic", "noise.adjust_interval=2",
+               "pruning=l1", "pruning.interval=3", "logger=none", f"hydra.run.dir={tmp_path}/runs/" + "${run_id:}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not list(tmp_path.glob("runs/*/checkpoints/checkpoint-5")):
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) != 0
+    (run_dir,) = tmp_path.glob("runs/*")
+    interrupted = json.loads((run_dir / "summary.json").read_text())
+    assert interrupted["status"] == "interrupted"
+    for rank in (0, 1):  # both ranks saved their part of the same checkpoint
+        assert (run_dir / "checkpoints" / f"checkpoint-{interrupted['step']}" / f"neftlab_rank{rank}.pt").exists()
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == list(range(1, 121))
