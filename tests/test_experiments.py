@@ -1,7 +1,6 @@
 """The Sparse-NEFT plan as experiment configs: each composes, and its tiny variant runs end to end."""
 
 import json
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
