@@ -67,12 +67,16 @@ class Resume:
 
     @property
     def step(self) -> int:
-        return int(self.checkpoint.name.rsplit("-", 1)[1])
+        return _step(self.checkpoint)
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.rsplit("-", 1)[1])
 
 
 def last_checkpoint(run_dir: Path) -> Optional[Path]:
     checkpoints = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "trainer_state.json").exists()]
-    return max(checkpoints, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+    return max(checkpoints, key=_step, default=None)
 
 
 def _comparable(config) -> dict:
@@ -82,10 +86,20 @@ def _comparable(config) -> dict:
 
 
 def _unfinished(run_dir: Path) -> bool:
+    """Interrupted, or killed before it could write a summary, and not still running here."""
     summary = run_dir / "summary.json"
-    if not summary.exists():
-        return True  # killed before it could write one
-    return json.loads(summary.read_text()).get("status") == "interrupted"
+    if summary.exists():
+        return json.loads(summary.read_text()).get("status") == "interrupted"
+    pid = run_dir.name.rsplit("_", 1)[-1]  # run directories end in the pid of the process (or launcher) running them
+    if pid.isdigit() and int(pid) not in (os.getpid(), os.getppid()):
+        try:
+            os.kill(int(pid), 0)
+            return False  # that process is alive: a run in progress, not one to take over
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            return False
+    return True
 
 
 def find_resume(setting, config, run_dir: Path) -> Optional[Resume]:

@@ -145,3 +145,19 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     assert [p.wait(timeout=300) for p in procs] == [0, 0]
     runs = list((tmp_path / "outputs" / "runs").iterdir())
     assert len(runs) == 2 and all((r / "summary.json").exists() for r in runs)
+
+
+def test_a_run_still_in_progress_is_not_taken_over(tmp_path):
+    config = {"seed": 1, "trainer": {"resume": "auto"}}
+    sleeper = subprocess.Popen(["sleep", "30"])
+    run = tmp_path / "runs" / f"2026-01-01_00-00-00_{sleeper.pid}"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(json.dumps(config))
+    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    here = tmp_path / "runs" / "now"
+    assert safety.find_resume("auto", config, here) is None  # its process is alive
+    sleeper.kill()
+    sleeper.wait()
+    found = safety.find_resume("auto", config, here)
+    assert found.run_dir == run and found.step == 5
