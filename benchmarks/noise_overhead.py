@@ -1,10 +1,11 @@
 """Step-time overhead of neftlab's noise against no noise and against the Trainer's built-in NEFTune.
 
-SmolLM2-135M, batch 4 x 256 ShareGPT tokens, forward + backward + AdamW step on the CPU.
-The three variants are interleaved step by step so that machine drift hits them alike;
-the hooks' own cost is also timed in isolation, since it is far below step-time jitter.
+SmolLM2-135M, batch 4 x 256 ShareGPT tokens, forward + backward + AdamW step, on CUDA when there is a GPU,
+else on the CPU. The three variants are interleaved step by step so that machine drift hits them alike;
+the hooks' own cost is also timed in isolation, since it is far below step-time jitter. On CUDA every
+timer read waits for the GPU's queued work first.
 
-    python benchmarks/noise_overhead.py [--steps 6]
+    python benchmarks/noise_overhead.py [--steps 6] [--device cuda|cpu]
 """
 
 import argparse
@@ -25,24 +26,33 @@ from neftlab.config import register
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     register()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config", ["data.max_length=256", "data.max_samples=64"])).validate()
     tok = models.load_tokenizer(cfg.model)
-    model = models.load_model(cfg.model, tok)
+    model = models.load_model(cfg.model, tok).to(device)
     prepared = data.prepare(cfg.data, tok, True, seed=0)
-    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([prepared.train[i] for i in range(4)])
-    print(f"batch {tuple(batch['input_ids'].shape)}, real tokens per sample {batch['attention_mask'].sum(1).tolist()}")
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([prepared.train[i] for i in range(4)]).to(device)
+    print(f"device {device}, batch {tuple(batch['input_ids'].shape)}, "
+          f"real tokens per sample {batch['attention_mask'].sum(1).tolist()}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model.train()
     emb = model.get_input_embeddings()
 
     def step():
+        sync()
         start = time.perf_counter()
         model(**batch).loss.backward()
         opt.step()
         opt.zero_grad()
+        sync()
         return time.perf_counter() - start
 
     def with_trainer_neftune():
@@ -75,20 +85,25 @@ def main():
     with noise.attach(model, "uniform", alpha=5.0) as hook:
         hook._mask = batch["attention_mask"]
         reps = 200
+        sync()
         start = time.perf_counter()
         for _ in range(reps):
             hook._add_noise(emb, None, out)
+        sync()
         ours = (time.perf_counter() - start) / reps
     emb.neftune_noise_alpha = 5.0
+    sync()
     start = time.perf_counter()
     for _ in range(reps):
         neftune_post_forward_hook(emb, None, out)
+    sync()
     theirs = (time.perf_counter() - start) / reps
     print(f"hook alone: neftlab {ours * 1e3:.3f} ms = {100 * ours / base:.4f}% of a step; "
           f"trainer's {theirs * 1e3:.3f} ms = {100 * theirs / base:.4f}% of a step")
 
+    sync()
     start = time.perf_counter()
-    value = noise.stability(emb.weight)
+    value = noise.stability(emb.weight)  # ends in a host read, so it waits for the GPU itself
     stat = time.perf_counter() - start
     print(f"dynamic statistic on {tuple(emb.weight.shape)}: {stat * 1e3:.1f} ms (= {value:.5f}); at adjust_interval 100 "
           f"that is {100 * stat / (100 * base):.4f}% of training time")

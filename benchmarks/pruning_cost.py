@@ -1,10 +1,12 @@
 """What pruning costs: a prune event on SmolLM2 against a training step, and a Llama-2-7B-size embedding.
 
-    python benchmarks/pruning_cost.py [--step-seconds 6.8]
+    python benchmarks/pruning_cost.py [--step-seconds 6.8] [--device cuda|cpu]
 
-The step time is taken from benchmarks/noise_overhead.py (median SmolLM2 step, batch 4 x 256).
-At interval 100 a run pays one prune plus 99 mask re-applications per 100 steps. Peak memory
-is read from the process's VmHWM, so each large case runs in a fresh subprocess.
+On CUDA when there is a GPU, else on the CPU. The step time is taken from benchmarks/noise_overhead.py
+(median SmolLM2 step, batch 4 x 256, on the same device: 6.8 s is the CPU's). At interval 100 a run pays
+one prune plus 99 mask re-applications per 100 steps. Peak memory is the process's VmHWM on the CPU, so
+each large case runs in a fresh subprocess, and torch.cuda.max_memory_allocated on CUDA. On CUDA every
+timer read waits for the GPU's queued work first.
 """
 
 import argparse
@@ -21,11 +23,18 @@ import torch
 from neftlab import pruning
 
 
-def timed(fn, reps=3):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, reps=3):
     times = []
     for _ in range(reps):
+        sync(device)
         start = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -37,14 +46,20 @@ def peak_rss() -> int:
     return int(line.split()[1]) * 1024
 
 
-def large_case(rows, cols, method, dtype):
+def peak_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()
+
+
+def large_case(rows, cols, method, dtype, device):
     """Run in a subprocess: time and extra peak memory of one prune of a rows x cols matrix."""
-    w = torch.randn(rows, cols, dtype=getattr(torch, dtype))
-    before = peak_rss()
+    w = torch.randn(rows, cols, dtype=getattr(torch, dtype), device=device)
+    sync(device)
+    before = peak_bytes(device)
     start = time.perf_counter()
     mask = pruning.prune_(w, 0.3, method)
+    sync(device)
     seconds = time.perf_counter() - start
-    extra = peak_rss() - before
+    extra = peak_bytes(device) - before
     pruned = int((~mask).sum())  # randn draws a few exact zeros of its own, so count the mask, not the zeros
     expected = math.floor(0.3 * w.numel()) if method == "l1" else math.floor(0.3 * rows) * cols
     print(json.dumps({"seconds": seconds, "extra_peak_bytes": extra, "matrix_bytes": w.numel() * w.element_size(),
@@ -55,13 +70,16 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--step-seconds", type=float, default=6.8)
     parser.add_argument("--large", nargs=4, metavar=("ROWS", "COLS", "METHOD", "DTYPE"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.large:
-        return large_case(int(args.large[0]), int(args.large[1]), args.large[2], args.large[3])
+        return large_case(int(args.large[0]), int(args.large[1]), args.large[2], args.large[3], device)
 
+    print(f"device: {device}")
     for method, dtype in (("l1", "float32"), ("l2", "float32"), ("l1", "bfloat16")):
-        out = subprocess.run([sys.executable, __file__, "--large", "32000", "4096", method, dtype],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([sys.executable, __file__, "--large", "32000", "4096", method, dtype,
+                              "--device", args.device], capture_output=True, text=True, check=True).stdout
         r = json.loads(out.strip().splitlines()[-1])
         print(f"32000x4096 {dtype} {method}: {r['seconds']:.2f} s, extra peak memory {r['extra_peak_bytes'] / 2**20:.0f} MiB"
               f" (matrix {r['matrix_bytes'] / 2**20:.0f} MiB, mask {r['mask_bytes'] / 2**20:.0f} MiB), exact: {r['exact']}")
@@ -77,7 +95,7 @@ def main():
     register()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         cfg = OmegaConf.to_object(compose("config")).validate()
-    model = models.load_model(cfg.model, models.load_tokenizer(cfg.model))
+    model = models.load_model(cfg.model, models.load_tokenizer(cfg.model)).to(device)
     original = model.get_input_embeddings().weight.detach().clone()
     for method in ("l1", "l2"):
         callback = pruning.PruningCallback(model, PruningConfig(method=method, ratio=0.3), lambda step, m: None)
@@ -86,8 +104,8 @@ def main():
         def prune_event():
             model.get_input_embeddings().weight.data.copy_(original)
             callback.prune(0)
-        prune = timed(prune_event)
-        reapply = timed(callback.apply_masks, reps=20)
+        prune = timed(prune_event, device)
+        reapply = timed(callback.apply_masks, device, reps=20)
         per_100 = prune + 99 * reapply
         print(f"SmolLM2 embedding 49152x576 {method}: prune event {prune * 1e3:.1f} ms, mask re-apply "
               f"{reapply * 1e3:.2f} ms; at interval 100: {100 * per_100 / (100 * args.step_seconds):.3f}% of "

@@ -1,5 +1,6 @@
 """`python -m neftlab [overrides]` — the Hydra app. `--help` lists the config groups and their options."""
 
+import logging
 import sys
 
 import hydra
@@ -17,7 +18,12 @@ def _app(cfg) -> None:
 
 
 def main() -> None:
-    _app()
+    logging.raiseExceptions = False  # a full disk must not turn each log line into a traceback
+    try:
+        _app()
+    except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (startup, between sweep jobs)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     from . import runner
 
     if runner.FAILED:

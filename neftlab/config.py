@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import math
 import os
+import re
 import time
 from pathlib import Path
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -73,6 +74,10 @@ class ModelConfig:
     def validate(self, key: str) -> None:
         check_choice(f"{key}.arch", self.arch, ARCHS)
         check_choice(f"{key}.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        if self.dtype == "float16":
+            import torch
+            check(torch.cuda.is_available(), f"{key}.dtype", self.dtype,
+                  "float32 or bfloat16 on a CPU (float16 overflows to NaN within steps there)")
         self.lora.validate(f"{key}.lora")
 
 
@@ -236,16 +241,46 @@ class TrainerConfig:
         check(self.max_skipped_steps >= 0, f"{key}.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
 
 
+JUDGE_KINDS = ("pairwise", "reward")
+
+
 @dataclass
-class EvalConfig:
-    num_generations: int = 4  # held-out prompts answered greedily at the end (causal models)
-    max_new_tokens: int = 64
-    repetition_penalty: float = 1.2  # as the NEFTune authors recommend
-    loss_window: int = 10  # logged train losses that the stability std is taken over
+class JudgeConfig:
+    """A local judge of the run's answers (python -m neftlab.judge, or at the end of a run when `model` is set)."""
+
+    model: Optional[str] = None  # a local HF model: directory, cached hub id or .gguf; null = no judge at the end
+    kind: str = "pairwise"  # pairwise: a causal LM asked which answer is better (both orders) | reward: a scorer
+    baseline: str = "reference"  # reference: the dataset's answers | a run directory whose answers to compare with
+    max_length: int = 2048  # tokens of one judge prompt; longer answers are cut from the right
+    bootstrap: int = 2000  # resamples for the confidence intervals
 
     def validate(self, key: str) -> None:
-        check(self.num_generations >= 0, f"{key}.num_generations", self.num_generations, "an integer >= 0")
+        check_choice(f"{key}.kind", self.kind, JUDGE_KINDS)
+        check(self.max_length >= 64, f"{key}.max_length", self.max_length, "an integer >= 64")
+        check(self.bootstrap >= 100, f"{key}.bootstrap", self.bootstrap, "an integer >= 100")
+
+
+@dataclass
+class EvalConfig:
+    # Causal models answer prompts greedily at the end: the first `num_generations` (null = all) of the held-out
+    # split, or of `prompts`. The defaults suit the CPU default job; trainer=paper raises them.
+    num_generations: Optional[int] = 8
+    max_new_tokens: int = 256  # long enough that answers end on their own rather than at the cap
+    batch_size: int = 16  # prompts generated together (left-padded)
+    prompts: Optional[str] = None  # a .json/.jsonl file of {instruction, input?, output?} records (AlpacaEval's)
+    generate_every_eval: bool = False  # also answer at every trainer.eval_steps evaluation, not only at the end
+    repetition_penalty: float = 1.2  # as the NEFTune authors recommend
+    loss_window: int = 10  # logged train losses that the stability std is taken over
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+
+    def validate(self, key: str) -> None:
+        self.judge.validate(f"{key}.judge")
+        check(self.num_generations is None or self.num_generations >= 0, f"{key}.num_generations",
+              self.num_generations, "null (all prompts) or an integer >= 0")
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
+        check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
+        check(self.prompts is None or Path(self.prompts).suffix.lower() in (".json", ".jsonl"), f"{key}.prompts",
+              self.prompts, "null or a .json or .jsonl file of {instruction, input?, output?} records")
         check(self.repetition_penalty > 0, f"{key}.repetition_penalty", self.repetition_penalty, "> 0")
         check(self.loss_window >= 2, f"{key}.loss_window", self.loss_window, "an integer >= 2")
 
@@ -275,6 +310,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every range, then the combinations no single group can see."""
+        check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
         for f in fields(self):
             value = getattr(self, f.name)
             if is_dataclass(value):
@@ -290,6 +326,16 @@ class Config:
                               f"noise.kind={self.noise.kind} would add noise twice: set one of them "
                               "(noise=none to use the Trainer's own NEFTune)")
         return self
+
+    def validate_context(self, context: int | None) -> None:
+        """Lengths against the model's context window (`context`, None when the model does not say)."""
+        if context is None:
+            return
+        check(self.data.max_length <= context, "data.max_length", self.data.max_length,
+              f"at most {context}, the model's context length")
+        if self.model.causal:
+            check(self.eval.max_new_tokens < context, "eval.max_new_tokens", self.eval.max_new_tokens,
+                  f"less than {context}, the model's context length (prompt and answer share it)")
 
 
 def package_path(package: str, *parts: str) -> str:
@@ -309,7 +355,12 @@ def rank() -> int:
 def run_id() -> str:
     """`${run_id:}`: <date>_<time>_<pid> naming a run directory. Two runs started in the same second differ
     by pid; under torchrun every rank of one job takes the launcher's pid and start time, so all ranks
-    share one directory."""
+    share one directory. Across nodes those differ: there `$NEFTLAB_RUN_ID`, or torchrun's
+    `$TORCHELASTIC_RUN_ID` (`--rdzv-id`), names the job instead."""
+    for var in ("NEFTLAB_RUN_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(var, "")
+        if value and value != "none":  # torchrun's default id without --rdzv-id
+            return re.sub(r"[^\w.-]", "_", value)
     pid, started = os.getpid(), time.time()
     if "LOCAL_RANK" in os.environ:
         pid = os.getppid()

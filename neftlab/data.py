@@ -7,7 +7,9 @@ assistant's tokens; bert gets (text, label) pairs. Bad data stops the run with a
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
 import random
@@ -48,9 +50,20 @@ class Prepared:
 
 # ---------------------------------------------------------------- reading
 
+def _text_of(path: Path) -> str:
+    """The file as text: UTF-8, with a byte-order mark (as spreadsheet exports write) dropped; a byte that is
+    not UTF-8 is named by its offset in the file."""
+    raw = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {bom + e.start} of the file)") from None
+
+
 def _read_json(path: Path) -> list[Any]:
     """A JSON array of records, tolerating a file cut off inside its last record (as the packaged ShareGPT is)."""
-    text = path.read_text(encoding="utf-8")
+    text = _text_of(path)
     start = re.compile(r"\s*\[").match(text)
     if not start:
         raise DataError(f"{path}: expected a JSON array of records")
@@ -63,7 +76,7 @@ def _read_json(path: Path) -> list[Any]:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             if e.msg.startswith("Unterminated") or e.pos >= len(text) - 1:
-                log.warning("%s is cut off at byte %d of %d inside record %d: kept the %d complete records, "
+                log.warning("%s is cut off at character %d of %d inside record %d: kept the %d complete records, "
                             "dropped the incomplete last one", path.name, pos, len(text), len(records), len(records))
                 return records
             raise DataError(f"{path}: record {len(records)} is not valid JSON "
@@ -73,34 +86,26 @@ def _read_json(path: Path) -> list[Any]:
 
 def _read_jsonl(path: Path) -> list[Any]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    for line_no, line in enumerate(_text_of(path).splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
     return records
 
 
 def _read_csv(path: Path) -> list[Any]:
-    with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(_text_of(path), newline="")))
 
 
 READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv}
 
 
-def read_records(cfg: DataConfig) -> tuple[str, list[Any]]:
-    """(source name for messages, raw records) from a local file, the hub, or the packaged ShareGPT."""
+def source(cfg: DataConfig) -> tuple[Path | None, str | None]:
+    """(the local file the run reads, or None; the hub dataset's name, or None), checked to exist."""
     if cfg.hub_name:
-        from datasets import load_dataset
-        try:
-            ds = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split)
-        except Exception as e:
-            raise DataError(f"data.hub_name={cfg.hub_name}: could not load it from the hub or the local cache "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        return cfg.hub_name, list(ds)
+        return None, cfg.hub_name
     if cfg.path is None:
         if cfg.format != "sharegpt":
             raise DataError(f"data.path is required for data.format={cfg.format}")
@@ -109,14 +114,23 @@ def read_records(cfg: DataConfig) -> tuple[str, list[Any]]:
         path = Path(cfg.path).expanduser()
     if not path.is_file():
         raise DataError(f"data.path={path}: no such file")
-    reader = READERS.get(path.suffix.lower())
-    if reader is None:
+    if path.suffix.lower() not in READERS:
         raise DataError(f"data.path={path}: unknown file type {path.suffix!r}; use .json, .jsonl or .csv")
-    try:
-        records = reader(path)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return str(path), records
+    return path, None
+
+
+def read_records(cfg: DataConfig) -> tuple[str, list[Any]]:
+    """(source name for messages, raw records) from a local file, the hub, or the packaged ShareGPT."""
+    path, hub = source(cfg)
+    if hub:
+        from datasets import load_dataset
+        try:
+            ds = load_dataset(cfg.hub_name, cfg.hub_config, split=cfg.hub_split)
+        except Exception as e:
+            raise DataError(f"data.hub_name={cfg.hub_name}: could not load it from the hub or the local cache "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        return cfg.hub_name, list(ds)
+    return str(path), READERS[path.suffix.lower()](path)
 
 
 # ------------------------------------------------------------ validation
@@ -172,6 +186,30 @@ def _has_exchange(messages: list[dict]) -> bool:
     return any(m["role"] == "assistant" for m in messages) and messages[0]["role"] in ("user", "system")
 
 
+def read_prompts(path: str | Path) -> list[tuple[list[dict], str]]:
+    """(chat messages, reference answer or "") for each `{instruction, input?, output?}` record of a .json or
+    .jsonl file: the AlpacaEval layout, so its 805 prompts or any instruction set can be answered (`eval.prompts`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"eval.prompts={path}: no such file")
+    if path.suffix.lower() not in (".json", ".jsonl"):
+        raise DataError(f"eval.prompts={path}: unknown file type {path.suffix!r}; use .json or .jsonl")
+    source, prompts = str(path), []
+    for row, record in enumerate(READERS[path.suffix.lower()](path)):
+        instruction = _text(_field(record, row, source, "instruction"), row, source, "instruction")
+        if not instruction.strip():
+            raise DataError(f"{source}: row {row} has an empty instruction")
+        extra = _field(record, row, source, "input", optional=True)
+        if extra:
+            instruction += "\n\n" + _text(extra, row, source, "input")
+        output = _field(record, row, source, "output", optional=True)
+        reference = "" if output is None else _text(output, row, source, "output")
+        prompts.append(([{"role": "user", "content": instruction}], reference))
+    if not prompts:
+        raise DataError(f"{source}: no prompts")
+    return prompts
+
+
 # ------------------------------------------------------------ tokenizing
 
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict | None:
@@ -214,6 +252,20 @@ def _split(items: list, cfg: DataConfig, seed: int, source: str) -> tuple[list, 
     return items[n_eval:], items[:n_eval]
 
 
+def _prompt(conversation: list[dict]) -> list[dict]:
+    """The messages before the first answer."""
+    return conversation[: next(i for i, m in enumerate(conversation) if m["role"] == "assistant")]
+
+
+def _warn_overlap(train: list, held_out: list, source: str, key) -> None:
+    """Held-out examples whose input also occurs in training measure memory, not generalisation."""
+    seen = {key(x) for x in train}
+    overlap = sum(key(x) in seen for x in held_out)
+    if overlap:
+        log.warning("%s: %d of %d held-out examples have an input that also occurs in the training split",
+                    Path(source).name, overlap, len(held_out))
+
+
 def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -> Prepared:
     columns = {**DEFAULT_COLUMNS[cfg.format], **cfg.columns}
     convert = _conversation if cfg.format == "sharegpt" else _alpaca
@@ -222,7 +274,13 @@ def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -
     if len(usable) < len(conversations):
         log.info("%s: %d of %d records have no user turn followed by an assistant reply; skipped",
                  Path(source).name, len(conversations) - len(usable), len(conversations))
+    empty = sum(not any(m["content"].strip() for m in c if m["role"] == "assistant") for c in usable)
+    if empty:
+        log.warning("%s: %s of %d examples have an empty answer%s", Path(source).name,
+                    "all" if empty == len(usable) else empty, len(usable),
+                    ": the model can only learn to stop at once" if empty == len(usable) else "")
     train, held_out = _split(usable, cfg, seed, source)
+    _warn_overlap(train, held_out, source, key=lambda c: json.dumps(_prompt(c)))
 
     def tokenize(convs: list, split: str) -> Dataset:
         rows = [encode_chat(tokenizer, c, cfg.max_length) for c in tqdm(convs, desc=f"Tokenizing {split}")]
@@ -235,10 +293,7 @@ def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -
                             f"data.max_length={cfg.max_length}: raise data.max_length")
         return Dataset.from_list(kept)
 
-    prompts = []
-    for conv in held_out:
-        first = next(i for i, m in enumerate(conv) if m["role"] == "assistant")
-        prompts.append((conv[:first], conv[first]["content"]))
+    prompts = [(_prompt(conv), conv[len(_prompt(conv))]["content"]) for conv in held_out]
     return Prepared(tokenize(train, "train"), tokenize(held_out, "eval"), prompts)
 
 
@@ -267,9 +322,17 @@ def _classification(cfg: DataConfig, tokenizer, records: list, source: str, seed
             names = sorted({str(x) for x in raw})
             ids = [names.index(str(x)) for x in raw]
         pairs = [(t, y) for t, y in zip(texts, ids) if t.strip()]
+        if len(pairs) < len(texts):
+            log.warning("%s: dropped %d of %d rows with blank text", Path(source).name, len(texts) - len(pairs),
+                        len(texts))
     if not pairs:
         raise DataError(f"{source}: no non-empty text to classify")
+    classes = {y for _, y in pairs}
+    if len(classes) == 1:
+        log.warning("%s: every row has label %s: accuracy and macro-F1 will be 1.0 whatever the model learns",
+                    Path(source).name, names[classes.pop()])
     train, held_out = _split(pairs, cfg, seed, source)
+    _warn_overlap(train, held_out, source, key=lambda pair: pair[0])
 
     def tokenize(split: list) -> Dataset:
         enc = tokenizer([t for t, _ in split], truncation=True, max_length=cfg.max_length)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +19,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
+from .cache import build_once
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -46,28 +46,21 @@ def cache_root() -> Path:
 
 
 def _gguf_to_hf(gguf: Path) -> Path:
-    """De-quantise a GGUF file into an HF directory once; later loads read the cached safetensors."""
+    """De-quantise a GGUF file into an HF directory once; later loads, and other processes, read the cache."""
     stat = gguf.stat()
     key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
-    if (target / "config.json").exists():
-        return target
-    log.info("Converting %s to safetensors in %s (once; later runs load the cache)", gguf.name, target)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
+
+    def convert(out: Path) -> None:
+        log.info("Converting %s to safetensors in %s (once; later runs load the cache)", gguf.name, target)
         kwargs = dict(gguf_file=gguf.name)
-        AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(out)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
         # The weights are already de-quantised; dropping the GGUF marker lets them be saved as plain safetensors.
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: an interrupted conversion never leaves a half-written cache
-    return target
+        model.save_pretrained(out)
+    return build_once(target, convert)
 
 
 def _hub_reachable() -> bool:
@@ -145,3 +138,13 @@ def _with_lora(model: PreTrainedModel, cfg: ModelConfig) -> torch.nn.Module:
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d of %d parameters trainable (%.2f%%)", trainable, total, 100 * trainable / total)
     return model
+
+
+def context_length(cfg: ModelConfig) -> int | None:
+    """The model's context window from its config alone, before any weights load (None if it names none)."""
+    if cfg.random_init:
+        config = RANDOM_INIT[cfg.arch][0](**dict(cfg.arch_config))
+    else:
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(resolve(cfg.name_or_path, cfg.arch))
+    return getattr(config, "max_position_embeddings", None)

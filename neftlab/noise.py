@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import NoiseConfig
-from .sharding import all_sum, local_rows
+from .sharding import all_reduce, local_rows
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Noise:
             raise NoiseError(f"unknown length_mode {length_mode!r}: use real or padded")
         self.kind, self.alpha, self.length_mode, self.std = kind, float(alpha), length_mode, std
         self.embedding = model.get_input_embeddings()
-        self.mean_magnitude: Optional[float] = None  # batch mean of alpha/sqrt(L_i*d) at the last noised forward
+        self._magnitude: Optional[torch.Tensor] = None  # kept on the device: reading it every forward would sync
         # With a seed the noise has its own random stream (the runner gives each rank its own seed, so data-
         # parallel ranks draw different noise); without, it draws from torch's global generator.
         self.seed, self._generator, self._pending_state = seed, None, None
@@ -70,7 +70,7 @@ class Noise:
             mask = mask.to(output.dtype)
             lengths = mask.sum(1).clamp(min=1).float()
         scale = self.alpha / torch.sqrt(lengths * dim)  # per sample: alpha / sqrt(L_i * d)
-        self.mean_magnitude = float(scale.mean())
+        self._magnitude = scale.mean().detach()
         generator = self._generator_on(output.device)
         if self.kind == "gaussian":
             sigma = torch.full_like(scale, self.std) if self.std is not None else scale
@@ -81,6 +81,11 @@ class Noise:
         if mask is not None:
             noise = noise * mask[:, :, None]
         return output + noise
+
+    @property
+    def mean_magnitude(self) -> Optional[float]:
+        """Batch mean of alpha/sqrt(L_i*d) at the last noised forward (a device-to-host copy: read it to log)."""
+        return None if self._magnitude is None else float(self._magnitude)
 
     def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:
         if self.seed is None:
@@ -139,14 +144,14 @@ def stability(weight: torch.Tensor, chunk_rows: int = 8192) -> float:
     its rows and the sums are all-reduced, so every rank gets the whole matrix's value.
     """
     rows_here, group = local_rows(weight)
-    total, count = 0.0, 0
+    sums = torch.zeros(2, dtype=torch.float64, device=rows_here.device)  # (total, count), read once at the end
     for rows in rows_here.split(chunk_rows):
         rows = rows.float()
         norm = torch.linalg.vector_norm(rows, dim=1)
         keep = norm > 0
-        total += float((rows.std(dim=1)[keep] / norm[keep]).sum())
-        count += int(keep.sum())
-    total, count = all_sum([total, count], group)
+        ratio = (rows.std(dim=1) / norm).where(keep, 0)  # not ratio[keep]: boolean indexing syncs with the host
+        sums += torch.stack([ratio.sum().double(), keep.sum().double()])
+    total, count = all_reduce(sums, group).tolist()
     return total / count if count else float("nan")
 
 
@@ -182,12 +187,16 @@ class NoiseCallback(TrainerCallback):
         if self.noise.kind == "none":
             return {}
         out = {"noise/alpha": self.noise.alpha}
-        if self.noise.mean_magnitude is not None:
-            out["noise/mean_magnitude"] = self.noise.mean_magnitude
+        magnitude = self.noise.mean_magnitude  # the magnitude's one host sync, at logging
+        if magnitude is not None:
+            out["noise/mean_magnitude"] = magnitude
         return out
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.dynamic is not None and self.dynamic.threshold is None:
+        if self.dynamic is None:
+            return
+        local_rows(self.noise.embedding.weight)  # refuses a sharded layout it cannot read before the first step
+        if self.dynamic.threshold is None:
             self.dynamic.threshold = stability(self.noise.embedding.weight)
             log.info("noise.stability_threshold=auto: %.6f, the statistic at the start of training",
                      self.dynamic.threshold)

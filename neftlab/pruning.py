@@ -18,12 +18,11 @@ import math
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
 from .config import PruningConfig
 from .evaluation import parameter_counts
-from .sharding import all_gather, all_sum, group_rank, local_rows
+from .sharding import all_gather, all_reduce, all_sum, group_rank, local_rows
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +51,13 @@ def _kth_smallest_key(shards: list[torch.Tensor], k: int, group) -> tuple[int, i
     while known < bits:
         width = min(16, bits - known)
         shift = bits - known - width
-        hist = torch.zeros(1 << width, dtype=torch.long)
+        hist = torch.zeros(1 << width, dtype=torch.long, device=shards[0].device)
         for chunk in _chunks(shards):
             keys = _keys(chunk)
             if known:
                 keys = keys[(keys >> (shift + width)) == prefix]
-            hist += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width).cpu()
-        if group is not None:
-            dist.all_reduce(hist, group=group)
-        cum = hist.cumsum(0)
+            hist += torch.bincount((keys >> shift) & ((1 << width) - 1), minlength=1 << width)
+        cum = all_reduce(hist, group).cumsum(0)
         b = int(torch.searchsorted(cum, k - below))
         below += int(cum[b - 1]) if b else 0
         prefix, known = (prefix << width) | b, known + width
@@ -103,7 +100,7 @@ def _prune_l2(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
     shards, group = zip(*map(local_rows, weights))
     group, rank = group[0], group_rank(group[0])
     local_norms = [torch.linalg.vector_norm(w, dim=1, dtype=torch.promote_types(w.dtype, torch.float32)).cpu()
-                   for w in shards]
+                   for w in shards]  # on the CPU, as all_gather needs, and sorted there
     per_rank = all_gather(local_norms, group)  # [rank][tensor] -> global order: tensor by tensor, rank by rank
     norms = torch.cat([per_rank[r][i] for i in range(len(shards)) for r in range(len(per_rank))])
     k = math.floor(ratio * norms.numel())

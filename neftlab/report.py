@@ -1,26 +1,36 @@
 """Offline comparison report: `python -m neftlab.report <multirun dir, or outputs/> [--out DIR]`.
 
-Reads every run's summary.json, metrics.jsonl and .hydra/ files under the directory and writes
-report.md (one row per run, then runs that differ only by seed folded into mean ± std) with
-PNG plots of the loss curves and of the final metrics against alpha and pruning ratio.
+Reads every run's summary.json, metrics.jsonl, samples.jsonl, judge_*.json and .hydra/ files under the
+directory and writes report.md (one row per run, then runs that differ only by seed folded into mean ± std,
+then each arm's paired differences from the baseline arm over seeds, with bootstrap CIs) with PNG plots of
+the loss curves, of the final metrics against alpha and pruning ratio, and of answer lengths and win rates.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import logging
 import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
+from . import files
+
+log = logging.getLogger(__name__)
+
 COLUMNS = [  # (summary key, column title, format)
     ("eval/loss", "eval loss", "{:.4f}"), ("eval/perplexity", "ppl", "{:.2f}"), ("eval/accuracy", "acc", "{:.4f}"),
-    ("eval/macro_f1", "macro-F1", "{:.4f}"), ("eval/response_length", "resp len", "{:.1f}"),
+    ("eval/macro_f1", "macro-F1", "{:.4f}"), ("eval/train_loss_noise_off", "train loss noise-off", "{:.4f}"),
+    ("eval/response_length", "resp len", "{:.1f}"), ("eval/response_words", "resp words", "{:.1f}"),
+    ("eval/hit_max_new_tokens", "hit max", "{:.2f}"), ("eval/diversity", "diversity", "{:.3f}"),
     ("eval/distinct_2", "dist-2", "{:.3f}"), ("eval/distinct_4", "dist-4", "{:.3f}"),
     ("pruning/sparsity", "sparsity", "{:.3f}"), ("efficiency/param_reduction", "param red.", "{:.3f}"),
     ("efficiency/latency_ms_per_token", "ms/token", "{:.2f}"),
@@ -28,6 +38,17 @@ COLUMNS = [  # (summary key, column title, format)
     ("efficiency/latency_ms_per_sample", "ms/sample", "{:.2f}"),
     ("stability/loss_std", "loss std", "{:.4f}"), ("stability/half_drop_step", "half-drop step", "{:.0f}"),
 ]
+
+
+# Paired against the baseline arm: (summary key, measure, format).
+PAIRED = [("eval/response_length", "answer length (tokens)", "{:.1f}"),
+          ("eval/response_words", "answer length (words)", "{:.1f}"), ("eval/diversity", "diversity", "{:.3f}"),
+          ("eval/distinct_4", "distinct-4", "{:.3f}"), ("eval/loss", "eval loss", "{:.4f}"),
+          ("eval/train_loss_noise_off", "train loss, noise off", "{:.4f}")]
+JUDGED = ["judge win rate vs baseline", "judge LC win rate vs baseline", "judge win rate vs reference"]
+# What sets an arm (method) apart; runs that agree on everything else and on the seed are paired.
+ARM_KEYS = ("noise", "pruning", "trainer.max_steps", "trainer.neftune_noise_alpha")
+BOOTSTRAP = 2000
 
 
 class ReportError(ValueError):
@@ -41,7 +62,12 @@ class Run:
     summary: dict
     config: dict
     history: list[dict] = field(default_factory=list)
+    judges: dict = field(default_factory=dict)  # judge file summaries by baseline: "reference" or a run dir
     label: str = ""  # its overrides less those every run shares
+    extra: dict = field(default_factory=dict)  # table cells not in the summary: the judges' win rates
+
+    def value(self, key: str):
+        return self.summary.get(key, self.extra.get(key))
 
     @property
     def label_without_seed(self) -> str:
@@ -53,29 +79,79 @@ class Run:
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
+    @property
+    def context(self) -> str:
+        """Its config less the seed and the arm: runs with the same context and seed are paired."""
+        config = copy.deepcopy(self.config)
+        config.pop("seed", None)
+        for key in ARM_KEYS:
+            *parents, last = key.split(".")
+            node = config
+            for part in parents:
+                node = node.get(part, {}) if isinstance(node, dict) else {}
+            if isinstance(node, dict):
+                node.pop(last, None)
+        return json.dumps(config, sort_keys=True, default=str)
 
-def _read_run(summary_path: Path) -> Run:
+    @property
+    def is_plain_finetuning(self) -> bool:
+        """No noise, no pruning, trained: the arm the others are measured against by default."""
+        return (self.get("noise.kind") == "none" and self.get("pruning.method") == "off"
+                and self.get("trainer.max_steps") != 0 and self.get("trainer.neftune_noise_alpha") is None)
+
+    def answer_lengths(self) -> list[int]:
+        """Answer lengths in tokens at the last generation step of samples.jsonl (one per prompt)."""
+        _, rows = files.last_step_samples(self.dir / "samples.jsonl")
+        return [r["tokens"] for r in rows.values() if isinstance(r.get("tokens"), int)]
+
+
+def _yaml(path: Path, default):
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or default
+    except FileNotFoundError:
+        return default
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        log.warning("%s is unreadable (%s): ignored", path, type(e).__name__)
+        return default
+
+
+def _read_run(summary_path: Path) -> Run | None:
+    """The run, or None when its summary.json is unreadable (the reader has named it)."""
     run_dir = summary_path.parent
-    summary = json.loads(summary_path.read_text())
-    hydra_dir = run_dir / ".hydra"
-    overrides = yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) if (hydra_dir / "overrides.yaml").exists() else []
-    config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) if (hydra_dir / "config.yaml").exists() else {}
-    history = []
-    if (run_dir / "metrics.jsonl").exists():
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return Run(run_dir, [o for o in overrides if not o.startswith("hydra.")], summary, config or {}, history)
+    summary = files.read_json(summary_path)
+    if not isinstance(summary, dict):
+        return None
+    overrides = _yaml(run_dir / ".hydra" / "overrides.yaml", [])
+    config = _yaml(run_dir / ".hydra" / "config.yaml", {})
+    history = files.read_jsonl(run_dir / "metrics.jsonl")
+    judges = {}
+    for path in sorted(run_dir.glob("judge_*.json")):
+        data = files.read_json(path)
+        if isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("baseline"), str):
+            judges[data["baseline"]] = data["summary"]
+    return Run(run_dir, [o for o in overrides if not o.startswith("hydra.")], summary, config, history, judges)
 
 
-def find_runs(root: Path) -> tuple[list[Run], list[str]]:
-    """The runs under root, labelled by what sets them apart, and the overrides they all share."""
+def find_runs(root: Path) -> tuple[list[Run], list[str], list[Path]]:
+    """The runs under root, labelled by what sets them apart, the overrides they all share, and the
+    summaries that could not be read."""
     paths = sorted(root.rglob("summary.json"))
     if not paths:
         raise ReportError(f"no runs under {root}: no */summary.json (point it at a run, multirun or outputs/ directory)")
-    runs = [_read_run(p) for p in tqdm(paths, desc="Reading runs", unit="run")]
+    read = [(p, _read_run(p)) for p in tqdm(paths, desc="Reading runs", unit="run")]
+    runs = [r for _, r in read if r is not None]
+    unreadable = [p for p, r in read if r is None]
+    if not runs:
+        raise ReportError(f"no readable runs under {root}: every summary.json is corrupt ({', '.join(map(str, unreadable))})")
     common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)] if len(runs) > 1 else []
     for r in runs:
         r.label = ",".join(o for o in r.overrides if o not in common) or "(common)"
-    return runs, common
+    by_dir = {str(r.dir.resolve()): r for r in runs}
+    for r in runs:
+        for baseline, summary in r.judges.items():
+            against = by_dir[baseline].label_without_seed if baseline in by_dir else Path(baseline).name
+            r.extra[f"win vs {against}"] = summary.get("judge/win_rate")
+    return runs, common, unreadable
 
 
 def _cell(value, fmt: str) -> str:
@@ -91,12 +167,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _used_columns(runs: list[Run]):
-    return [c for c in COLUMNS if any(isinstance(r.summary.get(c[0]), (int, float)) for r in runs)]
+    judged = sorted({title for r in runs for title in r.extra})
+    return ([c for c in COLUMNS if any(isinstance(r.summary.get(c[0]), (int, float)) for r in runs)]
+            + [(title, title, "{:.3f}") for title in judged])
 
 
 def runs_table(runs: list[Run]) -> str:
     cols = _used_columns(runs)
-    rows = [[r.label, str(r.dir.name), *(_cell(r.summary.get(k), f) for k, _, f in cols), r.summary.get("status", "")]
+    rows = [[r.label, str(r.dir.name), *(_cell(r.value(k), f) for k, _, f in cols), r.summary.get("status", "")]
             for r in runs]
     return _table(["run", "dir", *(t for _, t, _ in cols), "status"], rows)
 
@@ -115,11 +193,158 @@ def seeds_table(runs: list[Run]) -> str | None:
     for label, members in groups.items():
         cells = []
         for key, _, fmt in cols:
-            values = [m.summary[key] for m in members if isinstance(m.summary.get(key), (int, float))]
+            values = [m.value(key) for m in members if isinstance(m.value(key), (int, float))]
             cells.append("" if not values else
                          f"{_cell(statistics.fmean(values), fmt)} ± {_cell(statistics.pstdev(values), fmt)}")
         rows.append([label, str(len(members)), *cells])
     return _table(["config", "seeds", *(t for _, t, _ in cols)], rows)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def arms(runs: list[Run]) -> dict[str, list[Run]]:
+    """Completed runs by arm: their label less the seed."""
+    groups = defaultdict(list)
+    for r in runs:
+        if r.summary.get("status") == "completed":
+            groups[r.label_without_seed].append(r)
+    return dict(groups)
+
+
+def plain_arms(groups: dict[str, list[Run]]) -> list[str]:
+    return [arm for arm, members in groups.items() if all(r.is_plain_finetuning for r in members)]
+
+
+def baseline_arm(groups: dict[str, list[Run]], requested: str | None) -> str | None:
+    """The arm the others are paired against: `requested`, else the only plain fine-tuning arm (None if not one)."""
+    if requested is None:
+        plain = plain_arms(groups)
+        return plain[0] if len(plain) == 1 else None
+    if requested not in groups:
+        raise ReportError(f"--baseline {requested}: no completed runs of that arm; the arms are "
+                          + ", ".join(f"'{arm}'" for arm in groups))
+    return requested
+
+
+def _paired_runs(groups: dict[str, list[Run]], baseline: str) -> list[tuple[Run, Run]]:
+    """(run, the baseline arm's run of the same seed and otherwise the same config) for every other arm's run."""
+    base = {(b.context, b.get("seed")): b for b in groups[baseline]}
+    return [(r, base[r.context, r.get("seed")]) for arm, members in groups.items() if arm != baseline
+            for r in members if (r.context, r.get("seed")) in base]
+
+
+def _paired_values(run: Run, base: Run) -> dict[str, tuple[float, float]]:
+    """(the run's value, the baseline run's value) of each measure both have."""
+    out = {title: (run.summary[key], base.summary[key]) for key, title, _ in PAIRED
+           if _number(run.summary.get(key)) and _number(base.summary.get(key))}
+    judged = run.judges.get(str(base.dir.resolve()), {})
+    for key, title in zip(("judge/win_rate", "judge/lc_win_rate"), JUDGED):
+        if _number(judged.get(key)):
+            out[title] = (judged[key], 0.5)  # the baseline's answers against themselves
+    ours, theirs = (r.judges.get("reference", {}).get("judge/win_rate") for r in (run, base))
+    if _number(ours) and _number(theirs):
+        out[JUDGED[2]] = (ours, theirs)
+    return out
+
+
+def bootstrap_ci(values: list[float], seed: int = 0) -> tuple[float, float] | None:
+    """Percentile bootstrap 95% CI of the mean (resampling the pairs); None for a single pair."""
+    if len(values) < 2:
+        return None
+    v = np.asarray(values, dtype=float)
+    means = v[np.random.default_rng(seed).integers(0, len(v), (BOOTSTRAP, len(v)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
+    """Each arm's mean difference from the baseline arm over seeds, per measure, with its bootstrap CI."""
+    values = defaultdict(lambda: defaultdict(list))
+    for run, base in _paired_runs(groups, baseline):
+        for title, pair in _paired_values(run, base).items():
+            values[run.label_without_seed][title].append(pair)
+    formats = {**{title: fmt for _, title, fmt in PAIRED}, **{title: "{:.3f}" for title in JUDGED}}
+    rows = []
+    for arm, measures in sorted(values.items()):
+        for title, fmt in formats.items():
+            if title not in measures:
+                continue
+            pairs = measures[title]
+            diffs = [a - b for a, b in pairs]
+            ci = bootstrap_ci(diffs)
+            signed = fmt.replace("{:", "{:+")
+            rows.append([arm, title, str(len(pairs)), _cell(statistics.fmean(b for _, b in pairs), fmt),
+                         _cell(statistics.fmean(a for a, _ in pairs), fmt), _cell(statistics.fmean(diffs), signed),
+                         f"[{signed.format(ci[0])}, {signed.format(ci[1])}]" if ci else "(one pair)"])
+    return _table(["arm", "measure", "n", "baseline", "arm", "arm − baseline", "95% CI"], rows) if rows else None
+
+
+def plot_lengths(lengths: dict[str, list[int]], path: Path) -> bool:
+    """The distribution of answer lengths per arm, at the final step, pooled over seeds."""
+    lengths = {arm: v for arm, v in sorted(lengths.items()) if v}
+    if not lengths:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.5 * len(lengths)))
+    ax.boxplot(list(lengths.values()), orientation="horizontal", tick_labels=list(lengths), showmeans=True)
+    ax.set(title="answer length per arm (final step, all seeds)", xlabel="tokens")
+    ax.grid(alpha=0.3, axis="x")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def _judged_wins(groups: dict[str, list[Run]], baseline: str | None) -> dict[str, dict[str, list[float]]]:
+    """Win rates by series ("vs reference", "vs <baseline arm>") and arm; the baseline arm scores 0.5 against itself."""
+    series = defaultdict(lambda: defaultdict(list))
+    for arm, members in groups.items():
+        for r in members:
+            if _number(win := r.judges.get("reference", {}).get("judge/win_rate")):
+                series["vs reference"][arm].append(win)
+    if baseline is not None:
+        for run, base in _paired_runs(groups, baseline):
+            if _number(win := run.judges.get(str(base.dir.resolve()), {}).get("judge/win_rate")):
+                series[f"vs {baseline}"][run.label_without_seed].append(win)
+        if series.get(f"vs {baseline}"):
+            series[f"vs {baseline}"][baseline].append(0.5)
+    return series
+
+
+def _mean_length(members: list[Run], lengths: list[int]) -> float | None:
+    """From the answers of the final step, else from the runs' eval/response_length."""
+    values = lengths or [r.summary["eval/response_length"] for r in members
+                         if _number(r.summary.get("eval/response_length"))]
+    return statistics.fmean(values) if values else None
+
+
+def plot_win_vs_length(groups: dict[str, list[Run]], lengths: dict[str, list[int]], baseline: str | None,
+                       path: Path) -> bool:
+    """Each arm's mean judge win rate against its mean answer length: does an arm win only by saying more?"""
+    series = {name: [(arm, length, statistics.fmean(wins)) for arm, wins in by_arm.items()
+                     if (length := _mean_length(groups[arm], lengths.get(arm, []))) is not None]
+              for name, by_arm in _judged_wins(groups, baseline).items()}
+    if not any(series.values()):
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in series.items():
+        if points:
+            ax.scatter([x for _, x, _ in points], [y for _, _, y in points], label=name)
+            for arm, x, y in points:
+                ax.annotate(arm, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(0.5, color="grey", linewidth=0.8)
+    ax.set(title="judge win rate against mean answer length, per arm", xlabel="mean answer length (tokens)",
+           ylabel="win rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
 
 
 def plot_curves(runs: list[Run], path: Path) -> None:
@@ -170,10 +395,23 @@ def plot_against(runs: list[Run], key: str, title: str, path: Path, only) -> boo
     return True
 
 
-def write_report(root: Path, out: Path | None = None) -> Path:
-    runs, common = find_runs(root)
+PAIRED_NOTE = (
+    "Each run of an arm is paired with the baseline arm's run of the same seed and otherwise the same config. "
+    "A row gives the mean over its n pairs of the baseline's and the arm's value and of their difference, with a "
+    f"95% bootstrap CI of that mean ({BOOTSTRAP} resamples of the pairs, percentiles). With n seeds the CI is "
+    "wide and rough (with 2 or 3 it barely spans the differences seen; with 1 there is none); a CI that contains "
+    "0 is no evidence of a difference. Judge win rates vs baseline are the arm's answers judged against the "
+    "baseline run's answers to the same prompts (`python -m neftlab.judge ARM_RUN --baseline BASELINE_RUN`): "
+    "the baseline scores 0.5 against itself, so the difference is the win rate − 0.5; LC is the "
+    "length-controlled win rate, the win rate at equal answer length.")
+
+
+def write_report(root: Path, out: Path | None = None, baseline: str | None = None) -> Path:
+    runs, common, unreadable = find_runs(root)
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
+    groups = arms(runs)
+    baseline = baseline_arm(groups, baseline)
     failed = [r for r in runs if r.summary.get("status") != "completed"]
     parts = [f"# neftlab report: {root}", "",
              f"{len(runs)} runs, {len(runs) - len(failed)} completed, {len(failed)} not completed.", "",
@@ -182,9 +420,18 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     folded = seeds_table(runs)
     if folded:
         parts += ["## Over seeds (mean ± std of completed runs)", "", folded, ""]
+    paired = paired_table(groups, baseline) if baseline is not None else None
+    if paired:
+        parts += [f"## Paired differences against `{baseline}`", "", PAIRED_NOTE, "", paired, ""]
+    elif baseline is None and len(plain_arms(groups)) > 1:
+        plain = ", ".join(f"`{arm}`" for arm in plain_arms(groups))
+        parts += ["## Paired differences", "", f"Several arms are plain fine-tuning ({plain}): pick the baseline with "
+                  "--baseline ARM.", ""]
     if failed:
         parts += ["## Not completed", ""] + [f"- `{r.dir}` ({r.summary.get('status')}): {r.summary.get('error', '')}"
                                              for r in failed] + [""]
+    if unreadable:
+        parts += ["## Unreadable (left out)", ""] + [f"- `{p}`: not valid JSON" for p in unreadable] + [""]
     parts += ["## Plots", ""]
     plot_curves(runs, out / "loss_curves.png")
     parts += ["![loss curves](loss_curves.png)", ""]
@@ -194,8 +441,13 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     if plot_against(runs, "pruning.ratio", "pruning.ratio", out / "vs_pruning_ratio.png",
                     only=lambda r: r.get("pruning.method") not in (None, "off")):
         parts += ["![final metrics against pruning ratio](vs_pruning_ratio.png)", ""]
+    lengths = {arm: [n for r in members for n in r.answer_lengths()] for arm, members in groups.items()}
+    if plot_lengths(lengths, out / "answer_lengths.png"):
+        parts += ["![answer length per arm](answer_lengths.png)", ""]
+    if plot_win_vs_length(groups, lengths, baseline, out / "win_rate_vs_length.png"):
+        parts += ["![judge win rate against mean answer length](win_rate_vs_length.png)", ""]
     path = out / "report.md"
-    path.write_text("\n".join(parts), encoding="utf-8")
+    files.write_text(path, "\n".join(parts))
     return path
 
 
@@ -203,12 +455,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neftlab.report", description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="a run, multirun or outputs/ directory")
     parser.add_argument("--out", type=Path, help="where report.md and the plots go (default: ROOT)")
+    parser.add_argument("--baseline", metavar="ARM", help="the arm (runs' overrides less the seed, e.g. "
+                        "method=finetune) the others are paired against (default: the only arm without noise or "
+                        "pruning that trains, if there is exactly one)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory", file=sys.stderr)
         return 2
     try:
-        path = write_report(args.root, args.out)
+        path = write_report(args.root, args.out, args.baseline)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""One run: validate the config, load data and model, train with the Hugging Face Trainer, evaluate, write files.
+"""One run in three stages: build it (config checks, data, model, Trainer), train it, evaluate it.
 
 Noise and pruning plug in as a forward hook and TrainerCallbacks; nothing here is a
 training loop. Errors end the run with status "failed" in summary.json and one line on the
@@ -7,12 +7,13 @@ terminal; the traceback goes to the run's log file.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -22,13 +23,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data as data_mod
-from . import evaluation, models, noise, pruning, safety
+from . import evaluation, files as run_files, guards, judge, models, noise, pruning
+from . import resume as resume_mod
 from .config import Config, ConfigError, rank
 from .tracking import Recorder, RunFiles, WandbRun
 
 log = logging.getLogger(__name__)
 
-EXPECTED_ERRORS = (ConfigError, data_mod.DataError, models.ModelLoadError, noise.NoiseError, safety.NonFiniteError)
+EXPECTED_ERRORS = (ConfigError, data_mod.DataError, models.ModelLoadError, noise.NoiseError, guards.NonFiniteError,
+                   judge.JudgeError)
 FAILED: list[tuple[str, str]] = []  # (run dir, error) of the last sweep's failed jobs, for the exit code
 
 
@@ -44,17 +47,34 @@ def training_arguments(cfg: Config, out_dir: Path):
         gradient_accumulation_steps=t.gradient_accumulation_steps, activation_checkpointing=t.activation_checkpointing,
         bf16=t.bf16, logging_steps=t.logging_steps, eval_strategy="steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps, save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit, dataloader_num_workers=t.dataloader_num_workers,
+        save_total_limit=None, dataloader_num_workers=t.dataloader_num_workers,
         neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs data-parallel (gloo)
         ddp_backend=t.ddp_backend, fsdp=t.fsdp, fsdp_config=dict(t.fsdp_config) or None,
     )
 
 
-def run(cfg: Config, files: RunFiles, resume: safety.Resume | None = None) -> None:
+@dataclass
+class Built:
+    """A run ready to train: its model, data, Trainer and the callbacks the later stages read."""
+    cfg: Config
+    files: RunFiles
+    tokenizer: Any
+    data: data_mod.Prepared
+    prompts: list  # what the evaluation answers (causal models)
+    model: torch.nn.Module
+    trainer: Any
+    hook: noise.Noise
+    pruner: pruning.PruningCallback | None
+    guard: guards.NonFiniteGuard
+
+
+def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> Built:
+    """Data, model, noise, pruning and the Trainer with every callback, restored from `resume` when given."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
     set_seed(cfg.seed)
     tokenizer = models.load_tokenizer(cfg.model)
+    cfg.validate_context(models.context_length(cfg.model))
     data = data_mod.prepare(cfg.data, tokenizer, cfg.model.causal, cfg.seed)
     model = models.load_model(cfg.model, tokenizer, num_labels=max(len(data.label_names), 2), seed=cfg.seed)
 
@@ -65,10 +85,15 @@ def run(cfg: Config, files: RunFiles, resume: safety.Resume | None = None) -> No
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
     if pruner is not None:
         callbacks.append(pruner)
-    state = safety.StateCheckpoint(noise_callback, pruner)
-    stopper = safety.GracefulStop()
-    guard = safety.NonFiniteGuard(model, cfg.trainer.nonfinite_loss, cfg.trainer.max_skipped_steps, files.log)
-    callbacks += [state, stopper, guard]  # the guard last: it checks weights once a save has been decided
+    prompts = evaluation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
+    if prompts and cfg.eval.generate_every_eval:
+        callbacks.append(evaluation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
+    noise_off = evaluation.NoiseOffTrainLoss(data.train, len(data.eval), cfg.seed, files.log)
+    callbacks.append(noise_off)
+    state = resume_mod.StateCheckpoint(noise_callback, pruner, keep=cfg.trainer.save_total_limit)
+    guard = guards.NonFiniteGuard(model, cfg.trainer.nonfinite_loss, cfg.trainer.max_skipped_steps, files.log)
+    # The guard last: it checks weights once a save has been decided.
+    callbacks += [state, stopper, guards.StepAgreement(guard, stopper), guard]
     if resume is not None:
         state.load(resume.checkpoint)
     if cfg.model.causal:
@@ -81,39 +106,80 @@ def run(cfg: Config, files: RunFiles, resume: safety.Resume | None = None) -> No
     trainer = Trainer(model=model, args=training_arguments(cfg, files.dir), data_collator=collator,
                       train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                       callbacks=callbacks, **metric_fns)
+    noise_off.trainer = trainer
+    return Built(cfg, files, tokenizer, data, prompts, model, trainer, hook, pruner, guard)
 
-    with hook:  # the noise is gone after training, also when training raises
+
+def save_checkpoint(trainer) -> None:
+    """A complete checkpoint at the current step, unless one is there: what a rerun continues from."""
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not (folder / resume_mod.MARKER).exists():
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+
+
+def train(run: Built, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> None:
+    """Train with the noise attached; a signal ends it with a checkpoint at the step where every rank stopped."""
+    from transformers import TrainerState
+    trainer = run.trainer
+    with run.hook:  # the noise is gone after training, also when training raises
         try:
-            if cfg.trainer.max_steps != 0:
+            if resume is not None and resume_mod.training_done(resume.checkpoint):
+                # Stopped after its last step: nothing left to train, only the evaluation to redo.
+                log.info("Training finished at step %d before the interruption; evaluating only", resume.step)
+                trainer._load_from_checkpoint(str(resume.checkpoint))
+                trainer.state = TrainerState.load_from_json(str(resume.checkpoint / "trainer_state.json"))
+            elif run.cfg.trainer.max_steps != 0:
                 trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
         finally:
-            stopper.restore()
-            guard.remove()
+            run.guard.remove()
     if stopper.signum is not None:
-        raise safety.Interrupted(stopper.signum, trainer.state.global_step)
+        raise guards.Interrupted(stopper.signum, trainer.state.global_step)
+
+
+def evaluate(run: Built) -> None:
+    """The held-out loss and metrics, greedy generations, latency, parameter counts and stability."""
+    cfg, files, model, trainer, pruner = run.cfg, run.files, run.model, run.trainer, run.pruner
     trainer.evaluate()
-
     step = trainer.state.global_step
-    prompts = data.prompts[: cfg.eval.num_generations]
+    prompts = run.prompts
 
-    def generations_and_latency() -> tuple[list, dict]:
+    def latency() -> dict:
         if not cfg.model.causal:
-            return [], evaluation.classification_latency(model, trainer.get_eval_dataloader())
-        return evaluation.generate(model, tokenizer, prompts, cfg.eval) if prompts else ([], {})
+            return evaluation.classification_latency(model, trainer.get_eval_dataloader())
+        return evaluation.decoding_latency(model, run.tokenizer, prompts, cfg.eval)
 
-    samples, metrics = generations_and_latency()
-    if samples:
-        files.write_samples(samples)
-    files.log(step, metrics)
+    if prompts:
+        samples, metrics = evaluation.generate(model, run.tokenizer, prompts, cfg.eval, step)
+        files.append_samples(samples)
+        files.log(step, metrics)
+    files.log(step, latency())
     if pruner is not None and pruner.masks:  # time the same model unpruned: dense kernels gain nothing from zeros
         with pruner.dense():
-            dense = generations_and_latency()[1]
-        files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items() if "latency" in k})
+            dense = latency()
+        files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
     files.log(step, {**evaluation.parameter_counts(model), **evaluation.peak_memory(),
                      **evaluation.stability(files.train_losses, cfg.eval.loss_window)})
+    if cfg.eval.judge.model and prompts and files.writes:
+        files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
     if cfg.trainer.save_model:
-        safety.check_finite_weights(model, step)
+        guards.check_finite_weights(model, step)
         trainer.save_model(str(files.dir / "model"))
+
+
+def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -> None:
+    """Build, train, evaluate. SIGTERM/SIGINT at any point end in `guards.Interrupted` with a checkpoint of
+    the step reached (during the final evaluation: of the trained model, so the rerun only evaluates)."""
+    with guards.GracefulStop() as stopper:
+        built = build(cfg, files, stopper, resume)
+        try:
+            train(built, stopper, resume)
+            evaluate(built)
+        except guards.Interrupted as e:
+            step = built.trainer.state.global_step
+            if step:
+                save_checkpoint(built.trainer)
+            raise guards.Interrupted(e.signum, step, saved=bool(step)) from None
 
 
 def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg, run_dir: Path) -> WandbRun:
@@ -127,43 +193,77 @@ def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg, run_dir: Path) -> 
                           f"noise:{cfg.noise.kind}", f"pruning:{cfg.pruning.method}"])
 
 
+def _fresh_dir(out_dir: Path) -> None:
+    """A new run never writes into another run's files, unless that run failed."""
+    status = resume_mod.status(out_dir)
+    if status not in ("absent", "failed"):
+        raise ConfigError(f"output directory {out_dir} already holds a run (status {status or 'unfinished'}); a "
+                          "run's files are never overwritten: choose another hydra.run.dir")
+
+
 def main(dict_cfg: DictConfig) -> dict:
     """Hydra's task function: one job of a run or a sweep."""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
-    files = None
+    files, lock = None, resume_mod.RunLock(out_dir)
     try:
         cfg: Config = OmegaConf.to_object(dict_cfg)
         cfg.validate()
-        resume = safety.find_resume(cfg.trainer.resume, dict_cfg, out_dir)
+        data = resume_mod.data_fingerprint(*data_mod.source(cfg.data))
+        resume = resume_mod.find_resume(cfg.trainer.resume, dict_cfg, out_dir, data)
         if resume is not None:
+            lock = resume.lock
             log.info("Resuming %s from %s", resume.run_dir, resume.checkpoint.name)
-        files = RunFiles(resume.run_dir if resume else out_dir, resume_step=resume.step if resume else None)
+            files = RunFiles(resume.run_dir, keep_events=resume.keep_events)
+        else:
+            if rank() == 0:  # the other ranks would see rank 0's new files
+                _fresh_dir(out_dir)
+            holder = lock.acquire()
+            if holder is not None:
+                raise ConfigError(f"output directory {out_dir} is in use by pid {holder.get('pid')} on "
+                                  f"{holder.get('host')}: choose another hydra.run.dir")
+            resume_mod.record(out_dir, dict_cfg, data)
+            files = RunFiles(out_dir)
         if cfg.logger.kind == "wandb" and files.writes:
             files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg, files.dir)
         run(cfg, files, resume)
-    except safety.Interrupted as e:
+        return files.finish("completed")
+    except guards.Interrupted as e:
         log.warning("%s", e)
-        files.finish("interrupted", str(e), step=e.step)
+        _finish(files, out_dir, "interrupted", str(e), step=e.step)
         raise SystemExit(128 + e.signum)
     except KeyboardInterrupt:
-        (files or RunFiles(out_dir)).finish("interrupted")
-        raise
+        log.error("stopped at once by Ctrl-C; the last complete checkpoint, if any, is kept")
+        _finish(files, out_dir, "interrupted", "stopped at once by Ctrl-C")
+        raise SystemExit(130)
     except Exception as e:
+        status = "failed"
         if isinstance(e, EXPECTED_ERRORS):
             message = str(e)
         elif isinstance(e, OmegaConfBaseException):
             message = str(e).splitlines()[0]
+        elif guards.disk_full(e, out_dir):
+            status, message = "interrupted", (f"no space left on device ({out_dir}): free some and rerun the "
+                                              "same command to resume from the last complete checkpoint")
         else:
             message = f"{type(e).__name__}: {e}"
         log.debug("Traceback:\n%s", traceback.format_exc())
         log.error("%s", message)
         log.info("Full traceback in %s", out_dir / f"{hydra_cfg.job.name}.log")
-        summary = (files or RunFiles(out_dir)).finish("failed", message)
+        summary = _finish(files, out_dir, status, message)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise SystemExit(1)
         return summary
-    return files.finish("completed")
+    finally:
+        lock.release()
+
+
+def _finish(files: RunFiles | None, out_dir: Path, status: str, error: str, **extra) -> dict:
+    """summary.json for a run that ends early; before its files were opened, only into a directory no other
+    run's files are in."""
+    if files is None and resume_mod.status(out_dir) == "absent":
+        files = RunFiles(out_dir)
+    return files.finish(status, error, **extra) if files else {"status": status, "error": error, **extra}
 
 
 class RunGuard(Callback):
@@ -174,7 +274,7 @@ class RunGuard(Callback):
     @staticmethod
     def _check(path: str) -> None:
         try:
-            safety.check_output_dir(Path(path))
+            guards.check_output_dir(Path(path))
         except ConfigError as e:  # Hydra's own logging (to stdout) is in force here, not the run's
             print(f"Error: {e}", file=sys.stderr)
             raise SystemExit(2)
@@ -190,6 +290,6 @@ class RunGuard(Callback):
         FAILED.clear()
         for path in sorted(Path(config.hydra.sweep.dir).rglob("summary.json")):
             if path.stat().st_mtime >= self.started:
-                summary = json.loads(path.read_text())
+                summary = run_files.read_json(path) or {"error": f"{path} is unreadable"}
                 if summary.get("status") != "completed":
                     FAILED.append((str(path.parent), summary.get("error", summary.get("status"))))

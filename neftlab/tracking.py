@@ -16,11 +16,12 @@ import netrc
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
+from . import files
 from .config import LoggerConfig, rank
 
 log = logging.getLogger(__name__)
@@ -95,13 +96,15 @@ def _jsonable(value: Any) -> Any:
 
 
 class RunFiles:
-    """The run's files; metrics.jsonl is appended and flushed line by line, so an interrupted run keeps its history.
+    """The run's files: metrics.jsonl is appended a whole line per event and flushed, so an interrupted run
+    keeps its history; summary.json is replaced atomically.
 
     Under torchrun only rank 0 writes; the other ranks keep the values in memory.
     """
 
-    def __init__(self, out_dir: str | Path, resume_step: int | None = None):
-        """With `resume_step`, metrics.jsonl keeps its events up to that step (the checkpoint's) and goes on from there."""
+    def __init__(self, out_dir: str | Path, keep_events: Callable[[list[dict]], list[dict]] | None = None):
+        """`keep_events` (resume) picks the events of the existing metrics.jsonl to keep; they are replayed
+        into the summary, and the file goes on after them. Without it metrics.jsonl starts empty."""
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writes = rank() == 0
@@ -109,18 +112,15 @@ class RunFiles:
         self.summary: dict[str, Any] = {}
         self.train_losses: list[tuple[int, float]] = []
         path = self.dir / "metrics.jsonl"
-        kept = []
-        if resume_step is not None and path.exists():
-            events = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            kept = [e for e in events if e["step"] <= resume_step]
-        self._metrics = path.open("w" if resume_step is not None else "a", encoding="utf-8") if self.writes else None
+        kept = keep_events(files.read_jsonl(path)) if keep_events else []
+        if self.writes:
+            files.write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
+        self._metrics = path.open("a", encoding="utf-8") if self.writes else None
         for event in kept:
-            self._record(event.pop("step"), event)
+            event = dict(event)
+            self._update(event.pop("step"), event)
 
-    def _record(self, step: int, metrics: dict[str, Any]) -> None:
-        if self._metrics is not None:
-            self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")
-            self._metrics.flush()
+    def _update(self, step: int, metrics: dict[str, Any]) -> None:
         self.summary.update(metrics)
         if isinstance(metrics.get("train/loss"), float):
             self.train_losses.append((step, metrics["train/loss"]))
@@ -130,26 +130,42 @@ class RunFiles:
         if not metrics:
             return
         metrics = {k: _jsonable(v) for k, v in metrics.items()}
-        self._record(step, metrics)
+        if self._metrics is not None:
+            self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")  # one write: a line is whole or torn
+            self._metrics.flush()
+        self._update(step, metrics)
         if self.tracker is not None:
             untracked = {k: v for k, v in metrics.items() if k not in tracked_elsewhere}
             if untracked:
                 self.tracker.log(step, untracked)
 
-    def write_samples(self, samples: Iterable[dict]) -> None:
+    def append_samples(self, samples: Iterable[dict]) -> None:
+        """Append generations to samples.jsonl, one whole line per write and flushed, as metrics.jsonl: every
+        evaluation's answers (each with its step) stay, also those of an interrupted or re-evaluated run."""
         if not self.writes:
             return
-        with (self.dir / "samples.jsonl").open("w", encoding="utf-8") as f:
-            for s in samples:
-                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+        with (self.dir / "samples.jsonl").open("a", encoding="utf-8") as out:
+            for sample in samples:
+                out.write(json.dumps(sample, ensure_ascii=False) + "\n")
+                out.flush()
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
 
     def finish(self, status: str, error: str | None = None, **extra: Any) -> dict:
-        """Write summary.json: the last value of every metric, the status and, for a failed run, the error."""
+        """Write summary.json: the last value of every metric, the status and, for a failed run, the error.
+
+        A full disk can make this write fail too: the error is logged in one line and the run's last
+        complete checkpoint still stands."""
         summary = {"status": status, **({"error": error} if error else {}), **extra, **self.summary}
         if not self.writes:
             return summary
-        self._metrics.close()
-        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+        try:
+            self.close()
+            files.write_json(self.dir / "summary.json", summary)
+        except OSError as e:
+            log.error("could not write %s: %s", self.dir / "summary.json", e.strerror or e)
         if self.tracker is not None:
             self.tracker.finish(summary, exit_code=0 if status == "completed" else 1)
             self.tracker = None

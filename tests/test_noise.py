@@ -178,3 +178,21 @@ def test_auto_threshold_is_fixed_by_the_first_measurement(monkeypatch):
         callback.on_step_end(None, SimpleNamespace(global_step=step), None)
     assert [m["noise/threshold"] for _, m in events] == [0.04, 0.04]
     assert [m["noise/direction"] for _, m in events] == [1, -1]
+
+
+def test_the_noise_hook_never_waits_for_the_device(monkeypatch):
+    """Reading a tensor's value on the host is a device sync on GPUs: the hook does none on a forward, and the
+    magnitude is read only when it is logged."""
+    model, (ids, mask) = tiny_llama().train(), padded_batch()
+    emb = model.get_input_embeddings()
+    out = emb(ids).detach()
+    with noise.attach(model, "uniform", alpha=5.0) as handle:
+        handle._mask = mask
+        with monkeypatch.context() as m:
+            for read in ("__float__", "__int__", "__bool__", "item", "tolist"):
+                m.setattr(torch.Tensor, read, lambda *args: pytest.fail("the noise hook read a value on the host"))
+            handle._add_noise(emb, None, out)
+        expected = sum(5.0 / math.sqrt(n * DIM) for n in LENGTHS) / len(LENGTHS)
+        assert handle.mean_magnitude == pytest.approx(expected)
+        assert noise.NoiseCallback(handle, NoiseConfig(kind="uniform"), None).metrics()["noise/mean_magnitude"] \
+            == pytest.approx(expected)

@@ -1,4 +1,5 @@
-"""The offline report: one row per run, seeds folded into mean ± std, plots, a clear error without runs."""
+"""The offline report: one row per run, seeds folded into mean ± std, arms paired by seed against the baseline
+arm with bootstrap CIs, the judges' win rates, plots, a clear error without runs."""
 
 import json
 
@@ -8,12 +9,14 @@ import yaml
 from neftlab import report
 
 
-def fake_run(root, name, overrides, alpha, seed, eval_loss, status="completed"):
+def fake_run(root, name, overrides, alpha, seed, eval_loss, status="completed", noise="uniform", pruning="off",
+             max_steps=4):
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"seed": seed, "noise": {"kind": "uniform", "alpha": alpha}, "pruning": {"method": "off", "ratio": 0.3}}))
+        {"seed": seed, "noise": {"kind": noise, "alpha": alpha}, "pruning": {"method": pruning, "ratio": 0.3},
+         "trainer": {"max_steps": max_steps, "learning_rate": 1e-4}}))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 3.0 - s / 10}) + "\n"
                                                for s in range(1, 4)) + json.dumps({"step": 3, "eval/loss": eval_loss}))
     summary = {"status": status, "eval/loss": eval_loss, "eval/accuracy": 0.5}
@@ -48,3 +51,77 @@ def test_report_on_a_directory_without_runs_fails_clearly(tmp_path, capsys):
     assert report.main([str(tmp_path)]) == 2
     assert f"no runs under {tmp_path}" in capsys.readouterr().err
     assert report.main([str(tmp_path / "missing")]) == 2
+
+
+ARMS = {"finetune": dict(noise="none"), "neftune": dict(noise="uniform"), "original": dict(noise="none", max_steps=0),
+        "pruning": dict(noise="none", pruning="l1")}
+
+
+def study_run(root, method, seed, length, loss=2.0, wins=None):
+    """A run of the baselines study: summary measures, answers at two steps, and judge files."""
+    name = f"{method}_{seed}"
+    fake_run(root, name, ["experiment=baselines", f"method={method}", f"seed={seed}"], 5, seed, loss, **ARMS[method])
+    run = root / name
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "eval/response_length": length}))
+    rows = [{"prompt_id": i, "step": step, "prompt": [], "reference": "", "generation": "", "tokens": tokens}
+            for step, lengths in ((2, [1, 1]), (4, [length - 5, length + 5])) for i, tokens in enumerate(lengths)]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for baseline, win in (wins or {}).items():
+        against = "reference" if baseline == "reference" else str((root / baseline).resolve())
+        (run / f"judge_{baseline}.json").write_text(json.dumps(
+            {"baseline": against, "summary": {"judge/win_rate": win, "judge/lc_win_rate": win - 0.1}, "pairs": []}))
+
+
+def make_study(root):
+    for seed, (base, noisy, win) in enumerate([(50, 60, 0.6), (60, 75, 0.7), (70, 80, 0.8)], 1):
+        study_run(root, "finetune", seed, base, loss=2.0 + seed / 10, wins={"reference": 0.3})
+        study_run(root, "neftune", seed, noisy, loss=2.0 + seed / 10,
+                  wins={f"finetune_{seed}": win, "reference": 0.4 + seed / 100})
+        study_run(root, "original", seed, 20, loss=3.0)
+    study_run(root, "pruning", 1, 55)
+    return root
+
+
+@pytest.fixture
+def study(tmp_path):
+    return make_study(tmp_path)
+
+
+def test_report_pairs_arms_by_seed_against_plain_finetuning(study):
+    assert report.main([str(study)]) == 0
+    text = (study / "report.md").read_text()
+    assert "## Paired differences against `method=finetune`" in text
+    assert "a CI that contains 0 is no evidence of a difference" in text
+    assert "| arm | measure | n | baseline | arm | arm − baseline | 95% CI |" in text
+    assert "| method=neftune | answer length (tokens) | 3 | 60.0 | 71.7 | +11.7 | [+10.0, +15.0] |" in text
+    assert "| method=neftune | eval loss | 3 | 2.2000 | 2.2000 | +0.0000 | [+0.0000, +0.0000] |" in text
+    assert "| method=neftune | judge win rate vs baseline | 3 | 0.500 | 0.700 | +0.200 | [+0.100, +0.300] |" in text
+    assert "| method=neftune | judge LC win rate vs baseline | 3 | 0.500 | 0.600 | +0.100 |" in text
+    assert "| method=neftune | judge win rate vs reference | 3 | 0.300 | 0.420 | +0.120 |" in text
+    assert "| method=original | answer length (tokens) | 3 | 60.0 | 20.0 | -40.0 | [-50.0, -30.0] |" in text
+    assert "| method=pruning | answer length (tokens) | 1 | 50.0 | 55.0 | +5.0 | (one pair) |" in text
+    assert "win vs method=finetune" in text and "win vs reference" in text  # the judges' columns per run
+    assert "| method=neftune,seed=2 | neftune_2 | 2.2000 | 0.5000 | 75.0 | 0.700 | 0.420 | completed |" in text
+    for png in ("answer_lengths.png", "win_rate_vs_length.png"):
+        assert f"({png})" in text and (study / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_baseline_arm_can_be_chosen(study, capsys):
+    assert report.main([str(study), "--baseline", "method=neftune"]) == 0
+    text = (study / "report.md").read_text()
+    assert "| method=finetune | answer length (tokens) | 3 | 71.7 | 60.0 | -11.7 | [-15.0, -10.0] |" in text
+    assert "judge win rate vs baseline" not in text  # no finetune run was judged against a neftune run
+    assert report.main([str(study), "--baseline", "method=dpo"]) == 2
+    err = capsys.readouterr().err
+    assert "--baseline method=dpo: no completed runs of that arm; the arms are 'method=finetune'" in err
+
+
+def test_report_without_a_single_plain_arm_has_no_paired_section(sweep, tmp_path_factory):
+    report.main([str(sweep)])
+    assert "Paired differences" not in (sweep / "report.md").read_text()  # every arm has noise
+    study = make_study(tmp_path_factory.mktemp("study"))
+    study_run(study, "finetune", 4, 50)
+    (study / "finetune_4" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["lr=1", "seed=4"]))
+    report.main([str(study)])
+    assert "Several arms are plain fine-tuning" in (study / "report.md").read_text()

@@ -11,9 +11,10 @@ from neftlab import runner
 from neftlab.tracking import RunFiles
 
 CAUSAL_KEYS = {"train/loss", "eval/loss", "eval/perplexity", "eval/accuracy", "eval/response_length",
-               "eval/distinct_2", "eval/distinct_4", "eval/repetition_rate", "efficiency/latency_ms_per_token",
-               "efficiency/total_params", "efficiency/nonzero_params", "efficiency/peak_memory_mb",
-               "stability/loss_std"}
+               "eval/response_words", "eval/rep_2", "eval/rep_3", "eval/rep_4", "eval/diversity", "eval/distinct_2",
+               "eval/distinct_4", "eval/hit_max_new_tokens", "eval/prompts_truncated",
+               "efficiency/latency_ms_per_token", "efficiency/total_params", "efficiency/nonzero_params",
+               "efficiency/peak_memory_mb", "stability/loss_std", "eval/train_loss_noise_off", "eval/generalization_gap"}
 
 
 def run_inline(tmp_path, *overrides):
@@ -31,7 +32,8 @@ def test_causal_run_writes_every_file_and_metric(tmp_path, model):
     assert summary["eval/perplexity"] == pytest.approx(2.718281828 ** summary["eval/loss"], rel=1e-6)
     assert [m["step"] for m in metrics if "train/loss" in m] == [1, 2]
     samples = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 2 and {"prompt", "reference", "generation"} <= samples[0].keys()
+    assert [(s["prompt_id"], s["step"]) for s in samples] == [(0, 2), (1, 2)]
+    assert {"prompt", "reference", "generation", "tokens", "stop"} <= samples[0].keys()
 
 
 def test_bert_run_classifies(tmp_path):

@@ -1,5 +1,6 @@
 """Dynamic alpha and pruning on row-sharded weights (FSDP2's DTensor layout) in 2 CPU processes (gloo) give
-exactly what one process gives on the whole matrix; and DDP runs end to end under torchrun."""
+exactly what one process gives on the whole matrix, also when the backend takes only tensors on another device
+(as NCCL does); other layouts are refused before training; and DDP runs end to end under torchrun, on the CPU."""
 
 import json
 import math
@@ -8,17 +9,18 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import ROOT, TINY
-from neftlab import noise, pruning
-from neftlab.config import NoiseConfig
+from conftest import ROOT, TINY, spawn
+from neftlab import evaluation, noise, pruning, sharding
+from neftlab.config import NoiseConfig, PruningConfig
 
 ROWS, COLS = 1001, 48  # an odd row count: the shards are uneven
+CPU_ONLY = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo tests: ranks must not share one GPU
 
 
 def weights(step: int) -> torch.Tensor:
@@ -44,11 +46,32 @@ def single_process_results():
     return results
 
 
-def worker(rank, world, store, expected):
+def act_as_nccl() -> list:
+    """Make gloo behave like NCCL, which refuses tensors that are not on its CUDA device: the collectives' device
+    is torch's lazy-tensor device, a second device that holds data without a GPU, and all_reduce rejects any
+    tensor elsewhere (NCCL's "No backend type associated with device type cpu"). Returns the devices it saw."""
+    import torch._lazy.ts_backend
+    torch._lazy.ts_backend.init()
+    device, seen, reduce = torch.device("lazy", 0), [], dist.all_reduce
+    sharding.collective_device = lambda group: device
+
+    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        seen.append(tensor.device)
+        if tensor.device != device:
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        on_cpu = tensor.cpu()
+        reduce(on_cpu, op=op, group=group)
+        tensor.copy_(on_cpu)
+    dist.all_reduce = all_reduce
+    return seen
+
+
+def worker(rank, world, store, expected, like_nccl):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
+        reduced_on = act_as_nccl() if like_nccl else None
         mesh = init_device_mesh("cpu", (world,))
         shard = lambda w: distribute_tensor(w, mesh, [Shard(0)])  # noqa: E731
         assert alpha_trajectory(lambda step: shard(weights(step))) == expected["alpha"]
@@ -64,19 +87,72 @@ def worker(rank, world, store, expected):
             zeros = int((~whole).sum())
             exact = math.floor(ratio * ROWS * COLS) if method == "l1" else math.floor(ratio * ROWS) * COLS
             assert zeros == exact
+            model = torch.nn.Module()
+            model.weight = torch.nn.Parameter(w)
+            counts = evaluation.parameter_counts(model)
+            assert counts["efficiency/nonzero_params"] == int(torch.count_nonzero(w.full_tensor()))
+        if like_nccl:  # the statistic, both pruning methods' histograms and the counts all went through it
+            assert len(reduced_on) > 10 and set(reduced_on) == {torch.device("lazy", 0)}
     finally:
         dist.destroy_process_group()
 
 
-def test_alpha_and_pruning_are_identical_in_one_and_two_processes(tmp_path):
+@pytest.mark.parametrize("like_nccl", [False, True], ids=["gloo", "like-nccl"])
+def test_alpha_and_pruning_are_identical_in_one_and_two_processes(tmp_path, like_nccl):
     expected = single_process_results()
     assert len(set(expected["alpha"])) > 1  # the trajectory moves, so equality means something
-    mp.spawn(worker, args=(2, tmp_path / "store", expected), nprocs=2, join=True)
+    spawn(worker, tmp_path / "store", expected, like_nccl)
+
+
+def test_collectives_go_to_the_device_their_backend_needs(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the rank's GPU, which the Trainer sets
+    monkeypatch.setattr(dist, "get_backend", lambda group: "nccl")
+    assert sharding.collective_device(object()) == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group: "gloo")
+    assert sharding.collective_device(object()) == torch.device("cpu")
+
+
+@pytest.fixture
+def one_rank_mesh(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_rank_mesh):
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(ROWS, COLS)
+            self.embed.weight = torch.nn.Parameter(distribute_tensor(weights(1), one_rank_mesh, [Replicate()]))
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    model, begin = Model(), (None, SimpleNamespace(global_step=0), None)
+    refused = r"placements \(Replicate\(\),\): neftlab supports FSDP2's row sharding \(Shard\(dim=0\),\) only"
+    for method in ("l1", "l2"):
+        with pytest.raises(sharding.UnsupportedLayoutError, match=refused):
+            pruning.PruningCallback(model, PruningConfig(method=method), lambda step, m: None).on_train_begin(*begin)
+    for threshold in ("auto", 0.1):
+        callback = noise.NoiseCallback(noise.attach(model, "dynamic"),
+                                       NoiseConfig(kind="dynamic", stability_threshold=threshold), lambda s, m: None)
+        with pytest.raises(sharding.UnsupportedLayoutError, match="no hybrid sharding"):
+            callback.on_train_begin(*begin)
+        callback.noise.remove()
+    assert torch.equal(model.embed.weight.full_tensor(), weights(1))  # nothing pruned a copy
+    # Counting only reads, so it takes any layout: the end of a run never fails on it.
+    assert evaluation.parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))
 
 
 def test_ddp_with_two_processes_writes_one_set_of_run_files(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CPU_ONLY}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab",
                            f"hydra.run.dir={run_dir}", *TINY, "model=llama_tiny", "noise=uniform",
                            "logger=wandb", "logger.mode=offline"],
@@ -111,7 +187,7 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_rerun_resumes(tmp_path
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab", "size=tiny",
                "trainer.max_steps=120", "trainer.save_steps=5", "noise=dynamic", "noise.adjust_interval=2",
                "pruning=l1", "pruning.interval=3", "logger=none", f"hydra.run.dir={tmp_path}/runs/" + "${run_id:}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **CPU_ONLY}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not list(tmp_path.glob("runs/*/checkpoints/checkpoint-5")):
         assert proc.poll() is None, "the run ended before its first checkpoint"

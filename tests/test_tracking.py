@@ -56,8 +56,9 @@ def test_sweep_makes_one_offline_wandb_run_per_job_in_one_group(tmp_path):
 
 
 def test_failed_job_marks_its_wandb_run_failed(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "output": 7}\n')  # fails once the run has started
     proc, summary = cli("model=llama_tiny", "logger=wandb", "logger.mode=offline", "data=alpaca",
-                        f"data.path={tmp_path}/missing.jsonl", *TINY, out_dir=tmp_path)
+                        f"data.path={tmp_path}/bad.jsonl", *TINY, out_dir=tmp_path / "run")
     assert proc.returncode != 0 and summary["status"] == "failed"
-    run = offline_run(tmp_path)
+    run = offline_run(tmp_path / "run")
     assert run["exit_code"] == 1 and json.loads(run["summary"]["status"]) == "failed"

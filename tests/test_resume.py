@@ -1,4 +1,4 @@
-"""Nothing lost: SIGTERM saves and a rerun resumes to the same result; NaNs stop runs; bad output dirs fail early."""
+"""Resume: SIGTERM saves and a rerun resumes to the same result; runs are found, claimed and never taken over live."""
 
 import json
 import os
@@ -6,14 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import ROOT, TINY, cli
-from neftlab import safety
+from neftlab import resume
 from neftlab.config import ConfigError
 
 RESUMABLE = ["size=tiny", "trainer.max_steps=40", "trainer.save_steps=5", "noise=dynamic", "noise.adjust_interval=2",
@@ -75,68 +72,12 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 
 
 def test_explicit_resume_settings(tmp_path):
+    data = {"hub": None}
     with pytest.raises(ConfigError, match="trainer.resume=true: no interrupted run"):
-        safety.find_resume(True, {"trainer": {}}, tmp_path / "run")
-    with pytest.raises(ConfigError, match="no checkpoint there"):
-        safety.find_resume(str(tmp_path), {"trainer": {}}, tmp_path / "run")
-    assert safety.find_resume(False, {"trainer": {}}, tmp_path / "run") is None
-
-
-def test_nan_loss_stops_the_run_with_its_step(tmp_path):
-    proc, summary = cli("size=tiny", "trainer.learning_rate=1e30", "logger=none", out_dir=tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert summary["status"] == "failed"
-    assert summary["error"].startswith("train loss is nan at step ") and "stopping" in summary["error"]
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2))
-
-
-def test_skip_mode_drops_the_batch_without_moving_any_weight():
-    model = tiny_llama()
-    events = []
-    guard = safety.NonFiniteGuard(model, "skip", max_skipped=1, log_event=lambda step, m: events.append((step, m)))
-    model.register_forward_hook(lambda m, a, out: out.__setitem__("loss", out["loss"] * float("nan")))
-    guard.on_train_begin(None, None, None)
-    guard.on_step_begin(None, SimpleNamespace(global_step=6), None)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
-    before = [p.clone() for p in model.parameters()]
-    ids = torch.randint(0, 100, (2, 8))
-    model.train()
-    model(input_ids=ids, labels=ids).loss.backward()
-    opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert events == [(7, {"train/skipped_batches": 1})]
-    with pytest.raises(safety.NonFiniteError, match=r"train loss is nan at step 7 after 1 skipped batches"):
-        model(input_ids=ids, labels=ids)
-    guard.remove()
-
-
-def test_nan_weights_are_never_saved():
-    model = tiny_llama()
-    guard = safety.NonFiniteGuard(model, "fail", 0, lambda step, m: None)
-    guard.on_step_end(None, SimpleNamespace(global_step=3), SimpleNamespace(should_save=True))  # finite: fine
-    with torch.no_grad():
-        model.lm_head.weight[0, 0] = float("inf")
-    with pytest.raises(safety.NonFiniteError, match="lm_head.weight holds NaN/inf at step 4; not saving it"):
-        guard.on_step_end(None, SimpleNamespace(global_step=4), SimpleNamespace(should_save=True))
-    guard.on_step_end(None, SimpleNamespace(global_step=5), SimpleNamespace(should_save=False))  # no save, no check
-
-
-def test_unwritable_output_dir_fails_before_anything_loads(tmp_path):
-    (tmp_path / "file").write_text("")
-    proc, _ = cli("size=tiny", out_dir=tmp_path / "file" / "run")
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"output directory {tmp_path}/file/run is not writable: Not a directory" in proc.stderr
-
-
-def test_full_output_dir_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(safety.shutil, "disk_usage", lambda path: SimpleNamespace(free=10 * 2**20))
-    with pytest.raises(ConfigError, match="has 10 MiB free, less than the 200 MiB"):
-        safety.check_output_dir(tmp_path)
+        resume.find_resume(True, {"trainer": {}}, tmp_path / "run", data)
+    with pytest.raises(ConfigError, match="no complete checkpoint there"):
+        resume.find_resume(str(tmp_path), {"trainer": {}}, tmp_path / "run", data)
+    assert resume.find_resume(False, {"trainer": {}}, tmp_path / "run", data) is None
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
@@ -148,16 +89,23 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
 
 
 def test_a_run_still_in_progress_is_not_taken_over(tmp_path):
-    config = {"seed": 1, "trainer": {"resume": "auto"}}
+    config, data = {"seed": 1, "trainer": {"resume": "auto"}}, {"hub": None}
     sleeper = subprocess.Popen(["sleep", "30"])
-    run = tmp_path / "runs" / f"2026-01-01_00-00-00_{sleeper.pid}"
+    run = tmp_path / "runs" / "0"  # a sweep job's directory: its name says nothing about its process
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(json.dumps(config))
-    (run / "checkpoints" / "checkpoint-5").mkdir(parents=True)
-    (run / "checkpoints" / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    resume.record(run, config, data)
+    checkpoint = run / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    resume.mark_complete(checkpoint, keep=None)
+    (run / resume.LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "job": "other"}))
     here = tmp_path / "runs" / "now"
-    assert safety.find_resume("auto", config, here) is None  # its process is alive
+    assert resume.find_resume("auto", config, here, data) is None  # its process is alive
     sleeper.kill()
     sleeper.wait()
-    found = safety.find_resume("auto", config, here)
-    assert found.run_dir == run and found.step == 5
+    found = resume.find_resume("auto", config, here, data)
+    assert found.run_dir == run and found.step == 5 and found.lock.held
+    assert json.loads((run / resume.LOCK).read_text())["pid"] == os.getpid()
+    found.lock.release()
+    assert not (run / resume.LOCK).exists()

@@ -1,0 +1,36 @@
+"""On-disk caches built once, safely when several processes (parallel sweeps, torchrun ranks, nodes sharing a
+filesystem) want the same one at the same time."""
+
+from __future__ import annotations
+
+import fcntl
+import shutil
+from pathlib import Path
+from typing import Callable
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """`target`, made by `build(directory)` unless some process has finished it already.
+
+    An exclusive lock on `<target>.lock` lets one process build while the others wait and then find the
+    finished target. `build` writes into a sibling directory that is renamed into place when complete, so a
+    target that exists is complete; it is never removed or replaced, since another process may be reading it.
+    Across nodes this needs a filesystem that honours flock (NFSv4; Lustre mounted with -o flock).
+    """
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, also if this process dies
+        if target.exists():  # built by the process that held the lock before us
+            return target
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # left by a builder that was killed: none runs while we hold the lock
+        partial.mkdir()
+        try:
+            build(partial)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        partial.rename(target)
+    return target

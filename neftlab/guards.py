@@ -1,0 +1,197 @@
+"""Run-time guards: stop cleanly on SIGTERM/SIGINT, refuse non-finite losses and weights, refuse an unusable
+output directory.
+
+Under torchrun every rank must take the same decision at the same step, or the others wait in a
+collective until the NCCL timeout. So each rank only notes what it saw (a signal, a NaN/inf loss) and
+`StepAgreement` reduces both flags over all ranks in one collective before the optimizer step; the
+stop and the skip then act on the agreed values only.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .config import ConfigError
+from .sharding import all_max
+
+log = logging.getLogger(__name__)
+
+MIN_FREE_BYTES = 200 * 2**20
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss or weight; the message gives the step."""
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int, step: int, saved: bool = True):
+        resume = "a checkpoint was saved, rerun the same command to resume" if saved else "nothing to resume"
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {resume}")
+        self.signum, self.step = signum, step
+
+
+def check_output_dir(path: Path) -> None:
+    """Fail before anything loads when the run directory cannot be created, written or has no room."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output directory {path} is not writable: {e.strerror or e}") from None
+    free = shutil.disk_usage(path).free
+    if free < MIN_FREE_BYTES:
+        raise ConfigError(f"output directory {path} has {free / 2**20:.0f} MiB free, less than the "
+                          f"{MIN_FREE_BYTES / 2**20:.0f} MiB a run needs for its files and checkpoints")
+
+
+def disk_full(error: BaseException, path: Path) -> bool:
+    """Whether `error` came from a full disk: ENOSPC reaches Python as an OSError, inside a SafetensorError's
+    message, or as torch.save's bare RuntimeError; so the disk itself is asked too."""
+    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(path).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+class GracefulStop(TrainerCallback):
+    """SIGTERM (preemption) and SIGINT (Ctrl-C), from `with stopper:` on.
+
+    During training a signal is only noted: the step finishes, a checkpoint is saved and training stops
+    (at the same step on every rank). Outside training (loading, final evaluation) it raises
+    `Interrupted` at once. A second Ctrl-C raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self):
+        self.pending: Optional[int] = None  # seen by this rank, not yet agreed
+        self.signum: Optional[int] = None  # agreed by all ranks: training stops
+        self.step = 0
+        self.training = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.pending == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.pending = self.pending or signum
+        if not self.training:
+            raise Interrupted(signum, self.step, saved=False)
+        log.warning("%s received: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+
+    def __enter__(self) -> "GracefulStop":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.training = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.step = state.global_step
+        if self.signum:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NonFiniteError(f"parameter {name} holds NaN/inf at step {step}; not saving it")
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stops on a NaN/inf train loss (or, with trainer.nonfinite_loss=skip, drops that step's gradient, up to
+    trainer.max_skipped_steps times), and never lets a checkpoint with NaN/inf weights be written.
+
+    The forward hook only accumulates a flag on the device (no host sync per forward); the loss itself is
+    left alone, so under DDP/FSDP every rank still joins the gradient reduce.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str, max_skipped: int,
+                 log_event: Callable[[int, dict], None]):
+        self.model, self.mode, self.max_skipped, self.log_event = model, mode, max_skipped, log_event
+        self.skipped = 0
+        self.bad: Optional[torch.Tensor] = None  # this rank saw a NaN/inf loss since the last optimizer step
+        self._hook = None
+
+    def _check(self, module, args, output):
+        loss = output.get("loss") if isinstance(output, dict) else None
+        if module.training and loss is not None:
+            bad = ~torch.isfinite(loss.detach()).all()
+            self.bad = bad if self.bad is None else self.bad | bad
+
+    def take_flag(self) -> float:
+        flag, self.bad = (0.0 if self.bad is None else float(self.bad)), None
+        return flag
+
+    def decide(self, nonfinite: bool, step: int) -> None:
+        """Act on the agreed flag: raise, or drop every gradient so that the optimizer moves nothing."""
+        if not nonfinite:
+            return
+        if self.mode == "skip" and self.skipped < self.max_skipped:
+            self.skipped += 1
+            log.warning("train loss is not finite at step %d on some rank: this step's update is skipped "
+                        "(%d of %d skips)", step, self.skipped, self.max_skipped)
+            self.log_event(step, {"train/skipped_batches": self.skipped})
+            for p in self.model.parameters():
+                p.grad = None  # AdamW skips parameters without a gradient: no momentum, no weight decay
+            return
+        extra = f" after {self.skipped} skipped batches (trainer.max_skipped_steps)" if self.mode == "skip" else ""
+        raise NonFiniteError(f"train loss is not finite at step {step}{extra}; stopping "
+                             "(trainer.nonfinite_loss=skip drops such batches instead)")
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._hook = self.model.register_forward_hook(self._check)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            check_finite_weights(self.model, state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.remove()
+
+    def remove(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+class StepAgreement(TrainerCallback):
+    """Before each optimizer step: one collective over all ranks agrees on a NaN/inf loss and on a stop
+    signal, so that every rank skips or stops at the same step. A signal that came after the last step's
+    agreement is agreed on when training ends."""
+
+    def __init__(self, guard: NonFiniteGuard, stopper: GracefulStop):
+        self.guard, self.stopper = guard, stopper
+
+    def _agree_on_signal(self, signum: float) -> None:
+        if signum and not self.stopper.signum:
+            self.stopper.signum = int(signum)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        nonfinite, signum = all_max([self.guard.take_flag(), float(self.stopper.pending or 0)],
+                                    distributed=args.world_size > 1)
+        self._agree_on_signal(signum)
+        self.guard.decide(bool(nonfinite), state.global_step + 1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._agree_on_signal(all_max([float(self.stopper.pending or 0)], distributed=args.world_size > 1)[0])

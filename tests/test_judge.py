@@ -1,0 +1,211 @@
+"""The local judge: both orders averaged, batching that changes nothing, the statistics, baselines, clear errors."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from conftest import ROOT, cli
+from neftlab import judge
+from neftlab.config import JudgeConfig
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=2048)
+
+
+def prompt(i):
+    return [{"role": "user", "content": f"Question {i}: name a fruit and say why you like it."}]
+
+
+def write_samples(run_dir, answers, step=8, references=None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"prompt_id": i, "step": step, "prompt": prompt(i), "reference": (references or {}).get(i, f"Pears {i}."),
+             "generation": a, "tokens": len(a.split()), "stop": "eos"} for i, a in enumerate(answers)]
+    with open(run_dir / "samples.jsonl", "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return run_dir
+
+
+ANSWERS_A = ["Apples, for their crunch.", "A banana: sweet, soft and easy to carry along on a long walk.",
+             "Figs.", "Cherries, because they are small and red and taste of summer evenings."]
+ANSWERS_B = ["Oranges.", "Grapes are the best: you can eat them one by one.", "Kiwis, for the green inside.", "Plums."]
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_judges(tmp_path_factory, llama_tokenizer):
+    """A random 1-layer LLaMA causal LM and a one-output LLaMA scorer, saved with the SmolLM2 tokenizer."""
+    root = tmp_path_factory.mktemp("judges")
+    config = LlamaConfig(vocab_size=len(llama_tokenizer), pad_token_id=llama_tokenizer.pad_token_id, **TINY)
+    torch.manual_seed(0)
+    causal = _save(LlamaForCausalLM(config), llama_tokenizer, root / "causal")
+    torch.manual_seed(1)
+    reward = _save(LlamaForSequenceClassification(LlamaConfig(**config.to_dict(), num_labels=1)), llama_tokenizer,
+                   root / "reward")
+    return SimpleNamespace(causal=causal, reward=reward)
+
+
+class FakeJudge(torch.nn.Module):
+    """Says "1" when the answer shown first contains `word` (or always, with word=None), else "2"."""
+
+    def __init__(self, tokenizer, word=None):
+        super().__init__()
+        self.tokenizer, self.word = tokenizer, word
+        self.ids = [tokenizer.encode(label, add_special_tokens=False)[-1] for label in judge.LABELS]
+        self.lengths = []
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, position_ids=None, logits_to_keep=0):
+        logits = torch.zeros(len(input_ids), 1, len(self.tokenizer))
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            self.lengths.append(int(mask.sum()))
+            text = self.tokenizer.decode(ids[mask.bool()])
+            first = text.split("## Answer 1")[1].split("## Answer 2")[0]
+            logits[row, 0, self.ids[0 if self.word is None or self.word in first else 1]] = 5.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_both_orders_are_asked_and_averaged(llama_tokenizer):
+    pairs = [judge.Pair(i, f"q{i}", a, b) for i, (a, b) in enumerate(zip(ANSWERS_A, ANSWERS_B))]
+    biased, _ = judge.pairwise_preferences(FakeJudge(llama_tokenizer), llama_tokenizer, pairs, 2048, batch_size=3)
+    assert biased[:, 0] == pytest.approx(1, abs=1e-2) and biased[:, 1] == pytest.approx(0, abs=1e-2)
+    assert biased.mean(1) == pytest.approx(0.5)  # a judge that only ever says "1" prefers neither answer
+    fruit = FakeJudge(llama_tokenizer, word="Apples")
+    prefs, _ = judge.pairwise_preferences(fruit, llama_tokenizer, pairs, 2048)
+    assert prefs[0] == pytest.approx([1, 1], abs=1e-2)  # the run's "Apples" wins in both places
+    assert prefs[1:] == pytest.approx(np.array([[0, 1]] * 3), abs=1e-2)  # else "2": the run wins when shown second
+
+
+def test_answers_are_cut_from_the_right_to_fit(llama_tokenizer):
+    long = " ".join(["word"] * 3000)
+    pairs = [judge.Pair(0, "q", long, "Short answer."), judge.Pair(1, "q", "a", "b")]
+    fake = FakeJudge(llama_tokenizer)
+    _, truncated = judge.pairwise_preferences(fake, llama_tokenizer, pairs, 256)
+    assert truncated == 1 and max(fake.lengths) <= 256
+    texts, cut = judge._fit(llama_tokenizer, [("start middle end", "left"), (long, "right"), ("b", "right")], 12)
+    assert cut and texts[0] == "start middle end" and texts[2] == "b" and texts[1].startswith("word word")
+    with pytest.raises(judge.JudgeError, match="leaves no room for the answers"):
+        judge.pairwise_preferences(fake, llama_tokenizer, pairs, 64)
+
+
+def test_pairwise_judge_against_another_run_is_symmetric_and_batch_invariant(tmp_path, tiny_judges):
+    a, b = write_samples(tmp_path / "a", ANSWERS_A), write_samples(tmp_path / "b", ANSWERS_B)
+    cfg = JudgeConfig(model=tiny_judges.causal, baseline=str(b), bootstrap=200)
+    summary = judge.judge_run(a, cfg, seed=0, batch_size=3)
+    saved = json.loads((a / "judge_b.json").read_text())
+    assert saved["summary"] == summary and summary["judge/n_pairs"] == 4 and saved["length_unit"] == "words"
+    assert saved["baseline"] == str(b.resolve()) and saved["step"] == 8 and saved["kind"] == "pairwise"
+    prefs = np.array([p["preference"] for p in saved["pairs"]])
+    assert prefs == pytest.approx(np.mean([p["orders"] for p in saved["pairs"]], 1))
+    assert [p["run_words"] - p["baseline_words"] for p in saved["pairs"]] == [3, 2, -4, 11]
+    swapped = judge.judge_run(b, JudgeConfig(model=tiny_judges.causal, baseline=str(a), bootstrap=200), 0, 1)
+    back = np.array([p["preference"] for p in json.loads((b / "judge_a.json").read_text())["pairs"]])
+    assert back == pytest.approx(1 - prefs, abs=1e-5)  # same prompts, one at a time: left padding changes nothing
+    assert swapped["judge/win_rate"] == pytest.approx(1 - summary["judge/win_rate"], abs=1e-5)
+
+
+def test_reward_judge_scores_each_answer(tmp_path, tiny_judges):
+    run = write_samples(tmp_path / "run", ANSWERS_A)
+    cfg = JudgeConfig(model=tiny_judges.reward, kind="reward", baseline="reference", bootstrap=200)
+    summary = judge.judge_run(run, cfg, seed=0, batch_size=3)
+    pairs = json.loads((run / "judge_reference.json").read_text())["pairs"]
+    for p in pairs:
+        assert p["preference"] == pytest.approx(1 / (1 + np.exp(p["scores"][1] - p["scores"][0])))
+    judge.judge_run(run, cfg, seed=0, batch_size=1)
+    again = json.loads((run / "judge_reference.json").read_text())["pairs"]
+    assert np.array([p["scores"] for p in again]) == pytest.approx(np.array([p["scores"] for p in pairs]), abs=1e-5)
+    assert summary["judge/n_pairs"] == 4
+
+
+def test_reference_baseline_uses_the_last_step_and_skips_empty_references(tmp_path, caplog):
+    run = write_samples(tmp_path / "run", ["old answer"] * 4, step=4)
+    write_samples(run, ANSWERS_A, step=8, references={1: "  "})
+    pairs, info = judge.pairs_for(run, "reference")
+    assert [p.prompt_id for p in pairs] == [0, 2, 3] and info["skipped"] == 1 and info["step"] == 8
+    assert pairs[0].run == ANSWERS_A[0] and pairs[0].baseline == "Pears 0."
+    assert "1 of 4 prompts have no reference answer: skipped" in caplog.text
+
+
+def test_win_rate_ci_is_seeded_and_contains_the_mean():
+    rng = np.random.default_rng(3)
+    prefs, diff = rng.uniform(0, 1, 50), rng.normal(0, 50, 50)
+    s = judge.summarize(prefs, diff, bootstrap=500, seed=1)
+    assert s["judge/win_rate"] == pytest.approx(prefs.mean())
+    assert s["judge/win_rate_ci_low"] < s["judge/win_rate"] < s["judge/win_rate_ci_high"]
+    assert s["judge/lc_win_rate_ci_low"] < s["judge/lc_win_rate"] < s["judge/lc_win_rate_ci_high"]
+    assert judge.summarize(prefs, diff, 500, seed=1) == s
+    assert judge.summarize(prefs, diff, 500, seed=2)["judge/win_rate_ci_low"] != s["judge/win_rate_ci_low"]
+    assert judge.summarize(np.array([0.0, 0.5, 1.0, 1.0]), np.zeros(4), 100, 0)["judge/decisive_win_rate"] == 0.625
+
+
+def test_length_controlled_win_rate_recovers_a_known_logistic_model():
+    rng = np.random.default_rng(0)
+    diff = rng.uniform(-300, 300, 3000)  # words
+    soft = 1 / (1 + np.exp(-(0.4 + 0.01 * diff)))
+    assert judge.logistic_fit(diff, soft) == pytest.approx([0.4, 0.01], rel=1e-3)
+    hard = (rng.random(3000) < soft).astype(float)  # the same model seen through 0/1 verdicts
+    assert judge.logistic_fit(diff, hard) == pytest.approx([0.4, 0.01], rel=0.15)
+    # Length alone decides, and the run's answers are longer: it wins, but not at equal length.
+    confounded = judge.summarize(1 / (1 + np.exp(-0.02 * (diff + 100))), diff + 100, 200, 0)
+    assert confounded["judge/win_rate"] > 0.65 and confounded["judge/lc_win_rate"] == pytest.approx(0.5, abs=0.01)
+    assert judge.logistic_fit(diff, np.ones(3000))[0] > 5  # all wins: large but finite
+
+
+def cli_error(capsys, *args):
+    assert judge.main([str(a) for a in args]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()  # warnings about the file may come first
+    assert lines[-1].startswith("error: ") and sum(line.startswith("error") for line in lines) == 1
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys, tiny_judges):
+    a = write_samples(tmp_path / "a", ANSWERS_A)
+    assert "samples.jsonl: no such file" in cli_error(capsys, tmp_path / "none", "--baseline", "reference",
+                                                      "--judge", tiny_judges.causal)
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "samples.jsonl").write_bytes(b"\xff\xfe not json\n{\"cut\": ")
+    assert "holds no answers" in cli_error(capsys, tmp_path / "torn", "--baseline", "reference",
+                                           "--judge", tiny_judges.causal)
+    assert "cannot be loaded as a pairwise judge" in cli_error(capsys, a, "--baseline", "reference",
+                                                               "--judge", tmp_path / "no_model")
+    assert "has 2 outputs; a reward model has one" in cli_error(capsys, a, "--baseline", "reference", "--kind",
+                                                                 "reward", "--judge", tiny_judges.causal)
+    assert "bootstrap=10 is not allowed" in cli_error(capsys, a, "--baseline", "reference", "--bootstrap", 10,
+                                                      "--judge", tiny_judges.causal)
+    other = write_samples(tmp_path / "other", ANSWERS_B[:3])
+    assert "did not answer the same prompts: 1 prompt ids in one run only" in cli_error(
+        capsys, a, "--baseline", other, "--judge", tiny_judges.causal)
+    b = write_samples(tmp_path / "b", ANSWERS_B)
+    (b / "samples.jsonl").write_text((b / "samples.jsonl").read_text().replace("Question 2", "Question two"))
+    assert cli_error(capsys, a, "--baseline", b, "--judge", tiny_judges.causal).endswith(
+        "0 prompt ids in one run only, 1 with other messages (first: prompt_id 2)")
+
+
+def test_cli_judges_a_run(tmp_path, tiny_judges):
+    a, b = write_samples(tmp_path / "a", ANSWERS_A), write_samples(tmp_path / "b", ANSWERS_B)
+    proc = subprocess.run([sys.executable, "-m", "neftlab.judge", str(a), "--baseline", str(b), "--judge",
+                           tiny_judges.causal, "--bootstrap", "100"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "over 4 pairs" in proc.stdout and (a / "judge_b.json").exists()
+    assert "Judging" in proc.stderr  # a progress bar
+
+
+def test_a_run_judges_its_answers_at_the_end(tmp_path, tiny_judges):
+    proc, summary = cli("size=tiny", "logger=none", f"eval.judge.model={tiny_judges.causal}", out_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads((tmp_path / "judge_reference.json").read_text())
+    assert summary["judge/win_rate"] == pytest.approx(saved["summary"]["judge/win_rate"])
+    assert summary["judge/n_pairs"] == len(saved["pairs"]) >= 1

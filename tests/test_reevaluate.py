@@ -1,0 +1,47 @@
+"""`python -m neftlab.evaluate`: a finished run evaluated again from its saved weights, its training files untouched."""
+
+import json
+
+import pytest
+
+from conftest import TINY, cli
+from neftlab import evaluate, files
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    proc, summary = cli(*TINY, "model=llama_tiny", "logger=none", "trainer.save_model=true", out_dir=run)
+    assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-2000:]
+    return run
+
+
+def test_reevaluation_appends_events_and_leaves_the_training_files(finished, capsys):
+    training_files = {p: p.read_bytes() for p in [finished / "summary.json", *(finished / "model").iterdir()]}
+    events = files.read_jsonl(finished / "metrics.jsonl")
+    samples = (finished / "samples.jsonl").read_text().splitlines()
+    assert evaluate.main([str(finished), "eval.max_new_tokens=3", "eval.num_generations=1"]) == 0
+    assert {p: p.read_bytes() for p in training_files} == training_files
+    after = files.read_jsonl(finished / "metrics.jsonl")
+    assert after[: len(events)] == events
+    new = {k: v for e in after[len(events):] for k, v in e.items()}
+    summary = json.loads((finished / "summary.json").read_text())
+    assert new["step"] == 2 and new["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-6)  # the same weights
+    assert (finished / "samples.jsonl").read_text().splitlines()[: len(samples)] == samples
+    assert f"eval/loss: {new['eval/loss']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["noise.alpha=3"], "noise.alpha=3: only eval.* keys can change on re-evaluation"),
+    (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 is not allowed"),
+])
+def test_reevaluation_refuses_other_keys_and_bad_values(finished, capsys, args, message):
+    assert evaluate.main([str(finished), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_without_saved_weights_is_named(tmp_path, capsys):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert "no trained model to evaluate" in capsys.readouterr().err
