@@ -4,9 +4,30 @@ filesystem) want the same one at the same time."""
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+
+def cache_root() -> Path:
+    """Where converted models and tokenized datasets live: $NEFTLAB_CACHE, else ~/.cache/neftlab."""
+    return Path(os.environ.get("NEFTLAB_CACHE", Path.home() / ".cache" / "neftlab"))
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hashed once per process for a given path, size and mtime (the data file is
+    hashed for the run's fingerprint and again for the tokenized cache's key)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def build_once(target: Path, build: Callable[[Path], None]) -> Path:

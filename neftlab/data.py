@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import io
 import json
 import logging
 import random
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, Features, Sequence, Value
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from .cache import build_once, cache_root, file_sha256
 from .config import DataConfig, package_path
 
 log = logging.getLogger(__name__)
@@ -119,6 +125,13 @@ def source(cfg: DataConfig) -> tuple[Path | None, str | None]:
     return path, None
 
 
+def content_key(cfg: DataConfig) -> dict:
+    """What names the data's content for the tokenized cache: a file's SHA-256, or the hub dataset's name (its
+    revision is the hub's business)."""
+    path, hub = source(cfg)
+    return {"sha256": file_sha256(path)} if path else {"hub": [hub, cfg.hub_config, cfg.hub_split]}
+
+
 def read_records(cfg: DataConfig) -> tuple[str, list[Any]]:
     """(source name for messages, raw records) from a local file, the hub, or the packaged ShareGPT."""
     path, hub = source(cfg)
@@ -212,31 +225,116 @@ def read_prompts(path: str | Path) -> list[tuple[list[dict], str]]:
 
 # ------------------------------------------------------------ tokenizing
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict | None:
-    """Token ids and labels of one conversation, labels -100 except on assistant replies (end token included).
-
-    Assistant spans are found as character ranges by rendering growing prefixes of the
-    conversation with the chat template, so any template works, with or without
-    generation markers. None when truncation leaves no assistant token.
-    """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    enc = tokenizer(text, add_special_tokens=False, truncation=True, max_length=max_length,
-                    return_offsets_mapping=True)
-    cutoff = enc["offset_mapping"][-1][1] if enc["input_ids"] else 0
+def _assistant_spans(tokenizer, messages: list[dict]) -> list[tuple[int, int]]:
+    """Character ranges of the assistant replies (end token included) in the rendered conversation, found by
+    rendering growing prefixes with the chat template: any template works, with or without generation markers."""
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        if start >= cutoff:
-            break
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        spans.append((start, end))
-    labels = [tok if any(s <= a < e for s, e in spans) else -100
-              for tok, (a, _) in zip(enc["input_ids"], enc["offset_mapping"])]
-    if all(label == -100 for label in labels):
-        return None
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+        if m["role"] == "assistant":
+            start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+            spans.append((start, len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))))
+    return spans
+
+
+def _has_generation_markers(tokenizer) -> bool:
+    return re.search(r"\{%-?\s*generation\s*-?%\}", tokenizer.chat_template or "") is not None
+
+
+def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]]) -> dict[str, list]:
+    """Whole (untruncated) conversations as `input_ids` and `assistant_mask` (1 on the tokens the loss is on).
+
+    A template with `{% generation %}` markers is rendered once per conversation and masked by the tokenizer
+    (`return_assistant_tokens_mask`); any other template gets the assistant spans from prefix renders and one
+    batched call to the fast tokenizer, whose Rust side spreads the work over the cores.
+    """
+    if _has_generation_markers(tokenizer):
+        rows = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+                for c in conversations]
+        return {"input_ids": [r["input_ids"] for r in rows], "assistant_mask": [r["assistant_masks"] for r in rows]}
+    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    masks = []
+    for conversation, offsets in zip(conversations, enc["offset_mapping"]):
+        spans = np.array(_assistant_spans(tokenizer, conversation), dtype=np.int64).reshape(-1, 2)
+        starts = np.array([a for a, _ in offsets], dtype=np.int64)
+        inside = np.searchsorted(spans[:, 0], starts, side="right") - 1  # the last span starting at or before
+        masks.append(((inside >= 0) & (starts < spans[inside.clip(0), 1])).astype(np.int8).tolist())
+    return {"input_ids": enc["input_ids"], "assistant_mask": masks}
+
+
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict | None:
+    """One conversation as a training example cut at `max_length`: labels -100 except on assistant replies.
+    None when truncation leaves no assistant token."""
+    enc = encode_chats(tokenizer, [messages])
+    return _examples(enc["input_ids"], enc["assistant_mask"], max_length)[0]
+
+
+def _examples(ids: list[list[int]], masks: list[list[int]], max_length: int) -> list[dict | None]:
+    out = []
+    for row, mask in zip(ids, masks):
+        row, mask = row[:max_length], mask[:max_length]
+        out.append({"input_ids": row, "attention_mask": [1] * len(row),
+                    "labels": [t if m else -100 for t, m in zip(row, mask)]} if any(mask) else None)
+    return out
+
+
+TOKENIZED_LAYOUT = 1  # part of the cache key: bump when encode_chats or the stored columns change
+
+
+def _tokenizer_digest(tokenizer) -> str:
+    vocab = tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256((vocab + (tokenizer.chat_template or "")).encode()).hexdigest()
+
+
+def tokenized(cfg: DataConfig, tokenizer, conversations: list[list[dict]], data_key: dict) -> Dataset:
+    """Every usable conversation tokenized, untruncated, from the on-disk cache (built here if absent).
+
+    The key is what shapes the tokens: the tokenizer's vocabulary and chat template, the data file's content,
+    its format and columns; not the seed, data.max_samples or data.max_length, which only select and cut rows
+    afterwards. So a sweep tokenizes once, whatever its seeds and lengths, and concurrent jobs and torchrun
+    ranks build it once between them (`build_once`).
+    """
+    key = hashlib.sha256(json.dumps({"layout": TOKENIZED_LAYOUT, "tokenizer": _tokenizer_digest(tokenizer),
+                                     "data": data_key, "format": cfg.format, "columns": cfg.columns},
+                                    sort_keys=True).encode()).hexdigest()[:20]
+    target = cache_root() / "tokenized" / key
+
+    def build(out: Path) -> None:
+        features = Features({"input_ids": Sequence(Value("int32")), "assistant_mask": Sequence(Value("int8"))})
+
+        def chunks():
+            with tqdm(total=len(conversations), desc="Tokenizing (once; later runs read the cache)") as bar:
+                for i in range(0, len(conversations), 1000):
+                    enc = encode_chats(tokenizer, conversations[i:i + 1000])
+                    bar.update(len(enc["input_ids"]))
+                    yield from ({"input_ids": a, "assistant_mask": b}
+                                for a, b in zip(enc["input_ids"], enc["assistant_mask"]))
+        Dataset.from_generator(chunks, features=features, cache_dir=str(out / "build")).save_to_disk(out / "data")
+        shutil.rmtree(out / "build")
+
+    try:
+        return Dataset.load_from_disk(str(build_once(target, build) / "data"))
+    except Exception as e:  # a cache damaged by hand or by the disk: say which and rebuild it aside
+        raise DataError(f"tokenized cache {target} cannot be read ({type(e).__name__}: {e}); "
+                        "delete that directory and rerun") from None
+
+
+def _cut(ds: Dataset, rows: list[int], max_length: int) -> tuple[Dataset, int]:
+    """The cached rows `rows`, cut at `max_length` with labels; (dataset, how many were dropped for keeping no
+    assistant token)."""
+    table = ds.data.table.take(pa.array(rows, pa.int64()))
+    ids = pc.list_slice(table.column("input_ids").combine_chunks(), 0, max_length)
+    mask = pc.list_slice(table.column("assistant_mask").combine_chunks(), 0, max_length)
+    lengths = pc.list_value_length(ids).to_numpy()
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat_ids, flat_mask = pc.list_flatten(ids).to_numpy(), pc.list_flatten(mask).to_numpy()
+    trained = np.concatenate([[0], np.cumsum(flat_mask, dtype=np.int64)])
+    answered = trained[offsets[1:]] > trained[offsets[:-1]]
+    as_list = lambda flat: pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat))  # noqa: E731
+    table = pa.table({"input_ids": as_list(flat_ids.astype(np.int64)),
+                      "attention_mask": as_list(np.ones(len(flat_ids), np.int64)),
+                      "labels": as_list(np.where(flat_mask > 0, flat_ids, -100).astype(np.int64))})
+    return Dataset(table.filter(pa.array(answered))), int((~answered).sum())
 
 
 def _split(items: list, cfg: DataConfig, seed: int, source: str) -> tuple[list, list]:
@@ -266,7 +364,7 @@ def _warn_overlap(train: list, held_out: list, source: str, key) -> None:
                     Path(source).name, overlap, len(held_out))
 
 
-def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -> Prepared:
+def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int, data_key: dict) -> Prepared:
     columns = {**DEFAULT_COLUMNS[cfg.format], **cfg.columns}
     convert = _conversation if cfg.format == "sharegpt" else _alpaca
     conversations = [convert(r, row, source, columns) for row, r in enumerate(records)]
@@ -279,25 +377,26 @@ def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -
         log.warning("%s: %s of %d examples have an empty answer%s", Path(source).name,
                     "all" if empty == len(usable) else empty, len(usable),
                     ": the model can only learn to stop at once" if empty == len(usable) else "")
-    train, held_out = _split(usable, cfg, seed, source)
-    _warn_overlap(train, held_out, source, key=lambda c: json.dumps(_prompt(c)))
+    train, held_out = _split(range(len(usable)), cfg, seed, source)
+    _warn_overlap([usable[i] for i in train], [usable[i] for i in held_out], source,
+                  key=lambda c: json.dumps(_prompt(c)))
+    tokens = tokenized(cfg, tokenizer, usable, data_key)
 
-    def tokenize(convs: list, split: str) -> Dataset:
-        rows = [encode_chat(tokenizer, c, cfg.max_length) for c in tqdm(convs, desc=f"Tokenizing {split}")]
-        kept = [r for r in rows if r is not None]
-        if len(kept) < len(rows):
+    def cut(rows: list[int], split: str) -> Dataset:
+        ds, dropped = _cut(tokens, rows, cfg.max_length)
+        if dropped:
             log.info("%s: %d of %d conversations have no assistant token within data.max_length=%d; skipped",
-                     split, len(rows) - len(kept), len(rows), cfg.max_length)
-        if not kept:
+                     split, dropped, len(rows), cfg.max_length)
+        if not len(ds):
             raise DataError(f"{source}: no {split} example keeps an assistant token within "
                             f"data.max_length={cfg.max_length}: raise data.max_length")
-        return Dataset.from_list(kept)
+        return ds
 
-    prompts = [(_prompt(conv), conv[len(_prompt(conv))]["content"]) for conv in held_out]
-    return Prepared(tokenize(train, "train"), tokenize(held_out, "eval"), prompts)
+    prompts = [(_prompt(usable[i]), usable[i][len(_prompt(usable[i]))]["content"]) for i in held_out]
+    return Prepared(cut(train, "train"), cut(held_out, "eval"), prompts)
 
 
-def _classification(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -> Prepared:
+def _classification(cfg: DataConfig, tokenizer, records: list, source: str, seed: int, _key: dict) -> Prepared:
     if cfg.format == "sharegpt":  # every turn, labelled by who wrote it
         columns = {**DEFAULT_COLUMNS["sharegpt"], **cfg.columns}
         pairs = [(m["content"], int(m["role"] == "assistant"))
@@ -345,6 +444,6 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, causal: bool, s
     source, records = read_records(cfg)
     if not records:
         raise DataError(f"{source}: no records")
-    prepared = (_causal if causal else _classification)(cfg, tokenizer, records, source, seed)
+    prepared = (_causal if causal else _classification)(cfg, tokenizer, records, source, seed, content_key(cfg))
     log.info("Data: %d train / %d eval examples from %s", len(prepared.train), len(prepared.eval), source)
     return prepared

@@ -19,7 +19,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from .cache import build_once
+from .cache import build_once, cache_root
 from .config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,6 @@ PLAIN_CHAT_TEMPLATE = (
 
 class ModelLoadError(RuntimeError):
     """Weights or tokenizer that cannot be had here; the message says what to do instead."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("NEFTLAB_CACHE", Path.home() / ".cache" / "neftlab"))
 
 
 def _gguf_to_hf(gguf: Path) -> Path:

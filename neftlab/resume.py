@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from . import files
+from .cache import file_sha256
 from .config import ConfigError, rank, run_id
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,7 @@ def data_fingerprint(path: Optional[Path], hub: Optional[str] = None) -> dict:
     """What the run reads: a local file's path, size and content hash, or the hub dataset's name."""
     if path is None:
         return {"hub": hub}
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return {"path": str(Path(path).resolve()), "size": Path(path).stat().st_size, "sha256": digest}
+    return {"path": str(Path(path).resolve()), "size": Path(path).stat().st_size, "sha256": file_sha256(path)}
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -147,3 +147,61 @@ def test_column_mapping(tmp_path, llama_tokenizer):
 def test_hub_dataset_unreachable_is_a_clear_error(llama_tokenizer):
     with pytest.raises(data.DataError, match="data.hub_name=tatsu-lab/alpaca: could not load it"):
         data.prepare(compose_cfg("data=hub").data, llama_tokenizer, True, seed=0)
+
+
+def conversation_record(i):
+    turns = [("human", f"question {i} " + "why " * (i % 7)), ("gpt", f"answer {i} " + "because " * (i % 11)),
+             ("human", f"and then {i}?"), ("gpt", "done " * (i % 5 + 1))]
+    return {"conversations": [{"from": who, "value": text} for who, text in turns[: 2 + 2 * (i % 2)]]}
+
+
+def test_tokenized_once_then_cut_and_split_from_the_cache(tmp_path, monkeypatch, llama_tokenizer):
+    """Every usable conversation is tokenized once; other seeds and lengths select and cut the cached rows into
+    exactly what tokenizing each conversation on its own gives. A changed file is tokenized anew."""
+    monkeypatch.setenv("NEFTLAB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps([conversation_record(i) for i in range(30)]))
+    encode = data.encode_chats
+    calls = []
+    monkeypatch.setattr(data, "encode_chats", lambda tok, convs: calls.append(len(convs)) or encode(tok, convs))
+
+    def expected(prepared, max_length):
+        by_prompt = {json.dumps(data._conversation(r, 0, "", {"conversations": "conversations"})[:1]): r
+                     for r in map(conversation_record, range(30))}
+        rows = [data._conversation(by_prompt[json.dumps(p)], 0, "", {"conversations": "conversations"})
+                for p, _ in prepared.prompts]
+        return [data.encode_chat(llama_tokenizer, c, max_length) for c in rows]
+
+    first = data.prepare(cfg(path=str(path), eval_size=5, max_length=128), llama_tokenizer, True, seed=1)
+    assert calls == [30]
+    for max_length, seed in ((128, 1), (48, 2), (40, 3)):
+        calls.clear()
+        got = data.prepare(cfg(path=str(path), eval_size=5, max_length=max_length), llama_tokenizer, True, seed)
+        assert calls == [], "read from the cache, not tokenized again"
+        want = [x for x in expected(got, max_length) if x is not None]
+        assert [dict(r) for r in got.eval] == want
+    assert len(got.eval) < 5  # at 40 tokens some held-out answers are cut off entirely, and dropped
+    assert first.eval["input_ids"] != data.prepare(cfg(path=str(path), eval_size=5), llama_tokenizer, True,
+                                                   seed=2).eval["input_ids"]
+    path.write_text(json.dumps([conversation_record(i) for i in range(31)]))
+    calls.clear()
+    data.prepare(cfg(path=str(path), eval_size=5), llama_tokenizer, True, seed=1)
+    assert calls == [31]
+
+
+def test_generation_markers_mask_the_same_tokens_as_prefix_rendering(llama_tokenizer):
+    import copy
+    marked = copy.deepcopy(llama_tokenizer)
+    marked.chat_template = (
+        "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>\\n' }}{% endgeneration %}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    plain = copy.deepcopy(marked)
+    plain.chat_template = marked.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    conversations = [data._conversation(conversation_record(i), i, "", {"conversations": "conversations"})
+                     for i in range(6)]
+    with_markers, by_prefixes = data.encode_chats(marked, conversations), data.encode_chats(plain, conversations)
+    assert with_markers["input_ids"] == by_prefixes["input_ids"]
+    assert [list(m) for m in with_markers["assistant_mask"]] == by_prefixes["assistant_mask"]
+    assert all(1 in m and 0 in m for m in by_prefixes["assistant_mask"])
