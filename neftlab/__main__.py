@@ -5,7 +5,7 @@ import sys
 
 import hydra
 
-from .config import register
+from .config import moved_training_arg, register
 
 register()
 
@@ -19,6 +19,10 @@ def _app(cfg) -> None:
 
 def main() -> None:
     logging.raiseExceptions = False  # a full disk must not turn each log line into a traceback
+    moved = moved_training_arg(sys.argv[1:])
+    if moved:
+        print(moved, file=sys.stderr)
+        sys.exit(2)
     try:
         _app()
     except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (startup, between sweep jobs)

@@ -179,30 +179,17 @@ class PruningConfig:
 
 @dataclass
 class TrainerConfig:
-    """Names are the Hugging Face TrainingArguments ones; only `save_model` is neftlab's."""
+    """What neftlab itself reads or checks; every other Hugging Face TrainingArguments option goes in `args`."""
 
-    max_steps: Optional[int] = 8  # 0 = evaluate the untouched model; null = train num_train_epochs
-    num_train_epochs: float = 1.0
+    max_steps: Optional[int] = 8  # 0 = evaluate the untouched model; null = train args.num_train_epochs
     learning_rate: float = 5e-5
-    lr_scheduler_type: str = "linear"
-    warmup_steps: float = 0  # a count, or a fraction (< 1) of the training steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
     per_device_train_batch_size: int = 4
-    per_device_eval_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    activation_checkpointing: bool = False  # formerly gradient_checkpointing
-    bf16: bool = False
-    logging_steps: int = 1
     eval_steps: Optional[int] = None  # also evaluate every this many steps; null = at the end only
     save_steps: Optional[int] = None  # checkpoint every this many steps; null = no checkpoints
-    save_total_limit: Optional[int] = 2
+    save_total_limit: Optional[int] = 2  # applied by neftlab once a checkpoint is complete
     save_model: bool = False  # write the final model to <run dir>/model
-    dataloader_num_workers: int = 0
-    # Under torchrun / accelerate launch: the Trainer's DDP backend (null: nccl on GPUs, gloo on CPUs), and
-    # FSDP with the Trainer's fsdp_config (version 2, the default, whose row-sharded weights neftlab reads).
-    ddp_backend: Optional[str] = None
+    # Under torchrun / accelerate launch: FSDP with the Trainer's fsdp_config (version 2, the default, whose
+    # row-sharded weights neftlab reads).
     fsdp: bool = False
     fsdp_config: Dict[str, Any] = field(default_factory=dict)
     # The Trainer's built-in NEFTune (padded length), kept for comparison runs only.
@@ -212,23 +199,19 @@ class TrainerConfig:
     resume: Any = "auto"
     nonfinite_loss: str = "fail"  # fail: stop at a NaN/inf train loss | skip: drop that batch's gradient
     max_skipped_steps: int = 10  # with skip: stop after this many dropped batches
+    # Passed to TrainingArguments as they are (trainer.args.weight_decay=0.1, +trainer.args.use_liger_kernel=true).
+    args: Dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_TRAINING_ARGS))
 
     def validate(self, key: str) -> None:
         check(self.max_steps is None or self.max_steps >= 0, f"{key}.max_steps", self.max_steps,
-              "an integer >= 0 (0 = evaluate only) or null (use num_train_epochs)")
-        check(self.num_train_epochs > 0, f"{key}.num_train_epochs", self.num_train_epochs, "> 0")
+              "an integer >= 0 (0 = evaluate only) or null (use args.num_train_epochs)")
         check(self.learning_rate > 0 and math.isfinite(self.learning_rate), f"{key}.learning_rate",
               self.learning_rate, "a finite number > 0")
-        check(self.warmup_steps >= 0, f"{key}.warmup_steps", self.warmup_steps, ">= 0")
-        check(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, ">= 0")
-        check(self.max_grad_norm >= 0, f"{key}.max_grad_norm", self.max_grad_norm, ">= 0")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                     "gradient_accumulation_steps", "logging_steps"):
-            check(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "an integer >= 1")
+        check(self.per_device_train_batch_size >= 1, f"{key}.per_device_train_batch_size",
+              self.per_device_train_batch_size, "an integer >= 1")
         for name in ("eval_steps", "save_steps", "save_total_limit"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{key}.{name}", value, "null or an integer >= 1")
-        check(self.dataloader_num_workers >= 0, f"{key}.dataloader_num_workers", self.dataloader_num_workers, ">= 0")
         check(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, f"{key}.neftune_noise_alpha",
               self.neftune_noise_alpha, "null or > 0")
         check(isinstance(self.resume, (bool, str)), f"{key}.resume", self.resume,
@@ -239,6 +222,46 @@ class TrainerConfig:
             check(version == 2, f"{key}.fsdp_config.version", version,
                   "2 (FSDP2): noise and pruning read its row-sharded weights")
         check(self.max_skipped_steps >= 0, f"{key}.max_skipped_steps", self.max_skipped_steps, "an integer >= 0")
+        for name in self.args:
+            if name in NEFTLAB_TRAINING_ARGS:
+                raise ConfigError(f"{key}.args.{name} is set by neftlab: {NEFTLAB_TRAINING_ARGS[name]}")
+            check(name not in TYPED_TRAINING_ARGS, f"{key}.args.{name}", self.args[name], f"unset: use {key}.{name}")
+            check(name in training_argument_names(), f"{key}.args.{name}", self.args[name],
+                  "a TrainingArguments option of the installed transformers")
+
+
+# What trainer.args holds unless a preset or the command line says otherwise; before trainer.args existed these
+# were typed fields trainer.<name>, and that spelling now says where they went (`moved_training_arg`).
+DEFAULT_TRAINING_ARGS = {
+    "num_train_epochs": 1.0, "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0,
+    "max_grad_norm": 1.0, "optim": "adamw_torch", "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1,
+    "activation_checkpointing": False, "bf16": False, "logging_steps": 1, "dataloader_num_workers": 0,
+    "ddp_backend": None,
+}
+TYPED_TRAINING_ARGS = ("max_steps", "learning_rate", "per_device_train_batch_size", "eval_steps", "save_steps",
+                       "fsdp", "fsdp_config", "neftune_noise_alpha")
+NEFTLAB_TRAINING_ARGS = {
+    "output_dir": "<run dir>/checkpoints", "seed": "the top-level seed", "report_to": "logger=wandb|none",
+    "save_strategy": "from trainer.save_steps", "eval_strategy": "from trainer.eval_steps",
+    "save_total_limit": "use trainer.save_total_limit (applied once a checkpoint is complete)",
+    "resume_from_checkpoint": "use trainer.resume", "use_cpu": "CUDA when there is a GPU",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def training_argument_names() -> frozenset:
+    from transformers import TrainingArguments
+    return frozenset(f.name for f in fields(TrainingArguments) if f.init)
+
+
+def moved_training_arg(overrides: list[str]) -> Optional[str]:
+    """The message for a command line that still spells a TrainingArguments option trainer.<name>=…"""
+    for override in overrides:
+        name = re.match(r"^[+~]*trainer\.([A-Za-z_]+)=", override)
+        if name and name.group(1) in DEFAULT_TRAINING_ARGS:
+            return (f"{override}: trainer.{name.group(1)} is now trainer.args.{name.group(1)} (every "
+                    "TrainingArguments option not read by neftlab goes under trainer.args)")
+    return None
 
 
 JUDGE_KINDS = ("pairwise", "reward")

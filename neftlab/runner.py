@@ -36,22 +36,30 @@ FAILED: list[tuple[str, str]] = []  # (run dir, error) of the last sweep's faile
 
 
 def training_arguments(cfg: Config, out_dir: Path):
+    """TrainingArguments from neftlab's typed fields and `trainer.args`; a value the Trainer refuses is a
+    ConfigError naming its `trainer.args.<key>` (found by adding the user's keys one at a time)."""
     from transformers import TrainingArguments
     t = cfg.trainer
-    return TrainingArguments(
+    base = dict(
         output_dir=str(out_dir / "checkpoints"), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
-        max_steps=t.max_steps or -1, num_train_epochs=t.num_train_epochs, learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_steps, weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm, optim=t.optim, per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, activation_checkpointing=t.activation_checkpointing,
-        bf16=t.bf16, logging_steps=t.logging_steps, eval_strategy="steps" if t.eval_steps else "no",
-        eval_steps=t.eval_steps, save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps,
-        save_total_limit=None, dataloader_num_workers=t.dataloader_num_workers,
+        max_steps=t.max_steps or -1, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
+        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=None,
         neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs data-parallel (gloo)
-        ddp_backend=t.ddp_backend, fsdp=t.fsdp, fsdp_config=dict(t.fsdp_config) or None,
+        fsdp=t.fsdp, fsdp_config=dict(t.fsdp_config) or None,
     )
+    user = dict(t.args)
+    try:
+        return TrainingArguments(**{**base, **user})
+    except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
+        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        for key in user:
+            try:
+                TrainingArguments(**{**base, key: user[key]})
+            except Exception:  # noqa: BLE001
+                raise ConfigError(f"trainer.args.{key}={user[key]!r} is refused by TrainingArguments: {first}") from None
+        raise ConfigError(f"trainer.args={user} is refused by TrainingArguments: {first}") from None
 
 
 @dataclass
@@ -73,6 +81,7 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     """Data, model, noise, pruning and the Trainer with every callback, restored from `resume` when given."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
     set_seed(cfg.seed)
+    args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
     tokenizer = models.load_tokenizer(cfg.model)
     cfg.validate_context(models.context_length(cfg.model))
     data = data_mod.prepare(cfg.data, tokenizer, cfg.model.causal, cfg.seed)
@@ -103,7 +112,7 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     else:
         collator = DataCollatorWithPadding(tokenizer)
         metric_fns = dict(compute_metrics=evaluation.classification_metrics)
-    trainer = Trainer(model=model, args=training_arguments(cfg, files.dir), data_collator=collator,
+    trainer = Trainer(model=model, args=args, data_collator=collator,
                       train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                       callbacks=callbacks, **metric_fns)
     noise_off.trainer = trainer

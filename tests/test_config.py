@@ -52,6 +52,8 @@ def test_packaged_weights_resolve_to_files():
     ("eval.judge.kind=votes", "eval.judge.kind", "one of pairwise, reward"),
     ("eval.judge.max_length=8", "eval.judge.max_length", ">= 64"),
     ("eval.judge.bootstrap=10", "eval.judge.bootstrap", ">= 100"),
+    ("+trainer.args.no_such_option=1", "trainer.args.no_such_option", "a TrainingArguments option"),
+    ("+trainer.args.max_steps=3", "trainer.args.max_steps", "unset: use trainer.max_steps"),
 ])
 def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -86,6 +88,10 @@ def test_incompatible_groups_are_config_errors(overrides, message):
     ("trainer.learning_rate=0", "trainer.learning_rate=0.0 is not allowed: a finite number > 0"),
     ("trainer.no_such_key=1", "no_such_key"),
     ("trainer.max_steps=abc", "max_steps"),
+    ("trainer.weight_decay=0.1", "trainer.weight_decay is now trainer.args.weight_decay"),
+    ("+trainer.args.seed=3", "trainer.args.seed is set by neftlab: the top-level seed"),
+    ("trainer.args.lr_scheduler_type=sideways", "trainer.args.lr_scheduler_type='sideways' is refused by "
+                                                "TrainingArguments: ValueError: sideways is not a valid"),
 ])
 def test_cli_prints_one_clear_error_without_traceback(tmp_path, override, expected):
     proc, summary = cli(override, out_dir=tmp_path)
@@ -126,3 +132,13 @@ def test_a_missing_package_names_the_install_command():
     from neftlab.config import package_path
     with pytest.raises(ConfigError, match="the package no_such_pkg is not installed: pip install --no-deps no-such-pkg"):
         package_path("no_such_pkg", "x")
+
+
+def test_trainer_args_reach_training_arguments(tmp_path):
+    from neftlab.runner import training_arguments
+    cfg = compose_cfg("trainer.args.weight_decay=0.1", "+trainer.args.train_sampling_strategy=group_by_length",
+                      "+trainer.args.gradient_checkpointing_kwargs={use_reentrant:false}", "trainer.save_steps=3")
+    args = training_arguments(cfg, tmp_path)
+    assert args.weight_decay == 0.1 and args.train_sampling_strategy == "group_by_length" and args.lr_scheduler_type == "linear"
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.save_steps == 3 and args.save_total_limit is None  # neftlab's own, not overridable

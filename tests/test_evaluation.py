@@ -157,12 +157,12 @@ def test_ranks_answer_every_world_th_prompt_and_gather_in_order(monkeypatch, liv
 
 
 def test_activation_checkpointing_keeps_the_kv_cache_for_generation(tmp_path):
-    """Trained with trainer.activation_checkpointing=true (LoRA, config.use_cache=False, checkpointing on) and
+    """Trained with trainer.args.activation_checkpointing=true (LoRA, config.use_cache=False, checkpointing on) and
     called in train mode, as in the middle of training: generation feeds one new token per step and answers
     as decoding without any cache does. In train mode the checkpointed layers would drop the cache while
     generate still fed one token, and answer nonsense."""
     cfg = compose_cfg(*TINY, "model=llama_tiny", "logger=none", "model.lora.enabled=true",
-                      "trainer.activation_checkpointing=true")
+                      "trainer.args.activation_checkpointing=true")
     with guards.GracefulStop() as stopper:
         built = runner.build(cfg, RunFiles(tmp_path), stopper, resume=None)
         runner.train(built, stopper, resume=None)

@@ -63,7 +63,7 @@ def test_sharded_statistic_and_pruning_over_nccl_equal_the_unsharded_ones(tmp_pa
 
 @pytest.mark.slow
 def test_paper_preset_trains_in_bf16(tmp_path):
-    proc, summary = cli("model=llama", "trainer=paper", "trainer.max_steps=3", "trainer.logging_steps=1",
+    proc, summary = cli("model=llama", "trainer=paper", "trainer.max_steps=3", "trainer.args.logging_steps=1",
                         "data.max_samples=64", "data.max_length=128", *SHORT_EVAL, out_dir=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary["status"] == "completed"
@@ -99,7 +99,7 @@ def test_fsdp2_sigterm_saves_a_sharded_checkpoint_and_the_rerun_ends_as_an_unint
     # statistic (1/sqrt(64)), so every alpha decision is clear-cut.
     overrides = ["trainer=fsdp", "model=llama_tiny", "+model.arch_config.attn_implementation=eager", "noise=dynamic",
                  "noise.adjust_interval=2", "pruning=l1", "pruning.interval=3", "trainer.max_steps=40",
-                 "trainer.save_steps=5", "trainer.logging_steps=1", "data.max_samples=64", "data.max_length=64",
+                 "trainer.save_steps=5", "trainer.args.logging_steps=1", "data.max_samples=64", "data.max_length=64",
                  *SHORT_EVAL]
     reference = subprocess.run(torchrun(*overrides, f"hydra.run.dir={tmp_path}/reference"), cwd=ROOT,
                                capture_output=True, text=True, timeout=600)

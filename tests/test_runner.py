@@ -50,7 +50,7 @@ def test_max_steps_zero_evaluates_the_untouched_model(tmp_path):
 
 def test_lora_with_checkpointing_and_noise(tmp_path):
     summary, _ = run_inline(tmp_path, "model=llama_tiny", "model.lora.enabled=true", "noise=uniform",
-                            "trainer.activation_checkpointing=true")
+                            "trainer.args.activation_checkpointing=true")
     assert summary["noise/alpha"] == 5.0 and summary["noise/mean_magnitude"] > 0
     assert summary["efficiency/total_params"] > 0
 
