@@ -101,6 +101,9 @@ class DataConfig:
     max_samples: Optional[int] = 512  # examples drawn (train + eval) after a seeded shuffle; null = all
     max_length: int = 256  # tokens per example; longer ones are truncated
     eval_size: float = 32  # a fraction in (0, 1) or a count >= 1 of held-out examples
+    # Causal models: each batch is one row of its examples end to end, no padding; position ids restart at every
+    # example, attention stays inside it, and the noise takes each example's own length.
+    packing: bool = False
 
     def validate(self, key: str) -> None:
         check_choice(f"{key}.format", self.format, DATA_FORMATS)
@@ -344,6 +347,8 @@ class Config:
         if self.data.format == "classification" and self.model.causal:
             raise ConfigError(f"data.format=classification needs model.arch=bert, not {self.model.arch}: "
                               "use data=sharegpt or data=alpaca")
+        if self.data.packing and not self.model.causal:
+            raise ConfigError(f"data.packing=true packs causal-LM examples; model.arch={self.model.arch} classifies")
         if self.noise.kind != "none" and self.trainer.neftune_noise_alpha is not None:
             raise ConfigError(f"trainer.neftune_noise_alpha={self.trainer.neftune_noise_alpha} and "
                               f"noise.kind={self.noise.kind} would add noise twice: set one of them "

@@ -45,6 +45,8 @@ class Noise:
         # parallel ranks draw different noise); without, it draws from torch's global generator.
         self.seed, self._generator, self._pending_state = seed, None, None
         self._mask: Optional[torch.Tensor] = None
+        self._positions: Optional[torch.Tensor] = None
+        self._padded_ratio: Optional[torch.Tensor] = None
         self._handles = []
         if kind == "none":
             return
@@ -56,31 +58,55 @@ class Noise:
                          self.embedding.register_forward_hook(self._add_noise)]
 
     def _catch_mask(self, module, args, kwargs):
-        self._mask = kwargs.get("attention_mask")
+        self._mask, self._positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+
+    def real_lengths(self, shape: tuple, device) -> torch.Tensor:
+        """L for every token, shape (batch, length): its own sequence's real length.
+
+        A sequence is a row of a padded batch (its attention mask's sum), or, in a packed or padding-free row,
+        a run of position ids restarting at 0, with or without a mask. A batch with neither counts one
+        sequence per row, which is right without padding."""
+        batch, length = shape
+        mask = self._mask if self._mask is not None and tuple(self._mask.shape) == (batch, length) else None
+        positions = self._positions if self._positions is not None and self._positions.shape[-1] == length else None
+        if positions is not None and (positions[..., 1:] == 0).any():
+            starts = (positions.expand(batch, length) == 0).long()
+            starts[:, 0] = 1
+            sequence = starts.cumsum(1) - 1  # which packed sequence each token belongs to
+            real = torch.ones(batch, length, device=device) if mask is None else mask.to(device).float()
+            counts = torch.zeros(batch, length, device=device).scatter_add_(1, sequence, real)
+            return counts.gather(1, sequence).clamp(min=1)
+        if mask is not None:
+            return mask.to(device).float().sum(1, keepdim=True).clamp(min=1).expand(batch, length)
+        return torch.full((batch, length), float(length), device=device)
 
     def _add_noise(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return None
         batch, length, dim = output.shape
-        mask = self._mask
-        if self.length_mode == "padded" or mask is None or mask.shape != (batch, length):
-            mask = None
-            lengths = torch.full((batch,), float(length), device=output.device)
-        else:
-            mask = mask.to(output.dtype)
-            lengths = mask.sum(1).clamp(min=1).float()
-        scale = self.alpha / torch.sqrt(lengths * dim)  # per sample: alpha / sqrt(L_i * d)
+        real = self.real_lengths((batch, length), output.device)
+        # length_mode=padded: the whole row's length, as the Hugging Face hook takes it, also under packing
+        lengths = torch.full_like(real, float(length)) if self.length_mode == "padded" else real
+        scale = self.alpha / torch.sqrt(lengths * dim)  # per token: alpha / sqrt(L_i * d) of its sequence
         self._magnitude = scale.mean().detach()
+        self._padded_ratio = torch.sqrt(real / length).mean().detach()  # the padded formula's over the real one's
         generator = self._generator_on(output.device)
         if self.kind == "gaussian":
             sigma = torch.full_like(scale, self.std) if self.std is not None else scale
             noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
-            noise = noise * sigma.to(output.dtype)[:, None, None]
+            noise = noise * sigma.to(output.dtype)[:, :, None]
         else:
-            noise = torch.empty_like(output).uniform_(-1, 1, generator=generator) * scale.to(output.dtype)[:, None, None]
-        if mask is not None:
-            noise = noise * mask[:, :, None]
+            noise = torch.empty_like(output).uniform_(-1, 1, generator=generator) * scale.to(output.dtype)[:, :, None]
+        if self._mask is not None and tuple(self._mask.shape) == (batch, length) and self.length_mode == "real":
+            noise = noise * self._mask.to(output.dtype)[:, :, None]
         return output + noise
+
+    @property
+    def padded_ratio(self) -> Optional[float]:
+        """At the last noised forward: the Hugging Face formula's magnitude, alpha/sqrt(row length * d), over the
+        per-sequence one, alpha/sqrt(L_i * d), averaged over tokens; 1 for unpadded rows of one sequence, below 1
+        for padded or packed rows (about 0.35 for 8 equal sequences in a row)."""
+        return None if self._padded_ratio is None else float(self._padded_ratio)
 
     @property
     def mean_magnitude(self) -> Optional[float]:
@@ -113,7 +139,7 @@ class Noise:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._mask = None
+        self._mask = self._positions = None
         if getattr(self.embedding, "_neftlab_noise", None) is self:
             del self.embedding._neftlab_noise
 
@@ -190,6 +216,7 @@ class NoiseCallback(TrainerCallback):
         magnitude = self.noise.mean_magnitude  # the magnitude's one host sync, at logging
         if magnitude is not None:
             out["noise/mean_magnitude"] = magnitude
+            out["noise/padded_to_real_ratio"] = self.noise.padded_ratio
         return out
 
     def on_train_begin(self, args, state, control, **kwargs):

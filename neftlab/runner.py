@@ -79,13 +79,16 @@ class Built:
 
 def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> Built:
     """Data, model, noise, pruning and the Trainer with every callback, restored from `resume` when given."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
+    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, DataCollatorWithPadding, Trainer,
+                              set_seed)
     set_seed(cfg.seed)
     args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
     tokenizer = models.load_tokenizer(cfg.model)
     cfg.validate_context(models.context_length(cfg.model))
     data = data_mod.prepare(cfg.data, tokenizer, cfg.model.causal, cfg.seed)
     model = models.load_model(cfg.model, tokenizer, num_labels=max(len(data.label_names), 2), seed=cfg.seed)
+    if cfg.data.packing:  # transformers finds packed sequences in the position ids only without a KV cache
+        model.config.use_cache = False
 
     hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
                         std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank())  # each rank its own noise
@@ -106,7 +109,8 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     if resume is not None:
         state.load(resume.checkpoint)
     if cfg.model.causal:
-        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+        collator = (DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if cfg.data.packing
+                    else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
         metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
                           preprocess_logits_for_metrics=evaluation.argmax_logits)
     else:

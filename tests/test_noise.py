@@ -30,13 +30,13 @@ def padded_batch(lengths=LENGTHS, vocab=500):
     return ids, mask
 
 
-def added_noise(model, ids, mask, train=True):
+def added_noise(model, ids, mask, train=True, **kwargs):
     """Noisy minus clean embedding output, as the model's own forward sees it."""
     seen = []
     emb = model.get_input_embeddings()
     capture = emb.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
     model.train(train)
-    model(input_ids=ids, attention_mask=mask)
+    model(input_ids=ids, attention_mask=mask, **kwargs)
     capture.remove()
     return seen[0] - F.embedding(ids, emb.weight).detach()
 
@@ -55,6 +55,31 @@ def test_uniform_noise_follows_neftune_per_sample():
         assert abs(real.mean()) < 5 * bound / math.sqrt(3 * samples)  # 5 standard errors of the mean
         assert real.var().item() == pytest.approx(bound ** 2 / 3, rel=0.15)
         assert torch.count_nonzero(delta[i, n:]) == 0  # padding gets none
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_packed_sequences_each_get_noise_for_their_own_length(with_mask):
+    """One packed row of LENGTHS: position ids restart at each sequence. HF's formula, alpha/sqrt(row * d),
+    would give the 12-token sequence 5x too little noise; each sequence must get alpha/sqrt(L_i * d)."""
+    model = tiny_llama()
+    ids = torch.randint(1, 500, (1, sum(LENGTHS)))
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    torch.manual_seed(1)
+    with noise.attach(model, "uniform", alpha=5.0) as hook:
+        delta = added_noise(model, ids, torch.ones_like(ids) if with_mask else None, position_ids=positions,
+                            use_cache=False)
+        ratio = hook.padded_ratio
+    start = 0
+    for n in LENGTHS:
+        bound, part = 5.0 / math.sqrt(n * DIM), delta[0, start:start + n]
+        assert bound * 0.95 <= part.abs().max() <= bound * (1 + 1e-5)
+        assert part.var().item() == pytest.approx(bound ** 2 / 3, rel=0.15)
+        start += n
+    expected = sum(n * math.sqrt(n / sum(LENGTHS)) for n in LENGTHS) / sum(LENGTHS)  # token mean of sqrt(L_i/row)
+    assert ratio == pytest.approx(expected, rel=1e-5)
+    with noise.attach(model, "uniform", alpha=5.0, length_mode="padded"):  # the HF formula, for comparison runs
+        padded = added_noise(model, ids, None, position_ids=positions, use_cache=False)
+    assert padded.abs().max() <= 5.0 / math.sqrt(sum(LENGTHS) * DIM) * (1 + 1e-5)
 
 
 def test_no_noise_in_eval_mode_or_after_remove():
