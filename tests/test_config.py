@@ -137,8 +137,9 @@ def test_a_missing_package_names_the_install_command():
 def test_trainer_args_reach_training_arguments(tmp_path):
     from neftlab.runner import training_arguments
     cfg = compose_cfg("trainer.args.weight_decay=0.1", "+trainer.args.train_sampling_strategy=group_by_length",
+                      "+trainer.args.use_liger_kernel=true",
                       "+trainer.args.gradient_checkpointing_kwargs={use_reentrant:false}", "trainer.save_steps=3")
     args = training_arguments(cfg, tmp_path)
     assert args.weight_decay == 0.1 and args.train_sampling_strategy == "group_by_length" and args.lr_scheduler_type == "linear"
-    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert args.gradient_checkpointing_kwargs == {"use_reentrant": False} and args.use_liger_kernel
     assert args.save_steps == 3 and args.save_total_limit is None  # neftlab's own, not overridable

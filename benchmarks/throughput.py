@@ -1,0 +1,137 @@
+"""Training throughput: a plain Hugging Face Trainer script against neftlab's runner, same model, data and arguments.
+
+Each arm is a process of its own, so that peak memory is its own:
+- `plain`: data and model from neftlab's loaders, `TrainingArguments` from `runner.training_arguments`, a bare
+  `Trainer` with the padding collator and no callbacks;
+- the others: `python -m neftlab` with noise none / uniform / dynamic (adjust_interval 100) / l1 pruning (interval
+  100), padded, and none / uniform packed (`data.packing=true`).
+
+From the Trainer's own figures: `train_runtime` (the training loop only, not loading or evaluation), samples
+per second, real (non-padding) tokens per second; and the process's peak memory (CPU: peak RSS; GPU: peak
+allocated). Every arm trains on the same examples in the same order, so the real tokens are the padded arms'
+attention-mask count for all of them (the Trainer's own count for a packed batch, which has no mask, skips
+every token equal to the pad token, and SmolLM2 pads with its end token). With --repeats > 1 the arms alternate
+and the best run of each is shown.
+
+    python benchmarks/throughput.py [--steps 6] [--batch 4] [--max-length 256] [--model llama] [--repeats 1]
+                                    [--arms plain,none,...] [--extra OVERRIDE ...]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {
+    "plain": [],
+    "none": ["noise=none"],
+    "uniform": ["noise=uniform"],
+    "dynamic@100": ["noise=dynamic", "noise.adjust_interval=100"],
+    "l1@100": ["pruning=l1", "pruning.interval=100"],
+    "none packed": ["noise=none", "data.packing=true"],
+    "uniform packed": ["noise=uniform", "data.packing=true"],
+}
+
+
+def common(args) -> list[str]:
+    return [f"model={args.model}", f"data.max_length={args.max_length}", "data.eval_size=8",
+            f"data.max_samples={args.steps * args.batch + 8}", f"trainer.max_steps={args.steps}",
+            f"trainer.per_device_train_batch_size={args.batch}", "eval.num_generations=0", "logger=none",
+            "trainer.resume=false", "+trainer.args.include_num_input_tokens_seen=non_padding", *args.extra]
+
+
+def plain(overrides: list[str], out: Path) -> dict:
+    """The baseline: what a user would write with transformers alone, on neftlab's data and arguments."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import compose_cfg
+    from neftlab import data, models
+    from neftlab.runner import training_arguments
+
+    cfg = compose_cfg(*overrides)
+    set_seed(cfg.seed)
+    args = training_arguments(cfg, out)
+    tokenizer = models.load_tokenizer(cfg.model)
+    prepared = data.prepare(cfg.data, tokenizer, True, cfg.seed)
+    model = models.load_model(cfg.model, tokenizer, seed=cfg.seed)
+    trainer = Trainer(model=model, args=args, train_dataset=prepared.train,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
+    metrics = trainer.train().metrics
+    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
+    if torch.cuda.is_available():
+        metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        status = Path("/proc/self/status").read_text()
+        metrics["peak_memory_mb"] = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024
+    return metrics
+
+
+def run_arm(name: str, args, out: Path) -> dict:
+    overrides = common(args) + ARMS[name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    if name == "plain":
+        cmd = [sys.executable, __file__, "--plain-json", str(out / "plain.json"), "--", *overrides]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"plain: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+        m = json.loads((out / "plain.json").read_text())
+        return {"runtime": m["train_runtime"], "tokens": m["num_input_tokens_seen"],
+                "samples": m["train_samples_per_second"], "memory": m["peak_memory_mb"]}
+    run_dir = out / name.replace(" ", "_").replace("@", "_")
+    proc = subprocess.run([sys.executable, "-m", "neftlab", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+    m = json.loads((run_dir / "summary.json").read_text())
+    return {"runtime": m["train/train_runtime"], "tokens": m["train/num_input_tokens_seen"],
+            "samples": m["train/train_samples_per_second"], "memory": m["efficiency/peak_memory_mb"]}
+
+
+def main():
+    if "--plain-json" in sys.argv:
+        target, overrides = Path(sys.argv[2]), sys.argv[4:]
+        with tempfile.TemporaryDirectory() as out:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(plain(overrides, Path(out))))
+        return
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--model", default="llama")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every arm, e.g. trainer=study")
+    args = parser.parse_args()
+    arms = args.arms.split(",")
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as out:
+        for repeat in range(args.repeats):
+            for name in arms:
+                result = run_arm(name, args, Path(out) / str(repeat))
+                print(f"  {name}: {result}", file=sys.stderr)
+                if name not in best or result["runtime"] < best[name]["runtime"]:
+                    best[name] = result
+    import torch
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"{device}; model={args.model}, {args.steps} steps x batch {args.batch} x <= {args.max_length} tokens; "
+          f"best of {args.repeats}")
+    print("| arm | real tokens/s | samples/s | peak memory MiB | tokens/s vs plain | vs neftlab none |")
+    print("|---|---|---|---|---|---|")
+    padded = [r["tokens"] for name, r in best.items() if "packed" not in name]
+    assert padded and len(set(padded)) == 1, f"the padded arms saw different tokens: {padded}"
+    rate = {name: padded[0] / r["runtime"] for name, r in best.items()}
+    for name, r in best.items():
+        vs_plain = f"{rate[name] / rate['plain']:.3f}" if "plain" in rate else ""
+        vs_none = f"{rate[name] / rate['none']:.3f}" if "none" in rate else ""
+        print(f"| {name} | {rate[name]:.1f} | {r['samples']:.2f} | {r['memory']:.0f} | {vs_plain} | {vs_none} |")
+
+
+if __name__ == "__main__":
+    main()
