@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -312,11 +313,24 @@ def tokenized(cfg: DataConfig, tokenizer, conversations: list[list[dict]], data_
         Dataset.from_generator(chunks, features=features, cache_dir=str(out / "build")).save_to_disk(out / "data")
         shutil.rmtree(out / "build")
 
-    try:
-        return Dataset.load_from_disk(str(build_once(target, build) / "data"))
-    except Exception as e:  # a cache damaged by hand or by the disk: say which and rebuild it aside
-        raise DataError(f"tokenized cache {target} cannot be read ({type(e).__name__}: {e}); "
-                        "delete that directory and rerun") from None
+    for attempt in (1, 2):
+        try:
+            tokens = Dataset.load_from_disk(str(build_once(target, build) / "data"))
+            if len(tokens) == len(conversations):
+                return tokens
+            problem = f"{len(tokens)} rows for {len(conversations)} conversations"
+        except Exception as e:  # noqa: BLE001 - whatever a damaged Arrow file raises
+            problem = f"{type(e).__name__}: {str(e)[:200]}"
+        if attempt == 2:
+            raise DataError(f"tokenized cache {target} cannot be read even after a rebuild ({problem})")
+        # Set aside, not deleted: another job may be reading it. The rebuild goes where it was.
+        aside = target.with_name(f"{target.name}.unreadable-{os.getpid()}")
+        log.warning("tokenized cache %s cannot be read (%s): moved to %s and tokenizing again", target, problem,
+                    aside.name)
+        try:
+            target.rename(aside)
+        except FileNotFoundError:  # another job moved it first
+            pass
 
 
 def _cut(ds: Dataset, rows: list[int], max_length: int) -> tuple[Dataset, int]:

@@ -205,3 +205,16 @@ def test_generation_markers_mask_the_same_tokens_as_prefix_rendering(llama_token
     assert with_markers["input_ids"] == by_prefixes["input_ids"]
     assert [list(m) for m in with_markers["assistant_mask"]] == by_prefixes["assistant_mask"]
     assert all(1 in m and 0 in m for m in by_prefixes["assistant_mask"])
+
+
+def test_an_unreadable_tokenized_cache_is_set_aside_and_rebuilt(tmp_path, monkeypatch, llama_tokenizer, caplog):
+    monkeypatch.setenv("NEFTLAB_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "conv.json"
+    path.write_text(json.dumps([conversation_record(i) for i in range(12)]))
+    first = data.prepare(cfg(path=str(path), eval_size=2), llama_tokenizer, True, seed=1)
+    [arrow] = (tmp_path / "cache" / "tokenized").glob("*/data/*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])  # a disk that lost the file's tail
+    again = data.prepare(cfg(path=str(path), eval_size=2), llama_tokenizer, True, seed=1)
+    assert again.train["input_ids"] == first.train["input_ids"]
+    assert "cannot be read" in caplog.text and "tokenizing again" in caplog.text
+    assert len(list((tmp_path / "cache" / "tokenized").glob("*.unreadable-*"))) == 1
