@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF, ROOT, cli, compose_cfg
 from neftlab import report
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml") if p.stem != "wandb_sweep")
 JOBS_AT_ONE_SEED = {"baselines": 5, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
                     "alpha_sweep": 4, "dynamic_vs_static": 2}
 
@@ -61,3 +61,22 @@ def test_parallel_launcher_sweep_with_a_failing_job_exits_non_zero(tmp_path):
     assert "1 job(s) failed" in proc.stderr and "trainer.learning_rate=-1.0" in proc.stderr
     statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json"))
     assert statuses == ["completed", "failed"]
+
+
+def test_wandb_sweep_file_parses_and_every_command_composes():
+    """The W&B agent runs `command` with ${args_no_hyphens} replaced by `key=value` for each grid point."""
+    import itertools
+
+    import yaml
+    sweep = yaml.safe_load((ROOT / "experiments" / "wandb_sweep.yaml").read_text())
+    assert sweep["method"] == "grid" and sweep["metric"] == {"name": "eval/loss", "goal": "minimize"}
+    command = sweep["command"]
+    assert command[:4] == ["${env}", "python", "-m", "neftlab"] and command[-1] == "${args_no_hyphens}"
+    names = list(sweep["parameters"])
+    grid = list(itertools.product(*(sweep["parameters"][n]["values"] for n in names)))
+    assert len(grid) == 12
+    for point in grid:
+        args = [f"{n}={v}" for n, v in zip(names, point)]
+        cfg = compose_cfg(*command[4:-1], *args)
+        assert (cfg.noise.alpha, cfg.pruning.ratio) == point
+        assert cfg.noise.kind == "uniform" and cfg.pruning.method == "l1" and cfg.logger.kind == "wandb"
