@@ -69,7 +69,7 @@ class Noise:
         batch, length = shape
         mask = self._mask if self._mask is not None and tuple(self._mask.shape) == (batch, length) else None
         positions = self._positions if self._positions is not None and self._positions.shape[-1] == length else None
-        if positions is not None and (positions[..., 1:] == 0).any():
+        if positions is not None:  # no restart: one sequence per row, the mask's count as below (no host sync)
             starts = (positions.expand(batch, length) == 0).long()
             starts[:, 0] = 1
             sequence = starts.cumsum(1) - 1  # which packed sequence each token belongs to

@@ -217,6 +217,11 @@ def test_the_noise_hook_never_waits_for_the_device(monkeypatch):
             for read in ("__float__", "__int__", "__bool__", "item", "tolist"):
                 m.setattr(torch.Tensor, read, lambda *args: pytest.fail("the noise hook read a value on the host"))
             handle._add_noise(emb, None, out)
+            packed = emb(ids.reshape(1, -1)).detach()
+            handle._mask, handle._positions = None, torch.arange(ids.shape[1]).repeat(ids.shape[0])[None]
+            handle._add_noise(emb, None, packed)  # a packed row: lengths from its position ids, no sync either
+            handle._mask, handle._positions = mask, None
+            handle._add_noise(emb, None, out)
         expected = sum(5.0 / math.sqrt(n * DIM) for n in LENGTHS) / len(LENGTHS)
         assert handle.mean_magnitude == pytest.approx(expected)
         assert noise.NoiseCallback(handle, NoiseConfig(kind="uniform"), None).metrics()["noise/mean_magnitude"] \

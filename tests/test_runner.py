@@ -114,19 +114,22 @@ def test_real_packaged_models_train_two_steps(tmp_path, model):
 
 def test_packed_run_gives_the_unpacked_losses(tmp_path):
     """data.packing=true: one row per batch, no padding, attention and positions per example; the loss is over
-    the same answer tokens, so a tiny fp32 run's losses match the padded run's step by step."""
+    the same answer tokens, so a tiny fp32 run's losses match the padded run's step by step, with l1 pruning
+    at every step acting alike on both."""
     path = tmp_path / "varied.jsonl"  # answers of 1 to 30 words: padded batches carry padding
     path.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "output": " ".join(["word"] * n)}) + "\n"
                             for n in range(1, 31)))
-    losses, tokens = {}, {}
+    losses, tokens, sparsity = {}, {}, {}
     for packing in ("false", "true"):
         proc, summary = cli(*TINY, "data=alpaca", f"data.path={path}", "logger=none", "trainer.max_steps=3",
-                            "noise=none", f"data.packing={packing}",
+                            "noise=none", "pruning=l1", "pruning.interval=1", f"data.packing={packing}",
                             "eval.num_generations=0", "+trainer.args.include_num_input_tokens_seen=all",
                             out_dir=tmp_path / packing)
         assert proc.returncode == 0, proc.stderr[-2000:]
         events = [json.loads(line) for line in (tmp_path / packing / "metrics.jsonl").read_text().splitlines()]
         losses[packing] = [e["train/loss"] for e in events if "train/loss" in e] + [summary["eval/loss"]]
         tokens[packing] = summary["train/num_input_tokens_seen"]
+        sparsity[packing] = [e["pruning/sparsity"] for e in events if "pruning/sparsity" in e]
     assert len(losses["true"]) == 4 and tokens["true"] < tokens["false"]  # packed rows carry no padding
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
+    assert len(sparsity["true"]) >= 3 and sparsity["true"] == sparsity["false"]
