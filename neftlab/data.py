@@ -266,17 +266,8 @@ def encode_chats(tokenizer: PreTrainedTokenizerBase, conversations: list[list[di
 def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict | None:
     """One conversation as a training example cut at `max_length`: labels -100 except on assistant replies.
     None when truncation leaves no assistant token."""
-    enc = encode_chats(tokenizer, [messages])
-    return _examples(enc["input_ids"], enc["assistant_mask"], max_length)[0]
-
-
-def _examples(ids: list[list[int]], masks: list[list[int]], max_length: int) -> list[dict | None]:
-    out = []
-    for row, mask in zip(ids, masks):
-        row, mask = row[:max_length], mask[:max_length]
-        out.append({"input_ids": row, "attention_mask": [1] * len(row),
-                    "labels": [t if m else -100 for t, m in zip(row, mask)]} if any(mask) else None)
-    return out
+    example, dropped = _cut(Dataset.from_dict(encode_chats(tokenizer, [messages])), [0], max_length)
+    return None if dropped else example[0]
 
 
 TOKENIZED_LAYOUT = 1  # part of the cache key: bump when encode_chats or the stored columns change
@@ -287,7 +278,7 @@ def _tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256((vocab + (tokenizer.chat_template or "")).encode()).hexdigest()
 
 
-def tokenized(cfg: DataConfig, tokenizer, conversations: list[list[dict]], data_key: dict) -> Dataset:
+def tokenized(cfg: DataConfig, tokenizer, conversations: list[list[dict]]) -> Dataset:
     """Every usable conversation tokenized, untruncated, from the on-disk cache (built here if absent).
 
     The key is what shapes the tokens: the tokenizer's vocabulary and chat template, the data file's content,
@@ -296,7 +287,7 @@ def tokenized(cfg: DataConfig, tokenizer, conversations: list[list[dict]], data_
     ranks build it once between them (`build_once`).
     """
     key = hashlib.sha256(json.dumps({"layout": TOKENIZED_LAYOUT, "tokenizer": _tokenizer_digest(tokenizer),
-                                     "data": data_key, "format": cfg.format, "columns": cfg.columns},
+                                     "data": content_key(cfg), "format": cfg.format, "columns": cfg.columns},
                                     sort_keys=True).encode()).hexdigest()[:20]
     target = cache_root() / "tokenized" / key
 
@@ -378,7 +369,7 @@ def _warn_overlap(train: list, held_out: list, source: str, key) -> None:
                     Path(source).name, overlap, len(held_out))
 
 
-def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int, data_key: dict) -> Prepared:
+def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -> Prepared:
     columns = {**DEFAULT_COLUMNS[cfg.format], **cfg.columns}
     convert = _conversation if cfg.format == "sharegpt" else _alpaca
     conversations = [convert(r, row, source, columns) for row, r in enumerate(records)]
@@ -394,7 +385,7 @@ def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int, d
     train, held_out = _split(range(len(usable)), cfg, seed, source)
     _warn_overlap([usable[i] for i in train], [usable[i] for i in held_out], source,
                   key=lambda c: json.dumps(_prompt(c)))
-    tokens = tokenized(cfg, tokenizer, usable, data_key)
+    tokens = tokenized(cfg, tokenizer, usable)
 
     def cut(rows: list[int], split: str) -> Dataset:
         ds, dropped = _cut(tokens, rows, cfg.max_length)
@@ -410,7 +401,7 @@ def _causal(cfg: DataConfig, tokenizer, records: list, source: str, seed: int, d
     return Prepared(cut(train, "train"), cut(held_out, "eval"), prompts)
 
 
-def _classification(cfg: DataConfig, tokenizer, records: list, source: str, seed: int, _key: dict) -> Prepared:
+def _classification(cfg: DataConfig, tokenizer, records: list, source: str, seed: int) -> Prepared:
     if cfg.format == "sharegpt":  # every turn, labelled by who wrote it
         columns = {**DEFAULT_COLUMNS["sharegpt"], **cfg.columns}
         pairs = [(m["content"], int(m["role"] == "assistant"))
@@ -458,6 +449,6 @@ def prepare(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, causal: bool, s
     source, records = read_records(cfg)
     if not records:
         raise DataError(f"{source}: no records")
-    prepared = (_causal if causal else _classification)(cfg, tokenizer, records, source, seed, content_key(cfg))
+    prepared = (_causal if causal else _classification)(cfg, tokenizer, records, source, seed)
     log.info("Data: %d train / %d eval examples from %s", len(prepared.train), len(prepared.eval), source)
     return prepared
