@@ -54,20 +54,19 @@ class Noise:
             raise NoiseError("this embedding already has noise attached (neftlab's or the Trainer's "
                              "neftune_noise_alpha); noise is never applied twice")
         self.embedding._neftlab_noise = self
-        self._handles = [model.register_forward_pre_hook(self._catch_mask, with_kwargs=True),
+        self._handles = [model.register_forward_pre_hook(self._catch_inputs, with_kwargs=True),
                          self.embedding.register_forward_hook(self._add_noise)]
 
-    def _catch_mask(self, module, args, kwargs):
+    def _catch_inputs(self, module, args, kwargs):
         self._mask, self._positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
 
-    def real_lengths(self, shape: tuple, device) -> torch.Tensor:
+    def _real_lengths(self, mask: Optional[torch.Tensor], shape: tuple, device) -> torch.Tensor:
         """L for every token, shape (batch, length): its own sequence's real length.
 
         A sequence is a row of a padded batch (its attention mask's sum), or, in a packed or padding-free row,
         a run of position ids restarting at 0, with or without a mask. A batch with neither counts one
         sequence per row, which is right without padding."""
         batch, length = shape
-        mask = self._mask if self._mask is not None and tuple(self._mask.shape) == (batch, length) else None
         positions = self._positions if self._positions is not None and self._positions.shape[-1] == length else None
         if positions is not None:  # no restart: one sequence per row, the mask's count as below (no host sync)
             starts = (positions.expand(batch, length) == 0).long()
@@ -84,7 +83,8 @@ class Noise:
         if not module.training:
             return None
         batch, length, dim = output.shape
-        real = self.real_lengths((batch, length), output.device)
+        mask = self._mask if self._mask is not None and tuple(self._mask.shape) == (batch, length) else None
+        real = self._real_lengths(mask, (batch, length), output.device)
         # length_mode=padded: the whole row's length, as the Hugging Face hook takes it, also under packing
         lengths = torch.full_like(real, float(length)) if self.length_mode == "padded" else real
         scale = self.alpha / torch.sqrt(lengths * dim)  # per token: alpha / sqrt(L_i * d) of its sequence
@@ -97,8 +97,8 @@ class Noise:
             noise = noise * sigma.to(output.dtype)[:, :, None]
         else:
             noise = torch.empty_like(output).uniform_(-1, 1, generator=generator) * scale.to(output.dtype)[:, :, None]
-        if self._mask is not None and tuple(self._mask.shape) == (batch, length) and self.length_mode == "real":
-            noise = noise * self._mask.to(output.dtype)[:, :, None]
+        if mask is not None and self.length_mode == "real":  # padded mode noises padding too, as HF's hook does
+            noise = noise * mask.to(output.dtype)[:, :, None]
         return output + noise
 
     @property
