@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from neftlab import pruning
+from neftlab.evaluation import peak_rss
 
 
 def sync(device: torch.device) -> None:
@@ -37,13 +38,6 @@ def timed(fn, device, reps=3):
         sync(device)
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes: VmHWM, which (unlike ru_maxrss) does not inherit
-    the parent's peak across fork and exec."""
-    line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def peak_bytes(device: torch.device) -> int:

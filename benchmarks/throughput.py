@@ -44,48 +44,37 @@ def common(args) -> list[str]:
             "trainer.resume=false", "+trainer.args.include_num_input_tokens_seen=non_padding", *args.extra]
 
 
-def plain(overrides: list[str], out: Path) -> dict:
-    """The baseline: what a user would write with transformers alone, on neftlab's data and arguments."""
-    import torch
+def plain(overrides: list[str], run_dir: Path) -> dict:
+    """The baseline: what a user would write with transformers alone, on neftlab's data and arguments. Returns
+    the summary keys a neftlab run writes for the same figures."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_cfg
-    from neftlab import data, models
+    from neftlab import data, evaluation, models
     from neftlab.runner import training_arguments
 
     cfg = compose_cfg(*overrides)
     set_seed(cfg.seed)
-    args = training_arguments(cfg, out)
+    args = training_arguments(cfg, run_dir)
     tokenizer = models.load_tokenizer(cfg.model)
     prepared = data.prepare(cfg.data, tokenizer, True, cfg.seed)
     model = models.load_model(cfg.model, tokenizer, seed=cfg.seed)
     trainer = Trainer(model=model, args=args, train_dataset=prepared.train,
                       data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
     metrics = trainer.train().metrics
-    metrics["num_input_tokens_seen"] = trainer.state.num_input_tokens_seen
-    if torch.cuda.is_available():
-        metrics["peak_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        status = Path("/proc/self/status").read_text()
-        metrics["peak_memory_mb"] = int(next(l.split()[1] for l in status.splitlines() if l.startswith("VmHWM"))) / 1024
-    return metrics
+    return {"train/train_runtime": metrics["train_runtime"],
+            "train/train_samples_per_second": metrics["train_samples_per_second"],
+            "train/num_input_tokens_seen": trainer.state.num_input_tokens_seen, **evaluation.peak_memory()}
 
 
 def run_arm(name: str, args, out: Path) -> dict:
     overrides = common(args) + ARMS[name]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    if name == "plain":
-        cmd = [sys.executable, __file__, "--plain-json", str(out / "plain.json"), "--", *overrides]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"plain: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-        m = json.loads((out / "plain.json").read_text())
-        return {"runtime": m["train_runtime"], "tokens": m["num_input_tokens_seen"],
-                "samples": m["train_samples_per_second"], "memory": m["peak_memory_mb"]}
     run_dir = out / name.replace(" ", "_").replace("@", "_")
-    proc = subprocess.run([sys.executable, "-m", "neftlab", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
+    cmd = ([sys.executable, __file__, "--plain", str(run_dir), "--"] if name == "plain"
+           else [sys.executable, "-m", "neftlab", f"hydra.run.dir={run_dir}"])
+    proc = subprocess.run([*cmd, *overrides], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
     if proc.returncode:
         raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
     m = json.loads((run_dir / "summary.json").read_text())
@@ -94,11 +83,10 @@ def run_arm(name: str, args, out: Path) -> dict:
 
 
 def main():
-    if "--plain-json" in sys.argv:
-        target, overrides = Path(sys.argv[2]), sys.argv[4:]
-        with tempfile.TemporaryDirectory() as out:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(plain(overrides, Path(out))))
+    if sys.argv[1:2] == ["--plain"]:  # one plain arm, in a process of its own
+        run_dir, overrides = Path(sys.argv[2]), sys.argv[4:]
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps(plain(overrides, run_dir)))
         return
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)

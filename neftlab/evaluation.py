@@ -285,10 +285,20 @@ def parameter_counts(model: torch.nn.Module) -> dict:
             "efficiency/param_reduction": 1 - nonzero / total}
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes. Linux's VmHWM, since ru_maxrss carries the parent's peak
+    across fork and exec (a sweep job or a test's subprocess would report its launcher's)."""
+    try:
+        line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):  # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory() -> dict:
     if torch.cuda.is_available():
         return {"efficiency/peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
-    return {"efficiency/peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"efficiency/peak_memory_mb": peak_rss() / 2**20}
 
 
 def stability(train_losses: list[tuple[int, float]], window: int) -> dict:

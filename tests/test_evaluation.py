@@ -278,3 +278,19 @@ def test_noise_off_train_loss_is_the_loss_without_noise(tmp_path, llama_tokenize
     assert [m["eval/train_loss_noise_off"] for m in logged[:2]] == pytest.approx([expected] * 2, rel=1e-6)
     assert logged[0]["eval/generalization_gap"] == pytest.approx(
         trainer.evaluate()["eval_loss"] - expected, rel=1e-6)
+
+
+def test_peak_memory_is_the_process_own_not_its_launchers(tmp_path):
+    """A job's efficiency/peak_memory_mb must not be its launcher's peak: ru_maxrss carries over fork and exec."""
+    import resource
+    import subprocess
+    import sys
+    ballast = bytearray(600 * 2**20)  # the launcher's peak, well above a bare child's
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    code = ("import resource; from neftlab.evaluation import peak_rss; "
+            "print(peak_rss() / 2**20, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    launcher = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del ballast
+    assert own < launcher - 300, (own, inherited, launcher)
