@@ -11,10 +11,10 @@ register()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def _app(cfg) -> None:
+def _app(cfg):
     from . import runner  # imported here so --help and --cfg stay fast
 
-    runner.main(cfg)
+    return runner.main(cfg)
 
 
 def main() -> None:

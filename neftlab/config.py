@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from . import search
+
 
 class ConfigError(ValueError):
     """A config value outside its allowed range; the message names key, value and what is allowed."""
@@ -324,6 +326,22 @@ class LoggerConfig:
 
 
 @dataclass
+class SearchConfig:
+    """What the job returns to an optimizing sweeper (hydra/sweeper=optuna), read from its summary.json."""
+
+    # quality: judge/win_rate when eval.judge.model is set, else eval/loss; several keys: a multi-objective search
+    objectives: List[str] = field(default_factory=lambda: [search.QUALITY])
+
+    def validate(self, key: str) -> None:
+        allowed = (search.QUALITY, *search.DIRECTIONS)
+        check(len(self.objectives) >= 1, f"{key}.objectives", self.objectives, "at least one of " + ", ".join(allowed))
+        for i, name in enumerate(self.objectives):
+            check_choice(f"{key}.objectives[{i}]", name, allowed)
+        check(len(set(self.objectives)) == len(self.objectives), f"{key}.objectives", self.objectives,
+              "each objective once")
+
+
+@dataclass
 class Config:
     seed: int = 42
     model: ModelConfig = MISSING
@@ -333,6 +351,7 @@ class Config:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def validate(self) -> "Config":
         """Check every range, then the combinations no single group can see."""
@@ -409,6 +428,7 @@ def register() -> None:
         OmegaConf.register_new_resolver("run_id", run_id)
         # Rank 0 logs to neftlab.log, other ranks to neftlab-rank<N>.log in the same run directory.
         OmegaConf.register_new_resolver("rank_suffix", lambda: f"-rank{rank()}" if rank() else "")
+        OmegaConf.register_new_resolver("search_directions", search.directions)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),

@@ -22,7 +22,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import files
+from . import files, search
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class Run:
     judges: dict = field(default_factory=dict)  # judge file summaries by baseline: "reference" or a run dir
     label: str = ""  # its overrides less those every run shares
     extra: dict = field(default_factory=dict)  # table cells not in the summary: the judges' win rates
+    searched: bool = False  # a trial of an optimizing sweep (hydra/sweeper=optuna)
 
     def value(self, key: str):
         return self.summary.get(key, self.extra.get(key))
@@ -129,7 +130,9 @@ def _read_run(summary_path: Path) -> Run | None:
         data = files.read_json(path)
         if isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("baseline"), str):
             judges[data["baseline"]] = data["summary"]
-    return Run(run_dir, [o for o in overrides if not o.startswith("hydra.")], summary, config, history, judges)
+    sweeper = (_yaml(run_dir / ".hydra" / "hydra.yaml", {}).get("hydra") or {}).get("sweeper") or {}
+    return Run(run_dir, [o for o in overrides if not o.startswith("hydra.")], summary, config, history, judges,
+               searched="Optuna" in str(sweeper.get("_target_", "")))
 
 
 def find_runs(root: Path) -> tuple[list[Run], list[str], list[Path]]:
@@ -347,6 +350,54 @@ def plot_win_vs_length(groups: dict[str, list[Run]], lengths: dict[str, list[int
     return True
 
 
+def search_sections(runs: list[Run], root: Path, out: Path) -> list[str]:
+    """The trials of optimizing sweeps, per set of objectives: each trial's values, marked when on the Pareto
+    front (with one objective: the best trial), and for two objectives a plot of the front."""
+    studies = defaultdict(list)
+    for r in runs:
+        if r.searched:
+            judged = r.get("eval.judge.model") is not None
+            studies[tuple(search.objective_keys(r.get("search.objectives") or [search.QUALITY], judged))].append(r)
+    parts = []
+    for n, (keys, trials) in enumerate(studies.items()):
+        directions = [search.DIRECTIONS.get(k, "minimize") for k in keys]
+        values = [search.objective(r.summary, list(keys)) for r in trials]
+        done = [(r, [v] if len(keys) == 1 else v) for r, v in zip(trials, values) if v is not None]
+        front = dict(zip((id(r) for r, _ in done), search.pareto_front([v for _, v in done], directions)))
+        sign = 1.0 if directions[0] == "maximize" else -1.0
+        order = sorted(done, key=lambda rv: (not front[id(rv[0])], -sign * rv[1][0])) + [
+            (r, None) for r, v in zip(trials, values) if v is None]
+        arrows = [f"{k} ({'↑' if d == 'maximize' else '↓'})" for k, d in zip(keys, directions)]
+        rows = [[r.label, str(r.dir.relative_to(root)) if r.dir.is_relative_to(root) else str(r.dir),
+                 *(["{:.4f}".format(x) for x in v] if v else [""] * len(keys)), r.summary.get("status", ""),
+                 "✓" if v and front[id(r)] else ""] for r, v in order]
+        what = "best" if len(keys) == 1 else "on the Pareto front"
+        parts += [f"## Search: {', '.join(keys)}", "",
+                  f"{len(trials)} trials, {len(done)} with values ({len(trials) - len(done)} failed or without the "
+                  f"metric: Optuna recorded them as failed). ✓ = {what}.", "",
+                  _table(["trial", "dir", *arrows, "status", what], rows), ""]
+        if len(keys) == 2 and len(done) >= 2:
+            name = f"search_front{n or ''}.png"
+            plot_front(done, front, keys, out / name)
+            parts += [f"![Pareto front]({name})", ""]
+    return parts
+
+
+def plot_front(done: list[tuple[Run, list[float]]], front: dict[int, bool], keys: tuple, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([v[0] for _, v in done], [v[1] for _, v in done], color="grey", label="trial")
+    best = sorted(v for r, v in done if front[id(r)])
+    ax.plot([v[0] for v in best], [v[1] for v in best], marker="o", color="C3", label="Pareto front")
+    ax.set(title="search trials", xlabel=keys[0], ylabel=keys[1])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot_curves(runs: list[Run], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -427,6 +478,7 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
         plain = ", ".join(f"`{arm}`" for arm in plain_arms(groups))
         parts += ["## Paired differences", "", f"Several arms are plain fine-tuning ({plain}): pick the baseline with "
                   "--baseline ARM.", ""]
+    parts += search_sections(runs, root, out)
     if failed:
         parts += ["## Not completed", ""] + [f"- `{r.dir}` ({r.summary.get('status')}): {r.summary.get('error', '')}"
                                              for r in failed] + [""]

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data as data_mod
-from . import evaluation, files as run_files, guards, judge, models, noise, pruning
+from . import evaluation, files as run_files, guards, judge, models, noise, pruning, search
 from . import resume as resume_mod
 from .config import Config, ConfigError, rank
 from .tracking import Recorder, RunFiles, WandbRun
@@ -214,8 +214,9 @@ def _fresh_dir(out_dir: Path) -> None:
                           "run's files are never overwritten: choose another hydra.run.dir")
 
 
-def main(dict_cfg: DictConfig) -> dict:
-    """Hydra's task function: one job of a run or a sweep."""
+def main(dict_cfg: DictConfig) -> float | list[float] | None:
+    """Hydra's task function: one job of a run or a sweep. Returns the job's objective (`search.objectives`)
+    for an optimizing sweeper; None when the run did not complete."""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     files, lock = None, resume_mod.RunLock(out_dir)
@@ -240,7 +241,8 @@ def main(dict_cfg: DictConfig) -> dict:
         if cfg.logger.kind == "wandb" and files.writes:
             files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg, files.dir)
         run(cfg, files, resume)
-        return files.finish("completed")
+        keys = search.objective_keys(cfg.search.objectives, cfg.eval.judge.model is not None)
+        return search.objective(files.finish("completed"), keys)
     except guards.Interrupted as e:
         log.warning("%s", e)
         _finish(files, out_dir, "interrupted", str(e), step=e.step)
@@ -263,20 +265,21 @@ def main(dict_cfg: DictConfig) -> dict:
         log.debug("Traceback:\n%s", traceback.format_exc())
         log.error("%s", message)
         log.info("Full traceback in %s", out_dir / f"{hydra_cfg.job.name}.log")
-        summary = _finish(files, out_dir, status, message)
+        _finish(files, out_dir, status, message)
         if hydra_cfg.mode != RunMode.MULTIRUN:
             raise SystemExit(1)
-        return summary
+        return None  # an optimizing sweeper records a failed trial, and its search goes on
     finally:
         lock.release()
 
 
-def _finish(files: RunFiles | None, out_dir: Path, status: str, error: str, **extra) -> dict:
+def _finish(files: RunFiles | None, out_dir: Path, status: str, error: str, **extra) -> None:
     """summary.json for a run that ends early; before its files were opened, only into a directory no other
     run's files are in."""
     if files is None and resume_mod.status(out_dir) == "absent":
         files = RunFiles(out_dir)
-    return files.finish(status, error, **extra) if files else {"status": status, "error": error, **extra}
+    if files is not None:
+        files.finish(status, error, **extra)
 
 
 class RunGuard(Callback):
@@ -297,6 +300,9 @@ class RunGuard(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._check(config.hydra.sweep.dir)
+        storage = str(config.hydra.sweeper.get("storage") or "")
+        if storage.startswith("sqlite:///"):  # an Optuna study's database: SQLite does not make its folder
+            self._check(str(Path(storage.removeprefix("sqlite:///")).parent))
         self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

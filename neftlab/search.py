@@ -1,0 +1,57 @@
+"""What a job returns to an optimizing sweeper, and the Pareto front of a multi-objective search.
+
+`python -m neftlab -m hydra/sweeper=optuna experiment=neftune_search` runs Optuna trials as jobs; each job's
+return value is its objective, read from its summary.json by the keys of `search.objectives`. `quality` is the
+judge's win rate when a judge is configured (`eval.judge.model`), else the held-out loss. The sweeper's
+directions come from the same keys (`hydra.sweeper.direction: ${search_directions:}`), so the two never
+disagree. A failed job, or one without the metric, returns None: Optuna records the trial as failed, not as a
+value, and the search goes on (`max_failure_rate: 1.0`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# The metrics a search can optimize, and which way is better.
+DIRECTIONS = {
+    "eval/loss": "minimize", "eval/perplexity": "minimize", "eval/accuracy": "maximize",
+    "eval/train_loss_noise_off": "minimize", "eval/diversity": "maximize", "eval/response_words": "maximize",
+    "judge/win_rate": "maximize", "judge/lc_win_rate": "maximize",
+    "pruning/sparsity": "maximize", "efficiency/param_reduction": "maximize",
+}
+QUALITY = "quality"
+
+
+def objective_keys(objectives: list[str], judged: bool) -> list[str]:
+    """The summary keys of `search.objectives`, with `quality` resolved."""
+    quality = "judge/win_rate" if judged else "eval/loss"
+    return [quality if o == QUALITY else o for o in objectives]
+
+
+def directions(*, _root_: Any) -> list[str]:
+    """`${search_directions:}`: the sweeper's directions, one per objective of the composed config."""
+    keys = objective_keys(list(_root_.search.objectives), _root_.eval.judge.model is not None)
+    return [DIRECTIONS.get(k, "minimize") for k in keys]  # an unknown key fails validation, before any trial
+
+
+def objective(summary: dict, keys: list[str]) -> float | list[float] | None:
+    """The job's return value: one float, a list for several objectives, None when the run did not complete
+    or lacks a finite value (Optuna then fails the trial)."""
+    if summary.get("status") != "completed":
+        return None
+    values = [summary.get(k) for k in keys]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return None
+    return float(values[0]) if len(values) == 1 else [float(v) for v in values]
+
+
+def pareto_front(points: list[list[float]], directions: list[str]) -> list[bool]:
+    """For each point, whether no other point is at least as good in every objective and better in one."""
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
+    scored = [[s * v for s, v in zip(signs, p)] for p in points]
+
+    def dominates(a, b):
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    return [not any(dominates(other, p) for other in scored) for p in scored]
