@@ -3,12 +3,14 @@ a study, and the report's trials and Pareto front."""
 
 import json
 import math
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, cli
+from conftest import CONF, cli, compose_cfg
 from neftlab import report, search
+from neftlab.config import ConfigError
 
 
 def test_objective_is_one_float_a_list_or_none():
@@ -36,6 +38,16 @@ def test_sweeper_directions_follow_the_objectives(overrides, directions):
         cfg = compose("config", overrides, return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert list(cfg.hydra.sweeper.direction) == directions
+
+
+@pytest.mark.parametrize("objectives, message", [
+    ("[eval/los]", "search.objectives[0]='eval/los' is not allowed: one of quality, eval/loss"),
+    ("[]", "search.objectives=[] is not allowed: at least one of quality"),
+    ("[quality,quality]", "is not allowed: each objective once"),
+])
+def test_bad_objectives_name_the_key(objectives, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_cfg(f"search.objectives={objectives}")
 
 
 def test_pareto_front():
