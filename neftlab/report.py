@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import logging
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -231,7 +232,7 @@ def baseline_arm(groups: dict[str, list[Run]], requested: str | None) -> str | N
     return requested
 
 
-def _paired_runs(groups: dict[str, list[Run]], baseline: str) -> list[tuple[Run, Run]]:
+def paired_runs(groups: dict[str, list[Run]], baseline: str) -> list[tuple[Run, Run]]:
     """(run, the baseline arm's run of the same seed and otherwise the same config) for every other arm's run."""
     base = {(b.context, b.get("seed")): b for b in groups[baseline]}
     return [(r, base[r.context, r.get("seed")]) for arm, members in groups.items() if arm != baseline
@@ -264,7 +265,7 @@ def bootstrap_ci(values: list[float], seed: int = 0) -> tuple[float, float] | No
 def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
     """Each arm's mean difference from the baseline arm over seeds, per measure, with its bootstrap CI."""
     values = defaultdict(lambda: defaultdict(list))
-    for run, base in _paired_runs(groups, baseline):
+    for run, base in paired_runs(groups, baseline):
         for title, pair in _paired_values(run, base).items():
             values[run.label_without_seed][title].append(pair)
     formats = {**{title: fmt for _, title, fmt in PAIRED}, **{title: "{:.3f}" for title in JUDGED}}
@@ -308,7 +309,7 @@ def _judged_wins(groups: dict[str, list[Run]], baseline: str | None) -> dict[str
             if _number(win := r.judges.get("reference", {}).get("judge/win_rate")):
                 series["vs reference"][arm].append(win)
     if baseline is not None:
-        for run, base in _paired_runs(groups, baseline):
+        for run, base in paired_runs(groups, baseline):
             if _number(win := run.judges.get(str(base.dir.resolve()), {}).get("judge/win_rate")):
                 series[f"vs {baseline}"][run.label_without_seed].append(win)
         if series.get(f"vs {baseline}"):
@@ -457,7 +458,19 @@ PAIRED_NOTE = (
     "length-controlled win rate, the win rate at equal answer length.")
 
 
-def write_report(root: Path, out: Path | None = None, baseline: str | None = None) -> Path:
+def push_paired(groups: dict[str, list[Run]], baseline: str) -> int:
+    """Each paired run's differences from its baseline run into its W&B summary (`paired/<measure>`), so the
+    dashboard can group them by config; returns how many runs took them."""
+    from . import tracking
+    pushed = 0
+    for run, base in paired_runs(groups, baseline):
+        values = {"paired/" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_"): ours - theirs
+                  for title, (ours, theirs) in _paired_values(run, base).items()}
+        pushed += bool(values) and tracking.update_summary(run.dir, {**values, "paired/baseline": baseline})
+    return pushed
+
+
+def write_report(root: Path, out: Path | None = None, baseline: str | None = None, wandb: bool = False) -> Path:
     runs, common, unreadable = find_runs(root)
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +487,8 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
     paired = paired_table(groups, baseline) if baseline is not None else None
     if paired:
         parts += [f"## Paired differences against `{baseline}`", "", PAIRED_NOTE, "", paired, ""]
+        if wandb:
+            print(f"W&B: paired differences added to the summaries of {push_paired(groups, baseline)} runs")
     elif baseline is None and len(plain_arms(groups)) > 1:
         plain = ", ".join(f"`{arm}`" for arm in plain_arms(groups))
         parts += ["## Paired differences", "", f"Several arms are plain fine-tuning ({plain}): pick the baseline with "
@@ -510,13 +525,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="ARM", help="the arm (runs' overrides less the seed, e.g. "
                         "method=finetune) the others are paired against (default: the only arm without noise or "
                         "pruning that trains, if there is exactly one)")
+    parser.add_argument("--wandb", action="store_true", help="also add each run's paired differences to its W&B "
+                        "run's summary (paired/<measure>), for runs that logged to W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory", file=sys.stderr)
         return 2
     try:
-        path = write_report(args.root, args.out, args.baseline)
+        path = write_report(args.root, args.out, args.baseline, args.wandb)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

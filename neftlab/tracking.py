@@ -87,6 +87,29 @@ class WandbRun:
         self.run.finish(exit_code=exit_code)
 
 
+def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
+    """Add `values` to the W&B summary of a finished run, resuming its W&B run by id in its logger's mode:
+    judge win rates and paired differences come after training, and the dashboard groups runs by their
+    config (noise.alpha, ...) to show them. False when the run logged no W&B run."""
+    from omegaconf import OmegaConf
+    id_file = Path(run_dir) / "wandb-run-id"
+    try:
+        logger = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml").get("logger") or {}
+    except (OSError, ValueError) as e:
+        log.warning("%s: no readable .hydra/config.yaml (%s): W&B summary not updated", run_dir, e)
+        return False
+    if logger.get("kind") != "wandb" or not id_file.is_file():
+        return False
+    import wandb
+    mode = wandb_mode(logger.get("mode", "auto"))
+    run = wandb.init(project=logger.get("project") or os.environ.get("WANDB_PROJECT") or "neftlab",
+                     entity=logger.get("entity"), id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
+                     mode=mode, reinit="finish_previous")
+    run.summary.update({k: _jsonable(v) for k, v in values.items()})
+    run.finish()
+    return True
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()

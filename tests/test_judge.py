@@ -209,3 +209,43 @@ def test_a_run_judges_its_answers_at_the_end(tmp_path, tiny_judges):
     saved = json.loads((tmp_path / "judge_reference.json").read_text())
     assert summary["judge/win_rate"] == pytest.approx(saved["summary"]["judge/win_rate"])
     assert summary["judge/n_pairs"] == len(saved["pairs"]) >= 1
+
+
+def sweep_run(root, name, noise, seed, answers, wandb_id=None):
+    """A completed run of a sweep, as the report reads it; logged to (offline) W&B when given an id."""
+    import yaml
+    run = write_samples(root / name, answers)
+    (run / ".hydra").mkdir()
+    logger = {"kind": "wandb", "mode": "offline", "project": "test"} if wandb_id else {"kind": "none"}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
+        {"seed": seed, "noise": {"kind": noise}, "pruning": {"method": "off"}, "trainer": {"max_steps": 4},
+         "logger": logger}))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"noise={noise}", f"seed={seed}"]))
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    if wandb_id:
+        (run / "wandb-run-id").write_text(wandb_id)
+    return run
+
+
+def test_a_sweep_is_judged_against_its_baseline_arm_seed_by_seed(tmp_path, tiny_judges, monkeypatch):
+    from wandb_records import offline_run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    plain = [sweep_run(tmp_path, f"plain_{s}", "none", s, ANSWERS_B, wandb_id=f"base{s}") for s in (1, 2)]
+    noisy = [sweep_run(tmp_path, f"noisy_{s}", "uniform", s, ANSWERS_A, wandb_id=f"run{s}") for s in (1, 2)]
+    assert judge.main([str(tmp_path), "--baseline", "arm", "--judge", tiny_judges.causal, "--bootstrap", "100"]) == 0
+    for seed, run in enumerate(noisy, 1):
+        saved = json.loads((run / f"judge_plain_{seed}.json").read_text())
+        assert saved["baseline"] == str(plain[seed - 1].resolve())  # its own seed's baseline run
+        logged = offline_run(run)
+        assert logged["run"].run_id == f"run{seed}"
+        assert float(logged["summary"]["judge_vs_baseline/win_rate"]) == pytest.approx(
+            saved["summary"]["judge/win_rate"])
+    assert not list(tmp_path.glob("plain_*/judge_*.json"))
+    assert "a sweep" in cli_error_text(tmp_path / "noisy_1", "--baseline", "arm", "--judge", tiny_judges.causal)
+
+
+def cli_error_text(*args):
+    proc = subprocess.run([sys.executable, "-m", "neftlab.judge", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]

@@ -125,3 +125,21 @@ def test_report_without_a_single_plain_arm_has_no_paired_section(sweep, tmp_path
     (study / "finetune_4" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["lr=1", "seed=4"]))
     report.main([str(study)])
     assert "Several arms are plain fine-tuning" in (study / "report.md").read_text()
+
+
+def test_report_adds_paired_differences_to_wandb_summaries(study, monkeypatch, capsys):
+    from wandb_records import offline_run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for run in study.glob("*/.hydra"):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        config["logger"] = {"kind": "wandb", "mode": "offline", "project": "test"}
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        (run.parent / "wandb-run-id").write_text(run.parent.name)
+    assert report.main([str(study), "--wandb"]) == 0
+    assert "paired differences added to the summaries of 7 runs" in capsys.readouterr().out  # 3 + 3 + 1 pairs
+    logged = offline_run(study / "neftune_2")
+    assert logged["run"].run_id == "neftune_2"
+    summary = {k: json.loads(v) for k, v in logged["summary"].items()}
+    assert summary["paired/answer_length_tokens"] == 15.0 and summary["paired/baseline"] == "method=finetune"
+    assert summary["paired/judge_win_rate_vs_baseline"] == pytest.approx(0.2)
+    assert not list((study / "finetune_1").glob("wandb"))  # the baseline's own runs are not paired with themselves

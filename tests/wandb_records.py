@@ -31,9 +31,11 @@ def records(path: Path) -> list:
     return out
 
 
-def offline_run(run_dir: Path) -> dict:
-    """The run record, logged history rows, summary keys and exit code of the one offline run under run_dir."""
-    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+def offline_run(run_dir: Path, session: int | None = None) -> dict:
+    """The run record, logged history rows, summary keys and exit code of the one offline run under run_dir, or
+    of its `session`-th offline session (a W&B run resumed later, e.g. to add judge results, has several)."""
+    paths = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    (path,) = paths if session is None else [paths[session]]
     run, history, summary, exit_code = None, [], {}, None
     for r in records(path):
         kind = r.WhichOneof("record_type")
