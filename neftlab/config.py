@@ -106,6 +106,9 @@ class DataConfig:
     # Causal models: each batch is one row of its examples end to end, no padding; position ids restart at every
     # example, attention stays inside it, and the noise takes each example's own length.
     packing: bool = False
+    # With packing: batch = a batch's examples laid end to end | bfd = the training examples first packed
+    # best-fit decreasing into rows of at most max_length tokens (none split), and a batch lays its rows end to end
+    packing_strategy: str = "batch"
 
     def validate(self, key: str) -> None:
         check_choice(f"{key}.format", self.format, DATA_FORMATS)
@@ -116,6 +119,9 @@ class DataConfig:
         check(self.max_length >= 8, f"{key}.max_length", self.max_length, "an integer >= 8")
         ok = (0 < self.eval_size < 1) or (self.eval_size >= 1 and float(self.eval_size).is_integer())
         check(ok, f"{key}.eval_size", self.eval_size, "a fraction in (0, 1) or a positive whole count")
+        check_choice(f"{key}.packing_strategy", self.packing_strategy, ("batch", "bfd"))
+        check(self.packing or self.packing_strategy == "batch", f"{key}.packing_strategy", self.packing_strategy,
+              f"batch unless {key}.packing=true")
 
 
 NOISE_KINDS = ("none", "uniform", "gaussian", "dynamic")

@@ -79,8 +79,7 @@ class Built:
 
 def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> Built:
     """Data, model, noise, pruning and the Trainer with every callback, restored from `resume` when given."""
-    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithFlattening, DataCollatorWithPadding, Trainer,
-                              set_seed)
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
     set_seed(cfg.seed)
     args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
     tokenizer = models.load_tokenizer(cfg.model)
@@ -109,7 +108,7 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     if resume is not None:
         state.load(resume.checkpoint)
     if cfg.model.causal:
-        collator = (DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if cfg.data.packing
+        collator = (data_mod.PackedCollator() if cfg.data.packing
                     else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
         metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
                           preprocess_logits_for_metrics=evaluation.argmax_logits)

@@ -54,6 +54,8 @@ def test_packaged_weights_resolve_to_files():
     ("eval.judge.bootstrap=10", "eval.judge.bootstrap", ">= 100"),
     ("+trainer.args.no_such_option=1", "trainer.args.no_such_option", "a TrainingArguments option"),
     ("+trainer.args.max_steps=3", "trainer.args.max_steps", "unset: use trainer.max_steps"),
+    ("data.packing_strategy=ffd", "data.packing_strategy", "one of batch, bfd"),
+    ("data.packing_strategy=bfd", "data.packing_strategy", "batch unless data.packing=true"),
 ])
 def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
     with pytest.raises(ConfigError) as e:

@@ -1,8 +1,11 @@
 """Reading (tolerant of a cut-off file, strict about bad rows), chat labels, splits, classification labels."""
 
 import json
+import math
+import random
 
 import pytest
+import torch
 
 from conftest import compose_cfg
 from neftlab import data
@@ -218,3 +221,49 @@ def test_an_unreadable_tokenized_cache_is_set_aside_and_rebuilt(tmp_path, monkey
     assert again.train["input_ids"] == first.train["input_ids"]
     assert "cannot be read" in caplog.text and "tokenizing again" in caplog.text
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.unreadable-*"))) == 1
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_fit_decreasing_packs_every_item_whole_within_capacity(seed):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 64) for _ in range(200)]
+    bins = data.best_fit_decreasing(lengths, 64)
+    assert sorted(i for b in bins for i in b) == list(range(200))  # every item once, none split
+    assert all(sum(lengths[i] for i in b) <= 64 for b in bins)
+    assert len(bins) <= 11 / 9 * math.ceil(sum(lengths) / 64) + 1  # BFD's bound against the optimum
+    assert bins == data.best_fit_decreasing(lengths, 64)  # the same packing every time
+
+
+def test_best_fit_puts_an_item_in_the_fullest_bin_it_fits():
+    assert data.best_fit_decreasing([6, 5, 4, 3, 2], 10) == [[0, 2], [1, 3, 4]]
+
+
+def test_pack_bfd_rows_unpack_to_the_examples():
+    from datasets import Dataset
+    examples = [list(range(100 * k, 100 * k + n)) for k, n in enumerate([5, 3, 7, 2, 4])]
+    ds = Dataset.from_dict({"input_ids": examples, "labels": [[-100] + e[1:] for e in examples],
+                            "attention_mask": [[1] * len(e) for e in examples]})
+    packed = data.pack_bfd(ds, 8)
+    assert len(packed) == 3 and all(len(r) <= 8 for r in packed["input_ids"])
+    seen = []
+    for row in packed:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0] + [len(row["input_ids"])]
+        for a, b in zip(starts, starts[1:]):
+            assert row["position_ids"][a:b] == list(range(b - a))
+            assert row["labels"][a] == -100 and row["labels"][a + 1:b] == row["input_ids"][a + 1:b]
+            seen.append(row["input_ids"][a:b])
+    assert sorted(seen) == sorted(examples)
+
+
+def test_packed_collator_matches_transformers_flattening_and_keeps_packed_positions():
+    from transformers import DataCollatorWithFlattening
+    rows = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7], "attention_mask": [1, 1, 1]},
+            {"input_ids": [8, 9], "labels": [-100, 9], "attention_mask": [1, 1]}]
+    ours = data.PackedCollator()(rows)
+    reference = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(
+        [{k: r[k] for k in ("input_ids", "labels")} for r in rows])
+    assert set(ours) == set(reference) == {"input_ids", "labels", "position_ids"}
+    for key in ours:
+        assert torch.equal(ours[key], reference[key])
+    packed = data.PackedCollator()([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "position_ids": [0, 1, 0, 1]}])
+    assert packed["position_ids"].tolist() == [[0, 1, 0, 1]] and packed["labels"].tolist() == [[-100, 2, -100, 4]]
