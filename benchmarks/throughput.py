@@ -4,7 +4,7 @@ Each arm is a process of its own, so that peak memory is its own:
 - `plain`: data and model from neftlab's loaders, `TrainingArguments` from `runner.training_arguments`, a bare
   `Trainer` with the padding collator and no callbacks;
 - the others: `python -m neftlab` with noise none / uniform / dynamic (adjust_interval 100) / l1 pruning (interval
-  100), padded, and none / uniform packed (`data.packing=true`).
+  100), padded, and none / uniform packed (`data.packing=true`), and none packed into best-fit-decreasing rows.
 
 From the Trainer's own figures: `train_runtime` (the training loop only, not loading or evaluation), samples
 per second, real (non-padding) tokens per second; and the process's peak memory (CPU: peak RSS; GPU: peak
@@ -34,6 +34,10 @@ ARMS = {
     "l1@100": ["pruning=l1", "pruning.interval=100"],
     "none packed": ["noise=none", "data.packing=true"],
     "uniform packed": ["noise=uniform", "data.packing=true"],
+    # Rows packed best-fit decreasing: other batches than the padded arms', so its own count of real tokens
+    # (all of a packed row's tokens are real); its samples/s counts rows.
+    "none packed bfd": ["noise=none", "data.packing=true", "data.packing_strategy=bfd",
+                        "trainer.args.include_num_input_tokens_seen=all"],
 }
 
 
@@ -114,7 +118,7 @@ def main():
     print("|---|---|---|---|---|---|")
     padded = [r["tokens"] for name, r in best.items() if "packed" not in name]
     assert padded and len(set(padded)) == 1, f"the padded arms saw different tokens: {padded}"
-    rate = {name: padded[0] / r["runtime"] for name, r in best.items()}
+    rate = {name: (r["tokens"] if "bfd" in name else padded[0]) / r["runtime"] for name, r in best.items()}
     for name, r in best.items():
         vs_plain = f"{rate[name] / rate['plain']:.3f}" if "plain" in rate else ""
         vs_none = f"{rate[name] / rate['none']:.3f}" if "none" in rate else ""
