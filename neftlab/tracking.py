@@ -101,12 +101,16 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
     if logger.get("kind") != "wandb" or not id_file.is_file():
         return False
     import wandb
-    mode = wandb_mode(logger.get("mode", "auto"))
-    run = wandb.init(project=logger.get("project") or os.environ.get("WANDB_PROJECT") or "neftlab",
-                     entity=logger.get("entity"), id=id_file.read_text().strip(), resume="allow", dir=str(run_dir),
-                     mode=mode, reinit="finish_previous")
-    run.summary.update({k: _jsonable(v) for k, v in values.items()})
-    run.finish()
+    try:
+        run = wandb.init(project=logger.get("project") or os.environ.get("WANDB_PROJECT") or "neftlab",
+                         entity=logger.get("entity"), id=id_file.read_text().strip(), resume="allow",
+                         dir=str(run_dir), mode=wandb_mode(logger.get("mode", "auto")), reinit="finish_previous")
+        run.summary.update({k: _jsonable(v) for k, v in values.items()})
+        run.finish()
+    except Exception as e:  # noqa: BLE001 - W&B's errors (network, auth) must not lose the files already written
+        log.warning("%s: W&B summary not updated (%s: %s); the numbers are in the run's files", run_dir,
+                    type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return False
     return True
 
 
