@@ -267,3 +267,28 @@ def test_packed_collator_matches_transformers_flattening_and_keeps_packed_positi
         assert torch.equal(ours[key], reference[key])
     packed = data.PackedCollator()([{"input_ids": [1, 2, 3, 4], "labels": [1, 2, 3, 4], "position_ids": [0, 1, 0, 1]}])
     assert packed["position_ids"].tolist() == [[0, 1, 0, 1]] and packed["labels"].tolist() == [[-100, 2, -100, 4]]
+
+
+def test_bfd_rows_give_the_padded_loss(tmp_path, llama_tokenizer):
+    """data.packing_strategy=bfd as prepare() builds it: fewer rows than examples, and a tiny fp32 model's loss over
+    all of them through PackedCollator equals its loss over the padded examples."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from conftest import TINY
+    from neftlab import models
+    path = tmp_path / "varied.jsonl"  # answers of 1 to 30 words
+    path.write_text("".join(json.dumps({"instruction": f"Count to {n}.", "output": " ".join(["word"] * n)}) + "\n"
+                            for n in range(1, 31)))
+    common = [*TINY, "model=llama_tiny", "data=alpaca", f"data.path={path}", "data.max_length=128"]
+    padded_cfg = compose_cfg(*common)
+    packed_cfg = compose_cfg(*common, "data.packing=true", "data.packing_strategy=bfd")
+    padded = data.prepare(padded_cfg.data, llama_tokenizer, True, padded_cfg.seed).train
+    packed = data.prepare(packed_cfg.data, llama_tokenizer, True, packed_cfg.seed).train
+    assert len(packed) < len(padded) and set(packed.column_names) == {"input_ids", "labels", "position_ids"}
+    model = models.load_model(padded_cfg.model, llama_tokenizer, seed=0).eval()
+    model.config.use_cache = False
+    with torch.no_grad():
+        loss_padded = model(**DataCollatorForSeq2Seq(llama_tokenizer, label_pad_token_id=-100)(
+            [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in padded])).loss
+        loss_packed = model(**data.PackedCollator()(list(packed))).loss
+    assert float(loss_packed) == pytest.approx(float(loss_padded), abs=1e-4)
