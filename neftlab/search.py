@@ -29,21 +29,29 @@ def objective_keys(objectives: list[str], judged: bool) -> list[str]:
     return [quality if o == QUALITY else o for o in objectives]
 
 
-def directions(*, _root_: Any) -> list[str]:
-    """`${search_directions:}`: the sweeper's directions, one per objective of the composed config."""
-    keys = objective_keys(list(_root_.search.objectives), _root_.eval.judge.model is not None)
+def directions_of(keys: list[str]) -> list[str]:
     return [DIRECTIONS.get(k, "minimize") for k in keys]  # an unknown key fails validation, before any trial
 
 
-def objective(summary: dict, keys: list[str]) -> float | list[float] | None:
-    """The job's return value: one float, a list for several objectives, None when the run did not complete
-    or lacks a finite value (Optuna then fails the trial)."""
+def directions(*, _root_: Any) -> list[str]:
+    """`${search_directions:}`: the sweeper's directions, one per objective of the composed config."""
+    return directions_of(objective_keys(list(_root_.search.objectives), _root_.eval.judge.model is not None))
+
+
+def values(summary: dict, keys: list[str]) -> list[float] | None:
+    """The run's value of each objective; None when it did not complete or lacks a finite value."""
     if summary.get("status") != "completed":
         return None
-    values = [summary.get(k) for k in keys]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+    found = [summary.get(k) for k in keys]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in found):
         return None
-    return float(values[0]) if len(values) == 1 else [float(v) for v in values]
+    return [float(v) for v in found]
+
+
+def objective(summary: dict, keys: list[str]) -> float | list[float] | None:
+    """The job's return value: one float, a list for several objectives, None (Optuna then fails the trial)."""
+    found = values(summary, keys)
+    return found[0] if found is not None and len(found) == 1 else found
 
 
 def pareto_front(points: list[list[float]], directions: list[str]) -> list[bool]:

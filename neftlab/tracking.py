@@ -57,6 +57,11 @@ def wandb_mode(mode: str) -> str:
         return "offline"
 
 
+def project(name: str | None) -> str:
+    """logger.project, else $WANDB_PROJECT, else "neftlab"."""
+    return name or os.environ.get("WANDB_PROJECT") or "neftlab"
+
+
 class WandbRun:
     """One W&B run per job, made the global `wandb.run` so the Trainer's WandbCallback logs into it too."""
 
@@ -69,7 +74,7 @@ class WandbRun:
         id_file.write_text(run_id)
         # finish_previous: Hydra runs a sweep's jobs in one process, and the default reinit would hand
         # every job the previous job's run.
-        self.run = wandb.init(project=cfg.project or os.environ.get("WANDB_PROJECT") or "neftlab",
+        self.run = wandb.init(project=project(cfg.project),
                               entity=cfg.entity, group=group, name=name, job_type=job_type, tags=tags,
                               config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
                               id=run_id, resume="allow")
@@ -102,7 +107,7 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
         return False
     import wandb
     try:
-        run = wandb.init(project=logger.get("project") or os.environ.get("WANDB_PROJECT") or "neftlab",
+        run = wandb.init(project=project(logger.get("project")),
                          entity=logger.get("entity"), id=id_file.read_text().strip(), resume="allow",
                          dir=str(run_dir), mode=wandb_mode(logger.get("mode", "auto")), reinit="finish_previous")
         run.summary.update({k: _jsonable(v) for k, v in values.items()})
