@@ -287,21 +287,23 @@ class RunGuard(Callback):
     processes), so that `python -m neftlab -m` can exit non-zero."""
 
     @staticmethod
-    def _check(path: str) -> None:
+    def _check(check, path: str) -> None:
         try:
-            guards.check_output_dir(Path(path))
+            check(Path(path))
         except ConfigError as e:  # Hydra's own logging (to stdout) is in force here, not the run's
             print(f"Error: {e}", file=sys.stderr)
             raise SystemExit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.run.dir)
+        self._check(guards.check_output_dir, config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config.hydra.sweep.dir)
+        self._check(guards.check_output_dir, config.hydra.sweep.dir)
         storage = str(config.hydra.sweeper.get("storage") or "")
         if storage.startswith("sqlite:///"):  # an Optuna study's database: SQLite does not make its folder
-            self._check(str(Path(storage.removeprefix("sqlite:///")).parent))
+            study = storage.removeprefix("sqlite:///")
+            self._check(guards.check_output_dir, str(Path(study).parent))
+            self._check(search.check_study_file, study)
         self.started = time.time()
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:

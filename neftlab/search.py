@@ -10,7 +10,10 @@ value, and the search goes on (`max_failure_rate: 1.0`).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 # The metrics a search can optimize, and which way is better.
@@ -63,3 +66,19 @@ def pareto_front(points: list[list[float]], directions: list[str]) -> list[bool]
         return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
 
     return [not any(dominates(other, p) for other in scored) for p in scored]
+
+
+def check_study_file(path: Path) -> None:
+    """A study's SQLite file, if there is one, must be readable before the search starts: a damaged one would
+    otherwise end the search in a traceback from deep inside Optuna."""
+    from .config import ConfigError
+    if not path.exists():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            result = db.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        result = str(e)
+    if result != "ok":
+        raise ConfigError(f"the study database {path} is damaged ({result}): move it aside to start a new study "
+                          "there, or point hydra.sweeper.storage elsewhere")

@@ -104,3 +104,13 @@ def test_multi_objective_search_gives_a_pareto_front(tmp_path):
     assert "## Search: eval/loss, pruning/sparsity" in text and "3 trials, 3 with values" in text
     assert text.count("| ✓ |") == len(solutions)  # the report's front is Optuna's
     assert (tmp_path / "sweep" / "search_front.png").is_file()
+
+
+def test_a_damaged_study_database_stops_in_one_line(tmp_path):
+    (tmp_path / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)  # a header, then nothing
+    proc, _ = cli("-m", "experiment=neftune_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=1",
+                  f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
+                  out_dir=tmp_path / "unused")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: the study database {tmp_path}/study.db is damaged")
+    assert not list((tmp_path / "sweep").glob("*/summary.json"))
