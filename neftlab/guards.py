@@ -33,7 +33,11 @@ class NonFiniteError(RuntimeError):
     """A NaN/inf loss or weight; the message gives the step."""
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
+    """Raised from the signal handler wherever the main thread is. A BaseException, as KeyboardInterrupt is, so
+    that a library's `except Exception` around that spot (transformers' collators re-raise anything as a
+    ValueError) cannot turn a SIGTERM into a failed run."""
+
     def __init__(self, signum: int, step: int, saved: bool = True):
         resume = "a checkpoint was saved, rerun the same command to resume" if saved else "nothing to resume"
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {resume}")
