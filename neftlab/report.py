@@ -2,7 +2,8 @@
 
 Reads every run's summary.json, metrics.jsonl, samples.jsonl, judge_*.json and .hydra/ files under the
 directory and writes report.md (one row per run, then runs that differ only by seed folded into mean ± std,
-then each arm's paired differences from the baseline arm over seeds, with bootstrap CIs) with PNG plots of
+then each arm's paired differences from the baseline arm over seeds, with intervals and p-values from `stats`)
+with PNG plots of
 the loss curves, of the final metrics against alpha and pruning ratio, and of answer lengths and win rates.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import re
 import statistics
 import sys
@@ -23,7 +25,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import files, search
+from . import files, search, stats
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,18 @@ PAIRED = [("eval/response_length", "answer length (tokens)", "{:.1f}"),
           ("eval/response_words", "answer length (words)", "{:.1f}"), ("eval/diversity", "diversity", "{:.3f}"),
           ("eval/distinct_4", "distinct-4", "{:.3f}"), ("eval/loss", "eval loss", "{:.4f}"),
           ("eval/train_loss_noise_off", "train loss, noise off", "{:.4f}")]
-JUDGED = ["judge win rate vs baseline", "judge LC win rate vs baseline", "judge win rate vs reference"]
+JUDGE = "judge"  # neftlab's own judge (judge_*.json); AlpacaEval's annotations are "AlpacaEval <annotator>"
+
+
+def judged_titles(source: str) -> tuple[str, str, str]:
+    """The paired measures a judge gives: its win rate and LC win rate against the baseline arm's answers, and its
+    win rate against the reference answers (the arm's less the baseline arm's)."""
+    return (f"{source} win rate vs baseline", f"{source} LC win rate vs baseline", f"{source} win rate vs reference")
+
+
+JUDGED = list(judged_titles(JUDGE))
 # What sets an arm (method) apart; runs that agree on everything else and on the seed are paired.
 ARM_KEYS = ("noise", "pruning", "trainer.max_steps", "trainer.neftune_noise_alpha")
-BOOTSTRAP = 2000
 
 
 class ReportError(ValueError):
@@ -63,7 +73,7 @@ class Run:
     summary: dict
     config: dict
     history: list[dict] = field(default_factory=list)
-    judges: dict = field(default_factory=dict)  # judge file summaries by baseline: "reference" or a run dir
+    judges: dict = field(default_factory=dict)  # {source: {baseline ("reference" or a run dir): judge/… summary}}
     label: str = ""  # its overrides less those every run shares
     extra: dict = field(default_factory=dict)  # table cells not in the summary: the judges' win rates
     searched: bool = False  # a trial of an optimizing sweep (hydra/sweeper=optuna)
@@ -130,15 +140,16 @@ def _read_run(summary_path: Path) -> Run | None:
     for path in sorted(run_dir.glob("judge_*.json")):
         data = files.read_json(path)
         if isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("baseline"), str):
-            judges[data["baseline"]] = data["summary"]
+            judges.setdefault(JUDGE, {})[data["baseline"]] = {**data["summary"], "judge/model": data.get("judge"),
+                                                              "judge/template": data.get("template", "neftlab")}
     sweeper = (_yaml(run_dir / ".hydra" / "hydra.yaml", {}).get("hydra") or {}).get("sweeper") or {}
     return Run(run_dir, [o for o in overrides if not o.startswith("hydra.")], summary, config, history, judges,
                searched="Optuna" in str(sweeper.get("_target_", "")))
 
 
-def find_runs(root: Path) -> tuple[list[Run], list[str], list[Path]]:
+def find_runs(root: Path, annotations: Path | None = None) -> tuple[list[Run], list[str], list[Path]]:
     """The runs under root, labelled by what sets them apart, the overrides they all share, and the
-    summaries that could not be read."""
+    summaries that could not be read; with `annotations`, AlpacaEval's verdicts on their answers too."""
     paths = sorted(root.rglob("summary.json"))
     if not paths:
         raise ReportError(f"no runs under {root}: no */summary.json (point it at a run, multirun or outputs/ directory)")
@@ -150,12 +161,58 @@ def find_runs(root: Path) -> tuple[list[Run], list[str], list[Path]]:
     common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)] if len(runs) > 1 else []
     for r in runs:
         r.label = ",".join(o for o in r.overrides if o not in common) or "(common)"
+    if annotations is not None:
+        read_annotations(annotations, runs)
     by_dir = {str(r.dir.resolve()): r for r in runs}
     for r in runs:
-        for baseline, summary in r.judges.items():
-            against = by_dir[baseline].label_without_seed if baseline in by_dir else Path(baseline).name
-            r.extra[f"win vs {against}"] = summary.get("judge/win_rate")
+        for source, judged in r.judges.items():
+            for baseline, summary in judged.items():
+                against = by_dir[baseline].label_without_seed if baseline in by_dir else Path(baseline).name
+                r.extra[f"{'' if source == JUDGE else source + ' '}win vs {against}"] = summary.get("judge/win_rate")
     return runs, common, unreadable
+
+
+def generator_name(run: Run) -> str:
+    """The run's name in AlpacaEval's files (`generator`): its arm and seed, e.g. `arm=uniform_5,seed=1`."""
+    arm = run.label_without_seed if run.label not in ("", "(common)") else ",".join(
+        o for o in run.overrides if not o.startswith("seed="))
+    return f"{arm if arm and arm != '(common)' else 'neftlab'},seed={run.get('seed')}".replace("/", "_")
+
+
+def read_annotations(root: Path, runs: list[Run]) -> None:
+    """AlpacaEval's annotations (every annotations.json under root) into the runs' judges, as the source
+    "AlpacaEval <annotator>": each generator is matched to its run by `generators.json` (written by
+    `neftlab.export`) or by its name, and each baseline to a run the same way, else it is the reference."""
+    mapping = {}
+    for path in root.rglob("generators.json"):
+        mapping.update(files.read_json(path) or {})
+    by_dir = {str(r.dir.resolve()): r for r in runs}
+    by_name = {**{generator_name(r): r for r in runs}, **{g: by_dir[d] for g, d in mapping.items() if d in by_dir}}
+    groups = defaultdict(list)
+    for path in sorted(root.rglob("annotations.json")):
+        records = files.read_json(path)
+        if not isinstance(records, list):
+            log.warning("%s is not a list of AlpacaEval annotations: ignored", path)
+            continue
+        for a in records:
+            if isinstance(a, dict) and {"output_1", "output_2", "generator_2", "preference"} <= set(a):
+                groups[a.get("annotator", "?"), a.get("generator_1", "reference"), a["generator_2"]].append(a)
+    unmatched = sorted({g for _, _, g in groups if g not in by_name})
+    if unmatched:
+        log.warning("AlpacaEval annotations of %s match no run under the report's directory: ignored",
+                    ", ".join(unmatched))
+    for (annotator, baseline, generator), records in groups.items():
+        if generator not in by_name:
+            continue
+        # alpaca_eval's preference: 1 = output_1 (the baseline) is better, 2 = output_2, 1.5 (or 0) a tie
+        kept = [(float(a["preference"]), a) for a in records if _number(a["preference"]) and
+                not math.isnan(a["preference"])]
+        prefs = [1.5 - 1 if p == 0 else p - 1 for p, _ in kept]
+        summary = stats.preference_summary(prefs, [len(a["output_2"]) for _, a in kept],
+                                           [len(a["output_1"]) for _, a in kept])
+        against = str(by_name[baseline].dir.resolve()) if baseline in by_name else "reference"
+        by_name[generator].judges.setdefault(f"AlpacaEval {annotator}", {})[against] = {
+            **summary, "judge/reference": baseline}
 
 
 def _cell(value, fmt: str) -> str:
@@ -239,49 +296,81 @@ def paired_runs(groups: dict[str, list[Run]], baseline: str) -> list[tuple[Run, 
             for r in members if (r.context, r.get("seed")) in base]
 
 
-def _paired_values(run: Run, base: Run) -> dict[str, tuple[float, float]]:
-    """(the run's value, the baseline run's value) of each measure both have."""
+def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]], set[str]]:
+    """(the run's value, the baseline run's value) of each measure both have, and the measures that come from a
+    judge that failed its controls."""
     out = {title: (run.summary[key], base.summary[key]) for key, title, _ in PAIRED
            if _number(run.summary.get(key)) and _number(base.summary.get(key))}
-    judged = run.judges.get(str(base.dir.resolve()), {})
-    for key, title in zip(("judge/win_rate", "judge/lc_win_rate"), JUDGED):
-        if _number(judged.get(key)):
-            out[title] = (judged[key], 0.5)  # the baseline's answers against themselves
-    ours, theirs = (r.judges.get("reference", {}).get("judge/win_rate") for r in (run, base))
-    if _number(ours) and _number(theirs):
-        out[JUDGED[2]] = (ours, theirs)
-    return out
+    unreliable = set()
+    for source in {**run.judges, **base.judges}:
+        vs_baseline, lc_vs_baseline, vs_reference = judged_titles(source)
+        judged = run.judges.get(source, {}).get(str(base.dir.resolve()), {})
+        for key, title in (("judge/win_rate", vs_baseline), ("judge/lc_win_rate", lc_vs_baseline)):
+            if _number(judged.get(key)):
+                out[title] = (judged[key], 0.5)  # the baseline's answers against themselves
+                if judged.get("judge/reliable") is False:
+                    unreliable.add(title)
+        ours, theirs = (r.judges.get(source, {}).get("reference", {}) for r in (run, base))
+        if _number(ours.get("judge/win_rate")) and _number(theirs.get("judge/win_rate")):
+            out[vs_reference] = (ours["judge/win_rate"], theirs["judge/win_rate"])
+            if False in (ours.get("judge/reliable"), theirs.get("judge/reliable")):
+                unreliable.add(vs_reference)
+    return out, unreliable
 
 
-def bootstrap_ci(values: list[float], seed: int = 0) -> tuple[float, float] | None:
-    """Percentile bootstrap 95% CI of the mean (resampling the pairs); None for a single pair."""
-    if len(values) < 2:
-        return None
-    v = np.asarray(values, dtype=float)
-    means = v[np.random.default_rng(seed).integers(0, len(v), (BOOTSTRAP, len(v)))].mean(1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+@dataclass
+class Paired:
+    """One arm's paired measure: the pairs, the estimate of their mean difference, its Holm-adjusted p-value."""
+    arm: str
+    title: str
+    pairs: list[tuple[float, float]]
+    estimate: stats.Estimate
+    unreliable: bool  # from a judge that failed its controls: shown, but no conclusion drawn
+    p_holm: float | None = None
+
+
+def paired_measures(groups: dict[str, list[Run]], baseline: str) -> list[Paired]:
+    """Each arm's mean difference from the baseline arm over seeds, per measure (`stats.mean_difference`), with
+    the p-values of each measure Holm-adjusted over the arms."""
+    values = defaultdict(lambda: defaultdict(list))
+    unreliable = defaultdict(bool)
+    for run, base in paired_runs(groups, baseline):
+        found, flagged = _paired_values(run, base)
+        for title, pair in found.items():
+            values[run.label_without_seed][title].append(pair)
+            unreliable[run.label_without_seed, title] |= title in flagged
+    order = [title for _, title, _ in PAIRED] + sorted({t for m in values.values() for t in m} - {
+        title for _, title, _ in PAIRED})
+    rows = [Paired(arm, title, measures[title], stats.mean_difference([a - b for a, b in measures[title]]),
+                   unreliable[arm, title])
+            for arm, measures in sorted(values.items()) for title in order if title in measures]
+    for title in order:
+        family = [r for r in rows if r.title == title and not r.unreliable]
+        for row, adjusted in zip(family, stats.holm([r.estimate.p for r in family])):
+            row.p_holm = adjusted
+    return rows
 
 
 def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
-    """Each arm's mean difference from the baseline arm over seeds, per measure, with its bootstrap CI."""
-    values = defaultdict(lambda: defaultdict(list))
-    for run, base in paired_runs(groups, baseline):
-        for title, pair in _paired_values(run, base).items():
-            values[run.label_without_seed][title].append(pair)
-    formats = {**{title: fmt for _, title, fmt in PAIRED}, **{title: "{:.3f}" for title in JUDGED}}
-    rows = []
-    for arm, measures in sorted(values.items()):
-        for title, fmt in formats.items():
-            if title not in measures:
-                continue
-            pairs = measures[title]
-            diffs = [a - b for a, b in pairs]
-            ci = bootstrap_ci(diffs)
-            signed = fmt.replace("{:", "{:+")
-            rows.append([arm, title, str(len(pairs)), _cell(statistics.fmean(b for _, b in pairs), fmt),
-                         _cell(statistics.fmean(a for a, _ in pairs), fmt), _cell(statistics.fmean(diffs), signed),
-                         f"[{signed.format(ci[0])}, {signed.format(ci[1])}]" if ci else "(one pair)"])
-    return _table(["arm", "measure", "n", "baseline", "arm", "arm − baseline", "95% CI"], rows) if rows else None
+    """The paired measures as a table: means, difference, its interval with method and n, raw and Holm p."""
+    formats = {title: fmt for _, title, fmt in PAIRED}
+    lines = []
+    for row in paired_measures(groups, baseline):
+        fmt, e = formats.get(row.title, "{:.3f}"), row.estimate
+        signed = fmt.replace("{:", "{:+")
+        if row.unreliable:
+            interval, method, p, holm = "—", "judge failed its controls: no conclusion", "—", "—"
+        else:
+            interval = f"[{signed.format(e.low)}, {signed.format(e.high)}]" if e.low is not None else "—"
+            method = e.method or "none (one pair)"
+            p = f"{e.p:.3f}" if e.p is not None else "—"
+            holm = f"{row.p_holm:.3f}" if row.p_holm is not None else "—"
+        lines.append([row.arm, row.title, str(e.n), _cell(statistics.fmean(b for _, b in row.pairs), fmt),
+                      _cell(statistics.fmean(a for a, _ in row.pairs), fmt), _cell(e.value, signed), interval, method,
+                      p, holm])
+    header = ["arm", "measure", "n", "baseline", "arm", "arm − baseline", "95% interval", "interval method",
+              "p (sign-flip)", "p (Holm)"]
+    return _table(header, lines) if lines else None
 
 
 def plot_lengths(lengths: dict[str, list[int]], path: Path) -> bool:
@@ -302,18 +391,20 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path) -> bool:
 
 
 def _judged_wins(groups: dict[str, list[Run]], baseline: str | None) -> dict[str, dict[str, list[float]]]:
-    """Win rates by series ("vs reference", "vs <baseline arm>") and arm; the baseline arm scores 0.5 against itself."""
+    """Win rates by series ("<source> vs reference", "<source> vs <baseline arm>") and arm; the baseline arm scores
+    0.5 against itself."""
     series = defaultdict(lambda: defaultdict(list))
     for arm, members in groups.items():
         for r in members:
-            if _number(win := r.judges.get("reference", {}).get("judge/win_rate")):
-                series["vs reference"][arm].append(win)
+            for source, judged in r.judges.items():
+                if _number(win := judged.get("reference", {}).get("judge/win_rate")):
+                    series[f"{source} vs reference"][arm].append(win)
     if baseline is not None:
         for run, base in paired_runs(groups, baseline):
-            if _number(win := run.judges.get(str(base.dir.resolve()), {}).get("judge/win_rate")):
-                series[f"vs {baseline}"][run.label_without_seed].append(win)
-        if series.get(f"vs {baseline}"):
-            series[f"vs {baseline}"][baseline].append(0.5)
+            for source, judged in run.judges.items():
+                if _number(win := judged.get(str(base.dir.resolve()), {}).get("judge/win_rate")):
+                    series[f"{source} vs {baseline}"][run.label_without_seed].append(win)
+                    series[f"{source} vs {baseline}"][baseline] = [0.5]
     return series
 
 
@@ -449,29 +540,71 @@ def plot_against(runs: list[Run], key: str, title: str, path: Path, only) -> boo
 
 PAIRED_NOTE = (
     "Each run of an arm is paired with the baseline arm's run of the same seed and otherwise the same config. "
-    "A row gives the mean over its n pairs of the baseline's and the arm's value and of their difference, with a "
-    f"95% bootstrap CI of that mean ({BOOTSTRAP} resamples of the pairs, percentiles). With n seeds the CI is "
-    "wide and rough (with 2 or 3 it barely spans the differences seen; with 1 there is none); a CI that contains "
-    "0 is no evidence of a difference. Judge win rates vs baseline are the arm's answers judged against the "
-    "baseline run's answers to the same prompts (`python -m neftlab.judge ARM_RUN --baseline BASELINE_RUN`): "
-    "the baseline scores 0.5 against itself, so the difference is the win rate − 0.5; LC is the "
-    "length-controlled win rate, the win rate at equal answer length.")
+    "A row gives the mean over its n pairs of the baseline's and the arm's value and of their difference. With "
+    f"fewer than {stats.SMALL} pairs the interval is a Student t interval of the mean difference and p the exact "
+    "sign-flip permutation test of no difference (all 2^n sign patterns; with 3 pairs no p-value can be below "
+    "0.25); from "
+    f"{stats.SMALL} pairs on, a BCa bootstrap interval and a sign-flip test on {stats.RESAMPLES} random flips. With one "
+    "pair there is no interval. p (Holm) adjusts each measure's p-values over the arms compared with the baseline. "
+    "An interval that contains 0 is no evidence of a difference, and 3 seeds show only the direction the seeds "
+    "agree on. Judge win rates vs baseline are the arm's answers judged against the baseline run's answers to the "
+    "same prompts: the baseline scores 0.5 against itself, so the difference is the win rate − 0.5; LC is AlpacaEval "
+    "2's length-controlled win rate. A judge that failed its controls (the reference against an empty answer, its "
+    "own first sentence, another prompt's reference; an answer against itself) is named in the table, and no "
+    "conclusion is drawn from its win rates.")
 
 
 def push_paired(groups: dict[str, list[Run]], baseline: str) -> int:
-    """Each paired run's differences from its baseline run into its W&B summary (`paired/<measure>`), so the
-    dashboard can group them by config; returns how many runs took them."""
+    """Each paired run's differences from its baseline run into its W&B summary (`paired/<measure>`), with its
+    arm's estimate over seeds (`paired/<measure>_ci_low`, `_ci_high`, `_ci_method` with n, `_p`, `_p_holm`), so
+    the dashboard can group them by config; returns how many runs took them."""
     from . import tracking
+    arm_level = {(row.arm, row.title): row for row in paired_measures(groups, baseline)}
     pushed = 0
     for run, base in paired_runs(groups, baseline):
-        values = {"paired/" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_"): ours - theirs
-                  for title, (ours, theirs) in _paired_values(run, base).items()}
-        pushed += bool(values) and tracking.update_summary(run.dir, {**values, "paired/baseline": baseline})
+        values = {"paired/baseline": baseline}
+        for title, (ours, theirs) in _paired_values(run, base)[0].items():
+            key = "paired/" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+            row = arm_level[run.label_without_seed, title]
+            values.update({**row.estimate.fields(key), key: ours - theirs, f"{key}_arm_mean": row.estimate.value})
+            if row.p_holm is not None:
+                values[f"{key}_p_holm"] = row.p_holm
+            if row.unreliable:
+                values[f"{key}_unreliable_judge"] = True
+        pushed += len(values) > 1 and tracking.update_summary(run.dir, values)
     return pushed
 
 
-def write_report(root: Path, out: Path | None = None, baseline: str | None = None, wandb: bool = False) -> Path:
-    runs, common, unreadable = find_runs(root)
+def judges_section(runs: list[Run]) -> list[str]:
+    """Each judge used, with its controls averaged over the runs it judged and its verdict."""
+    from .judge import CONTROLS
+    used = defaultdict(list)
+    for r in runs:
+        for source, judged in r.judges.items():
+            for summary in judged.values():
+                if source == JUDGE:
+                    used[f"`{Path(str(summary.get('judge/model'))).name}` ({summary.get('judge/template')} prompt)"
+                         ].append(summary)
+    if not used:
+        return []
+    rows = []
+    for name, summaries in used.items():
+        cells = []
+        for control in CONTROLS:
+            values = [s[f"judge/control_{control}"] for s in summaries if _number(s.get(f"judge/control_{control}"))]
+            cells.append(f"{statistics.fmean(values):.3f}" if values else "—")
+        verdicts = {s.get("judge/reliable") for s in summaries}
+        verdict = ("reliable" if verdicts == {True} else
+                   "**unreliable**: failed its controls; no conclusion is drawn from its win rates")
+        rows.append([name, str(len(summaries)), *cells, verdict])
+    what = "; ".join(f"{name}: {a} against {b} (needs {rule})" for name, (a, b, _, rule) in CONTROLS.items())
+    return ["## Judges", "", f"Controls, built from the judged prompts and averaged over the judgings: {what}.", "",
+            _table(["judge", "judgings", *CONTROLS, "verdict"], rows), ""]
+
+
+def write_report(root: Path, out: Path | None = None, baseline: str | None = None, wandb: bool = False,
+                 annotations: Path | None = None) -> Path:
+    runs, common, unreadable = find_runs(root, annotations)
     out = out or root
     out.mkdir(parents=True, exist_ok=True)
     groups = arms(runs)
@@ -493,6 +626,10 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
         plain = ", ".join(f"`{arm}`" for arm in plain_arms(groups))
         parts += ["## Paired differences", "", f"Several arms are plain fine-tuning ({plain}): pick the baseline with "
                   "--baseline ARM.", ""]
+    if wandb and not paired:
+        print("W&B: nothing pushed: no arm is paired with a baseline arm (a baseline arm is the only arm without noise "
+              "or pruning, or --baseline ARM; its runs and the others' must share seeds)")
+    parts += judges_section(runs)
     parts += search_sections(runs, root, out)
     if failed:
         parts += ["## Not completed", ""] + [f"- `{r.dir}` ({r.summary.get('status')}): {r.summary.get('error', '')}"
@@ -527,13 +664,17 @@ def main(argv: list[str] | None = None) -> int:
                         "pruning that trains, if there is exactly one)")
     parser.add_argument("--wandb", action="store_true", help="also add each run's paired differences to its W&B "
                         "run's summary (paired/<measure>), for runs that logged to W&B")
+    parser.add_argument("--annotations", type=Path, metavar="DIR", help="AlpacaEval's annotations.json files under "
+                        "DIR (of answers written by python -m neftlab.export), paired by seed like neftlab's judge")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     if not args.root.is_dir():
         print(f"error: {args.root} is not a directory", file=sys.stderr)
         return 2
     try:
-        path = write_report(args.root, args.out, args.baseline, args.wandb)
+        if args.annotations is not None and not args.annotations.is_dir():
+            raise ReportError(f"--annotations {args.annotations}: not a directory")
+        path = write_report(args.root, args.out, args.baseline, args.wandb, args.annotations)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

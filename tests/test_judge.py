@@ -1,4 +1,5 @@
-"""The local judge: both orders averaged, batching that changes nothing, the statistics, baselines, clear errors."""
+"""The local judge: both orders averaged, batching that changes nothing, its controls, AlpacaEval's prompt, the
+statistics, baselines, clear errors."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from conftest import ROOT, cli
-from neftlab import judge
+from neftlab import judge, stats
 from neftlab.config import JudgeConfig
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -55,13 +56,24 @@ def tiny_judges(tmp_path_factory, llama_tokenizer):
     return SimpleNamespace(causal=causal, reward=reward)
 
 
-class FakeJudge(torch.nn.Module):
-    """Says "1" when the answer shown first contains `word` (or always, with word=None), else "2"."""
+def shown(text, template="neftlab"):
+    """The two answers a judge prompt shows, in order."""
+    if template == "neftlab":
+        return text.split("## Answer 1\n")[1].split("\n\n## Answer 2\n")[0], \
+            text.split("## Answer 2\n")[1].split("\n\nWhich answer")[0]
+    outputs = text.split('"output": """')[1:]
+    return outputs[0].split('"""')[0], outputs[1].split('"""')[0]
 
-    def __init__(self, tokenizer, word=None):
+
+class FakeJudge(torch.nn.Module):
+    """Says the first label when `rule(first answer, second answer)` holds, else the second; by default when the
+    answer shown first contains `word` (or always, with word=None)."""
+
+    def __init__(self, tokenizer, word=None, rule=None, template="neftlab"):
         super().__init__()
-        self.tokenizer, self.word = tokenizer, word
-        self.ids = [tokenizer.encode(label, add_special_tokens=False)[-1] for label in judge.LABELS]
+        self.tokenizer, self.template = tokenizer, template
+        self.rule = rule or (lambda first, second: word is None or word in first)
+        self.ids = [tokenizer.encode(label, add_special_tokens=False)[-1] for label in judge.TEMPLATES[template][1]]
         self.lengths = []
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
@@ -69,9 +81,8 @@ class FakeJudge(torch.nn.Module):
         logits = torch.zeros(len(input_ids), 1, len(self.tokenizer))
         for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             self.lengths.append(int(mask.sum()))
-            text = self.tokenizer.decode(ids[mask.bool()])
-            first = text.split("## Answer 1")[1].split("## Answer 2")[0]
-            logits[row, 0, self.ids[0 if self.word is None or self.word in first else 1]] = 5.0
+            first, second = shown(self.tokenizer.decode(ids[mask.bool()]), self.template)
+            logits[row, 0, self.ids[0 if self.rule(first, second) else 1]] = 5.0
         return SimpleNamespace(logits=logits)
 
 
@@ -103,11 +114,12 @@ def test_pairwise_judge_against_another_run_is_symmetric_and_batch_invariant(tmp
     cfg = JudgeConfig(model=tiny_judges.causal, baseline=str(b), bootstrap=200)
     summary = judge.judge_run(a, cfg, seed=0, batch_size=3)
     saved = json.loads((a / "judge_b.json").read_text())
-    assert saved["summary"] == summary and summary["judge/n_pairs"] == 4 and saved["length_unit"] == "words"
+    assert saved["summary"] == summary and summary["judge/n_pairs"] == 4 and saved["length_unit"] == "characters"
     assert saved["baseline"] == str(b.resolve()) and saved["step"] == 8 and saved["kind"] == "pairwise"
     prefs = np.array([p["preference"] for p in saved["pairs"]])
     assert prefs == pytest.approx(np.mean([p["orders"] for p in saved["pairs"]], 1))
-    assert [p["run_words"] - p["baseline_words"] for p in saved["pairs"]] == [3, 2, -4, 11]
+    assert [p["run_chars"] - p["baseline_chars"] for p in saved["pairs"]] == [
+        len(x) - len(y) for x, y in zip(ANSWERS_A, ANSWERS_B)]
     swapped = judge.judge_run(b, JudgeConfig(model=tiny_judges.causal, baseline=str(a), bootstrap=200), 0, 1)
     back = np.array([p["preference"] for p in json.loads((b / "judge_a.json").read_text())["pairs"]])
     assert back == pytest.approx(1 - prefs, abs=1e-5)  # same prompts, one at a time: left padding changes nothing
@@ -136,29 +148,74 @@ def test_reference_baseline_uses_the_last_step_and_skips_empty_references(tmp_pa
     assert "1 of 4 prompts have no reference answer: skipped" in caplog.text
 
 
-def test_win_rate_ci_is_seeded_and_contains_the_mean():
+def test_win_rate_and_lc_intervals_are_bca_over_the_prompts_and_seeded():
     rng = np.random.default_rng(3)
-    prefs, diff = rng.uniform(0, 1, 50), rng.normal(0, 50, 50)
-    s = judge.summarize(prefs, diff, bootstrap=500, seed=1)
+    prefs, run, base = rng.uniform(0, 1, 50), rng.integers(100, 900, 50), rng.integers(100, 900, 50)
+    s = stats.preference_summary(prefs, run, base, resamples=500, seed=1)
     assert s["judge/win_rate"] == pytest.approx(prefs.mean())
     assert s["judge/win_rate_ci_low"] < s["judge/win_rate"] < s["judge/win_rate_ci_high"]
     assert s["judge/lc_win_rate_ci_low"] < s["judge/lc_win_rate"] < s["judge/lc_win_rate_ci_high"]
-    assert judge.summarize(prefs, diff, 500, seed=1) == s
-    assert judge.summarize(prefs, diff, 500, seed=2)["judge/win_rate_ci_low"] != s["judge/win_rate_ci_low"]
-    assert judge.summarize(np.array([0.0, 0.5, 1.0, 1.0]), np.zeros(4), 100, 0)["judge/decisive_win_rate"] == 0.625
+    assert s["judge/win_rate_ci_method"] == s["judge/lc_win_rate_ci_method"] == "95% BCa bootstrap interval, n = 50"
+    assert s["judge/lc_win_rate"] == pytest.approx(stats.length_controlled(prefs, run, base).value)
+    assert stats.preference_summary(prefs, run, base, 500, seed=1) == s
+    assert stats.preference_summary(prefs, run, base, 500, seed=2)["judge/win_rate_ci_low"] != s["judge/win_rate_ci_low"]
+    assert stats.preference_summary(np.array([0.0, 0.5, 1.0, 1.0]), np.ones(4), np.ones(4), 100, 0)[
+        "judge/decisive_win_rate"] == 0.625
 
 
-def test_length_controlled_win_rate_recovers_a_known_logistic_model():
-    rng = np.random.default_rng(0)
-    diff = rng.uniform(-300, 300, 3000)  # words
-    soft = 1 / (1 + np.exp(-(0.4 + 0.01 * diff)))
-    assert judge.logistic_fit(diff, soft) == pytest.approx([0.4, 0.01], rel=1e-3)
-    hard = (rng.random(3000) < soft).astype(float)  # the same model seen through 0/1 verdicts
-    assert judge.logistic_fit(diff, hard) == pytest.approx([0.4, 0.01], rel=0.15)
-    # Length alone decides, and the run's answers are longer: it wins, but not at equal length.
-    confounded = judge.summarize(1 / (1 + np.exp(-0.02 * (diff + 100))), diff + 100, 200, 0)
-    assert confounded["judge/win_rate"] > 0.65 and confounded["judge/lc_win_rate"] == pytest.approx(0.5, abs=0.01)
-    assert judge.logistic_fit(diff, np.ones(3000))[0] > 5  # all wins: large but finite
+def longer(first, second):
+    return len(first) > len(second)
+
+
+REFERENCES = {0: "Apples are crisp. They keep for months.", 1: "Bananas. Soft and sweet, and easy to carry.",
+              2: "Figs are best fresh. Dried ones are good too.", 3: "Cherries! Small, red, and they taste of summer."}
+
+
+def test_controls_measure_the_judge_on_degraded_references(llama_tokenizer, monkeypatch):
+    """A judge that prefers the longer answer passes the empty and first-sentence controls, cannot tell the
+    reference from another prompt's, and (deciding ties for the second answer) shows its position bias."""
+    monkeypatch.setattr(judge, "load_judge", lambda name, kind: (FakeJudge(llama_tokenizer, rule=longer),
+                                                                 llama_tokenizer))
+    judge.judge_controls.cache_clear()
+    texts = tuple((i, f"q{i}", r) for i, r in REFERENCES.items())
+    controls = judge.judge_controls("fake", "pairwise", "neftlab", 2048, texts, 3)
+    assert controls["empty"] == {"value": pytest.approx(1, abs=0.01), "n": 4, "passed": True}
+    assert controls["first_sentence"]["value"] == pytest.approx(1, abs=0.01) and controls["first_sentence"]["n"] == 4
+    assert controls["other_prompt"]["n"] == 4 and controls["other_prompt"]["passed"] is False
+    assert controls["self"]["value"] == pytest.approx(0, abs=0.01) and controls["self"]["passed"] is False
+    reliable, why = judge.verdict(controls)
+    assert not reliable and any("the reference of another prompt" in w for w in why)
+    pairs = judge.control_pairs([(0, "q", "One sentence only."), (1, "q", "  "), (2, "q", "Two. Sentences.")])
+    assert [p.baseline for p in pairs["first_sentence"]] == ["Two."] and len(pairs["empty"]) == 2
+
+
+def test_an_unreliable_judge_is_flagged_and_can_be_made_a_stop(tmp_path, llama_tokenizer, monkeypatch):
+    monkeypatch.setattr(judge, "load_judge", lambda name, kind: (FakeJudge(llama_tokenizer), llama_tokenizer))
+    judge.judge_controls.cache_clear()  # a judge that always says "1": every control at 0.5, the self control 1
+    run = write_samples(tmp_path / "run", ANSWERS_A, references=REFERENCES)
+    summary = judge.judge_run(run, JudgeConfig(model="fake", bootstrap=200), seed=0)
+    saved = json.loads((run / "judge_reference.json").read_text())
+    assert summary["judge/reliable"] is False and saved["reliable"] is False
+    assert summary["judge/control_empty"] == pytest.approx(0.5, abs=0.01)
+    assert saved["controls"]["empty"]["needs"] == ">= 0.90" and saved["unreliable_because"]
+    with pytest.raises(judge.JudgeError, match=r"failed its controls \(.*eval.judge.require_reliable=true"):
+        judge.judge_run(run, JudgeConfig(model="fake", bootstrap=200, require_reliable=True), seed=0)
+
+
+def test_the_alpaca_eval_prompt_is_alpaca_evals_own(llama_tokenizer, monkeypatch, tmp_path):
+    from importlib.resources import files as package_files
+    utils = pytest.importorskip("alpaca_eval.utils", reason="alpaca-eval is not installed")
+    import pandas as pd
+    template = (package_files("alpaca_eval") / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo"
+                / "alpaca_eval_clf.txt").read_text()
+    row = dict(instruction="Name a {fruit}.", output_1="An apple {x}.", output_2="A pear.")
+    prompts, _ = utils.make_prompts(pd.DataFrame([row]), template)
+    assert judge.chat_messages("alpaca_eval", **row) == utils.prompt_to_chatml(prompts[0])
+    fake = FakeJudge(llama_tokenizer, rule=longer, template="alpaca_eval")
+    pairs = [judge.Pair(i, f"q{i}", a, b) for i, (a, b) in enumerate(zip(ANSWERS_A, ANSWERS_B))]
+    orders, _ = judge.pairwise_preferences(fake, llama_tokenizer, pairs, 2048, 2, template="alpaca_eval")
+    wins = [float(len(a) > len(b)) for a, b in zip(ANSWERS_A, ANSWERS_B)]
+    assert orders == pytest.approx(np.array([wins, wins]).T, abs=0.01)  # labels m / M read in both orders
 
 
 def cli_error(capsys, *args):
@@ -199,7 +256,8 @@ def test_cli_judges_a_run(tmp_path, tiny_judges):
                            tiny_judges.causal, "--bootstrap", "100"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "over 4 pairs" in proc.stdout and (a / "judge_b.json").exists()
+    assert "(95% BCa bootstrap interval, n = 4)" in proc.stdout and (a / "judge_b.json").exists()
+    assert "judge UNRELIABLE: failed its controls" in proc.stdout  # a random judge
     assert "Judging" in proc.stderr  # a progress bar
 
 
@@ -236,6 +294,9 @@ def test_a_sweep_is_judged_against_its_baseline_arm_seed_by_seed(tmp_path, tiny_
     for seed, run in enumerate(noisy, 1):
         saved = json.loads((run / f"judge_plain_{seed}.json").read_text())
         assert saved["baseline"] == str(plain[seed - 1].resolve())  # its own seed's baseline run
+        # two runs judged on the same prompts: AlpacaEval's instruction terms in their LC, estimated from both
+        assert saved["summary"]["judge/lc_instruction_terms"] is True and saved["instruction_difficulty_from"] == 2
+        assert saved["pairs"][0]["instruction_difficulty"] == 0.0
         logged = offline_run(run)
         assert logged["run"].run_id == f"run{seed}"
         assert float(logged["summary"]["judge_vs_baseline/win_rate"]) == pytest.approx(

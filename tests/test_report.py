@@ -1,10 +1,12 @@
 """The offline report: one row per run, seeds folded into mean ± std, arms paired by seed against the baseline
-arm with bootstrap CIs, the judges' win rates, plots, a clear error without runs."""
+arm with t intervals, sign-flip p-values and Holm's adjustment, the judges' win rates, plots, a clear error
+without runs."""
 
 import json
 
 import pytest
 import yaml
+from scipy import stats as st
 
 from neftlab import report
 
@@ -88,29 +90,52 @@ def study(tmp_path):
     return make_study(tmp_path)
 
 
+def t_interval(diffs, fmt):
+    ci = st.ttest_1samp(diffs, 0).confidence_interval(0.95)
+    return f"[{fmt.format(ci.low)}, {fmt.format(ci.high)}] | t"
+
+
 def test_report_pairs_arms_by_seed_against_plain_finetuning(study):
     assert report.main([str(study)]) == 0
     text = (study / "report.md").read_text()
     assert "## Paired differences against `method=finetune`" in text
-    assert "a CI that contains 0 is no evidence of a difference" in text
-    assert "| arm | measure | n | baseline | arm | arm − baseline | 95% CI |" in text
-    assert "| method=neftune | answer length (tokens) | 3 | 60.0 | 71.7 | +11.7 | [+10.0, +15.0] |" in text
-    assert "| method=neftune | eval loss | 3 | 2.2000 | 2.2000 | +0.0000 | [+0.0000, +0.0000] |" in text
-    assert "| method=neftune | judge win rate vs baseline | 3 | 0.500 | 0.700 | +0.200 | [+0.100, +0.300] |" in text
+    assert "An interval that contains 0 is no evidence of a difference" in text
+    assert ("| arm | measure | n | baseline | arm | arm − baseline | 95% interval | interval method | p (sign-flip) "
+            "| p (Holm) |") in text
+    # neftune's answers are 10, 15, 10 tokens longer: a t interval over 3 pairs, the exact sign-flip p of 3
+    # positive differences (2 of 8 sign patterns as extreme), Holm over the two arms with answer lengths
+    assert ("| method=neftune | answer length (tokens) | 3 | 60.0 | 71.7 | +11.7 | "
+            f"{t_interval([10, 15, 10], '{:+.1f}')} | 0.250 | 0.500 |") in text
+    assert "| method=neftune | eval loss | 3 | 2.2000 | 2.2000 | +0.0000 | [+0.0000, +0.0000] | t | 1.000 |" in text
+    assert ("| method=neftune | judge win rate vs baseline | 3 | 0.500 | 0.700 | +0.200 | "
+            f"{t_interval([0.1, 0.2, 0.3], '{:+.3f}')} | 0.250 |") in text
     assert "| method=neftune | judge LC win rate vs baseline | 3 | 0.500 | 0.600 | +0.100 |" in text
     assert "| method=neftune | judge win rate vs reference | 3 | 0.300 | 0.420 | +0.120 |" in text
-    assert "| method=original | answer length (tokens) | 3 | 60.0 | 20.0 | -40.0 | [-50.0, -30.0] |" in text
-    assert "| method=pruning | answer length (tokens) | 1 | 50.0 | 55.0 | +5.0 | (one pair) |" in text
+    assert "| method=original | answer length (tokens) | 3 | 60.0 | 20.0 | -40.0 |" in text
+    assert "| method=pruning | answer length (tokens) | 1 | 50.0 | 55.0 | +5.0 | — | none (one pair) | — | — |" in text
     assert "win vs method=finetune" in text and "win vs reference" in text  # the judges' columns per run
     assert "| method=neftune,seed=2 | neftune_2 | 2.2000 | 0.5000 | 75.0 | 0.700 | 0.420 | completed |" in text
     for png in ("answer_lengths.png", "win_rate_vs_length.png"):
         assert f"({png})" in text and (study / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_unreliable_judge_is_shown_but_draws_no_conclusion(study):
+    for seed in (1, 2, 3):
+        path = study / f"neftune_{seed}" / f"judge_finetune_{seed}.json"
+        data = json.loads(path.read_text())
+        data["summary"]["judge/reliable"] = False
+        path.write_text(json.dumps(data))
+    assert report.main([str(study)]) == 0
+    text = (study / "report.md").read_text()
+    assert ("| method=neftune | judge win rate vs baseline | 3 | 0.500 | 0.700 | +0.200 | — | judge failed its "
+            "controls: no conclusion | — | — |") in text
+    assert "| method=neftune | judge win rate vs reference | 3 | 0.300 | 0.420 | +0.120 | [" in text  # another judge
+
+
 def test_report_baseline_arm_can_be_chosen(study, capsys):
     assert report.main([str(study), "--baseline", "method=neftune"]) == 0
     text = (study / "report.md").read_text()
-    assert "| method=finetune | answer length (tokens) | 3 | 71.7 | 60.0 | -11.7 | [-15.0, -10.0] |" in text
+    assert "| method=finetune | answer length (tokens) | 3 | 71.7 | 60.0 | -11.7 | [-18.8, -4.5] | t | 0.250 |" in text
     assert "judge win rate vs baseline" not in text  # no finetune run was judged against a neftune run
     assert report.main([str(study), "--baseline", "method=dpo"]) == 2
     err = capsys.readouterr().err
@@ -142,4 +167,8 @@ def test_report_adds_paired_differences_to_wandb_summaries(study, monkeypatch, c
     summary = {k: json.loads(v) for k, v in logged["summary"].items()}
     assert summary["paired/answer_length_tokens"] == 15.0 and summary["paired/baseline"] == "method=finetune"
     assert summary["paired/judge_win_rate_vs_baseline"] == pytest.approx(0.2)
+    assert summary["paired/answer_length_tokens_arm_mean"] == pytest.approx(35 / 3)  # the arm's, over 3 seeds
+    assert summary["paired/answer_length_tokens_ci_method"] == "95% t interval, n = 3"
+    assert summary["paired/answer_length_tokens_p"] == pytest.approx(0.25)
+    assert summary["paired/answer_length_tokens_p_holm"] == pytest.approx(0.5)
     assert not list((study / "finetune_1").glob("wandb"))  # the baseline's own runs are not paired with themselves
