@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.max_new_tokens=512")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
-    from . import data, models, noise
+    from .runner import EXPECTED_ERRORS
     try:
         metrics = evaluate_run(args.run_dir, args.overrides)
-    except (ConfigError, data.DataError, models.ModelLoadError, noise.NoiseError) as e:
+    except EXPECTED_ERRORS as e:  # the runner's, the judge's (eval.judge.require_reliable) among them
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OmegaConfBaseException as e:

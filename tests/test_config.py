@@ -52,6 +52,8 @@ def test_packaged_weights_resolve_to_files():
     ("eval.judge.kind=votes", "eval.judge.kind", "one of pairwise, reward"),
     ("eval.judge.max_length=8", "eval.judge.max_length", ">= 64"),
     ("eval.judge.bootstrap=10", "eval.judge.bootstrap", ">= 100"),
+    ("eval.judge.template=mtbench", "eval.judge.template", "one of neftlab, alpaca_eval"),
+    ("eval.judge.control_prompts=0", "eval.judge.control_prompts", "null (all prompts) or an integer >= 1"),
     ("+trainer.args.no_such_option=1", "trainer.args.no_such_option", "a TrainingArguments option"),
     ("+trainer.args.max_steps=3", "trainer.args.max_steps", "unset: use trainer.max_steps"),
     ("data.packing_strategy=ffd", "data.packing_strategy", "one of batch, bfd"),
@@ -78,6 +80,8 @@ def test_wrong_type_is_refused_at_composition():
 
 @pytest.mark.parametrize("overrides, message", [
     (["model=bert", "data=alpaca", "data.path=x.json"], "data.format=alpaca is a causal-LM dataset"),
+    (["eval.judge.kind=reward", "eval.judge.template=alpaca_eval"],
+     "eval.judge.template='alpaca_eval' is not allowed: neftlab with eval.judge.kind=reward"),
     (["data=classification", "data.path=x.csv"], "data.format=classification needs model.arch=bert"),
     (["trainer.neftune_noise_alpha=5", "noise.kind=uniform"], "would add noise twice"),
 ])
