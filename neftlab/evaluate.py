@@ -18,15 +18,15 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from . import files, guards, resume
-from .config import Config, ConfigError, register
+from . import guards, resume, rundir
+from .config import Config, ConfigError, register, run_id
 
 log = logging.getLogger("neftlab.evaluate")
 
 
 def load_config(run_dir: Path, overrides: list[str]) -> Config:
     """The run's resolved config with `eval.*` overrides; any other key would evaluate another model or data."""
-    saved = run_dir / ".hydra" / "config.yaml"
+    saved = run_dir / rundir.CONFIG
     if not saved.is_file():
         raise ConfigError(f"{run_dir}: no .hydra/config.yaml, not a neftlab run directory")
     others = [o for o in overrides if not o.startswith("eval.")]
@@ -43,10 +43,10 @@ def load_config(run_dir: Path, overrides: list[str]) -> Config:
 def trained_weights(run_dir: Path) -> tuple[Path, dict]:
     """(where the trained weights are, the last training event: its step and epoch): model/, else the checkpoint
     of the last step."""
-    trained = [e for e in files.read_jsonl(run_dir / "metrics.jsonl") if "train/epoch" in e]
+    trained = [e for e in rundir.trained_events(run_dir) if "train/epoch" in e]
     last = trained[-1] if trained else {"step": 0, "train/epoch": 0}
-    if (run_dir / "model").is_dir():
-        return run_dir / "model", last
+    if (run_dir / rundir.MODEL).is_dir():
+        return run_dir / rundir.MODEL, last
     for checkpoint in resume.checkpoints(run_dir):
         if resume.problem(checkpoint) is None and resume.training_done(checkpoint):
             return checkpoint, last
@@ -57,7 +57,6 @@ def trained_weights(run_dir: Path) -> tuple[Path, dict]:
 def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     """Evaluate the run again; returns the summary of this evaluation's metrics."""
     from . import runner
-    from .tracking import RunFiles
 
     weights, last = trained_weights(run_dir)
     cfg = load_config(run_dir, overrides)
@@ -66,8 +65,8 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     if holder is not None:
         raise ConfigError(f"{run_dir} is in use by pid {holder.get('pid')} on {holder.get('host')}")
     try:
-        run_files = RunFiles(run_dir, keep_events=lambda events: events)
-        earlier = len(files.read_jsonl(run_dir / "metrics.jsonl"))
+        stage = f"reeval-{run_id()}"
+        run_files = rundir.RunFiles(run_dir, keep=lambda row: True, stage=stage)
         with guards.GracefulStop() as stopper:
             built = runner.build(cfg, run_files, stopper, resume=None)
             built.trainer._load_from_checkpoint(str(weights))
@@ -75,8 +74,8 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
             log.info("Evaluating %s with the weights of %s (step %d)", run_dir, weights.name, last["step"])
             runner.evaluate(built)
         run_files.close()
-        return {k: v for event in files.read_jsonl(run_dir / "metrics.jsonl")[earlier:] for k, v in event.items()
-                if k != "step"}
+        return {k: v for event in rundir.read_jsonl(run_dir / rundir.METRICS) if event.get("stage") == stage
+                for k, v in event.items() if k not in ("step", "stage")}
     finally:
         lock.release()
 

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import files, report
+from . import report, rundir
 from .judge import JudgeError, final_answers, instruction_text
 
 FORMATS = ("alpaca_eval",)
@@ -35,7 +35,7 @@ def export(root: Path, out: Path | None = None) -> tuple[Path, dict[str, Path]]:
     """Write every completed run's answers under `out` (default ROOT/alpaca_eval): <out>/<generator>/
     model_outputs.json and reference_outputs.json, and <out>/generators.json. Returns out and the generators."""
     runs, _, _ = report.find_runs(root)
-    done = [r for r in runs if r.summary.get("status") == "completed" and (r.dir / "samples.jsonl").is_file()]
+    done = [r for r in runs if r.summary.get("status") == "completed" and (r.dir / rundir.SAMPLES).is_file()]
     if not done:
         raise report.ReportError(f"no completed run with answers (samples.jsonl) under {root}")
     out = out or root / "alpaca_eval"
@@ -48,11 +48,11 @@ def export(root: Path, out: Path | None = None) -> tuple[Path, dict[str, Path]]:
         answers, references = alpaca_eval_records(run.dir, generator)
         folder = out / generator
         folder.mkdir(parents=True, exist_ok=True)
-        files.write_json(folder / "model_outputs.json", answers)
+        rundir.write_json(folder / "model_outputs.json", answers)
         if references:
-            files.write_json(folder / "reference_outputs.json", references)
+            rundir.write_json(folder / "reference_outputs.json", references)
         written[generator] = run.dir
-    files.write_json(out / "generators.json", {g: str(d.resolve()) for g, d in written.items()})
+    rundir.write_json(out / "generators.json", {g: str(d.resolve()) for g, d in written.items()})
     return out, written
 
 

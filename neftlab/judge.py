@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from . import files, models, report, stats, tracking
+from . import models, report, rundir, stats, tracking
 from .config import ConfigError, JudgeConfig, package_path
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,11 @@ class Pair:
 
 def final_answers(run_dir: Path) -> tuple[int, dict[int, dict]]:
     """The run's answers at its last generation step, by prompt id (samples.jsonl is appended step by step)."""
-    path = Path(run_dir) / "samples.jsonl"
+    path = Path(run_dir) / rundir.SAMPLES
     if not path.is_file():
         raise JudgeError(f"{path}: no such file (a causal run writes its answers there when it generates)")
     try:
-        step, rows = files.last_step_samples(path)
+        step, rows = rundir.last_generation(path)
     except OSError as e:
         raise JudgeError(f"{path} is unreadable: {e.strerror or e}") from None
     rows = {i: r for i, r in rows.items() if isinstance(r.get("generation"), str) and isinstance(r.get("prompt"), list)}
@@ -354,11 +354,6 @@ def load_judge(name: str, kind: str):
     return model.to(device).eval(), tokenizer
 
 
-def judge_path(run_dir: Path, baseline: str) -> Path:
-    """<run dir>/judge_reference.json, or judge_<baseline run dir's name>.json."""
-    return Path(run_dir) / f"judge_{'reference' if baseline == 'reference' else Path(baseline).resolve().name}.json"
-
-
 def judge_run(run_dir: Path, cfg: JudgeConfig, seed: int, batch_size: int = 8) -> dict:
     """Judge the run's final answers against `cfg.baseline` with `cfg.model`, after the judge's controls; write
     <run dir>/judge_<baseline name>.json (per pair, controls and summary) and return the summary's judge/*
@@ -379,8 +374,8 @@ def judge_run(run_dir: Path, cfg: JudgeConfig, seed: int, batch_size: int = 8) -
                **{f"judge/control_{name}": c["value"] for name, c in controls.items()},
                "judge/reliable": reliable, "judge/truncated": truncated, "judge/skipped": info["skipped"],
                "judge/seconds": time.perf_counter() - start}
-    path = judge_path(run_dir, cfg.baseline)
-    files.write_json(path, {
+    path = rundir.judge_file(run_dir, cfg.baseline)
+    rundir.write_json(path, {
         **info, "judge": cfg.model, "kind": cfg.kind, "template": cfg.template, "max_length": cfg.max_length,
         "bootstrap": cfg.bootstrap, "seed": seed, "length_unit": "characters", "summary": summary,
         "controls": {name: {**c, "what": f"{CONTROLS[name][0]} against {CONTROLS[name][1]}",
@@ -403,7 +398,7 @@ def add_instruction_terms(paths: list[Path], seed: int) -> list[Path]:
     AlpacaEval 2 does. Rewrites those judge files' LC; returns the files it changed."""
     groups: dict[tuple, list[tuple[Path, dict]]] = {}
     for path in paths:
-        data = files.read_json(path)
+        data = rundir.read_json(path)
         if isinstance(data, dict) and data.get("pairs"):
             key = (data.get("judge"), data.get("kind"), data.get("template"),
                    tuple(sorted(p["prompt_id"] for p in data["pairs"])))
@@ -425,7 +420,7 @@ def add_instruction_terms(paths: list[Path], seed: int) -> list[Path]:
             data["instruction_difficulty_from"] = len(members)
             for p in pairs:
                 p["instruction_difficulty"] = difficulty[p["prompt_id"]]
-            files.write_json(path, data)
+            rundir.write_json(path, data)
             changed.append(path)
     return changed
 
@@ -474,12 +469,12 @@ def main(argv: list[str] | None = None) -> int:
                 failed += 1
                 continue
             judged.append((run_dir, baseline))
-        add_instruction_terms([judge_path(r, b) for r, b in judged], args.seed)
+        add_instruction_terms([rundir.judge_file(r, b) for r, b in judged], args.seed)
         for run_dir, baseline in judged:
-            s = files.read_json(judge_path(run_dir, baseline))["summary"]
+            s = rundir.read_json(rundir.judge_file(run_dir, baseline))["summary"]
             prefix = "judge/" if baseline == "reference" else "judge_vs_baseline/"
             tracking.update_summary(run_dir, {prefix + k.removeprefix("judge/"): v for k, v in s.items()})
-            print(f"{run_dir}: {describe(s)}; wrote {judge_path(run_dir, baseline)}")
+            print(f"{run_dir}: {describe(s)}; wrote {rundir.judge_file(run_dir, baseline)}")
     except (JudgeError, ConfigError, models.ModelLoadError, report.ReportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -502,7 +497,7 @@ def judge_targets(path: Path, baseline: str, arm: str | None) -> list[tuple[Path
     """(run dir, baseline) pairs to judge. A run directory is judged against `baseline`; a sweep directory's
     completed runs each against it, or with `arm`, each run of the other arms against the baseline arm's run
     of the same seed (the report's pairing)."""
-    if (path / "samples.jsonl").is_file() or not any(path.glob("**/summary.json")):
+    if (path / rundir.SAMPLES).is_file() or not any(path.glob(f"**/{rundir.SUMMARY}")):
         if baseline == "arm":
             raise JudgeError(f"--baseline arm pairs the runs of a sweep directory: {path} is one run, or none")
         return [(path, baseline)]

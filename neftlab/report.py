@@ -21,11 +21,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from . import files, search, stats
+from . import rundir, search, stats
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +112,7 @@ class Run:
 
     def answer_lengths(self) -> list[int]:
         """Answer lengths in tokens at the last generation step of samples.jsonl (one per prompt)."""
-        _, rows = files.last_step_samples(self.dir / "samples.jsonl")
+        _, rows = rundir.last_generation(self.dir / rundir.SAMPLES)
         return [r["tokens"] for r in rows.values() if isinstance(r.get("tokens"), int)]
 
 
@@ -130,19 +129,19 @@ def _yaml(path: Path, default):
 def _read_run(summary_path: Path) -> Run | None:
     """The run, or None when its summary.json is unreadable (the reader has named it)."""
     run_dir = summary_path.parent
-    summary = files.read_json(summary_path)
+    summary = rundir.read_json(summary_path)
     if not isinstance(summary, dict):
         return None
-    overrides = _yaml(run_dir / ".hydra" / "overrides.yaml", [])
-    config = _yaml(run_dir / ".hydra" / "config.yaml", {})
-    history = files.read_jsonl(run_dir / "metrics.jsonl")
+    overrides = _yaml(run_dir / rundir.OVERRIDES, [])
+    config = _yaml(run_dir / rundir.CONFIG, {})
+    history = rundir.read_jsonl(run_dir / rundir.METRICS)
     judges = {}
-    for path in sorted(run_dir.glob("judge_*.json")):
-        data = files.read_json(path)
+    for path in rundir.judge_files(run_dir):
+        data = rundir.read_json(path)
         if isinstance(data, dict) and isinstance(data.get("summary"), dict) and isinstance(data.get("baseline"), str):
             judges.setdefault(JUDGE, {})[data["baseline"]] = {**data["summary"], "judge/model": data.get("judge"),
                                                               "judge/template": data.get("template", "neftlab")}
-    sweeper = (_yaml(run_dir / ".hydra" / "hydra.yaml", {}).get("hydra") or {}).get("sweeper") or {}
+    sweeper = (_yaml(run_dir / rundir.HYDRA_CONFIG, {}).get("hydra") or {}).get("sweeper") or {}
     return Run(run_dir, [o for o in overrides if not o.startswith("hydra.")], summary, config, history, judges,
                searched="Optuna" in str(sweeper.get("_target_", "")))
 
@@ -150,7 +149,7 @@ def _read_run(summary_path: Path) -> Run | None:
 def find_runs(root: Path, annotations: Path | None = None) -> tuple[list[Run], list[str], list[Path]]:
     """The runs under root, labelled by what sets them apart, the overrides they all share, and the
     summaries that could not be read; with `annotations`, AlpacaEval's verdicts on their answers too."""
-    paths = sorted(root.rglob("summary.json"))
+    paths = sorted(root.rglob(rundir.SUMMARY))
     if not paths:
         raise ReportError(f"no runs under {root}: no */summary.json (point it at a run, multirun or outputs/ directory)")
     read = [(p, _read_run(p)) for p in tqdm(paths, desc="Reading runs", unit="run")]
@@ -185,12 +184,12 @@ def read_annotations(root: Path, runs: list[Run]) -> None:
     `neftlab.export`) or by its name, and each baseline to a run the same way, else it is the reference."""
     mapping = {}
     for path in root.rglob("generators.json"):
-        mapping.update(files.read_json(path) or {})
+        mapping.update(rundir.read_json(path) or {})
     by_dir = {str(r.dir.resolve()): r for r in runs}
     by_name = {**{generator_name(r): r for r in runs}, **{g: by_dir[d] for g, d in mapping.items() if d in by_dir}}
     groups = defaultdict(list)
     for path in sorted(root.rglob("annotations.json")):
-        records = files.read_json(path)
+        records = rundir.read_json(path)
         if not isinstance(records, list):
             log.warning("%s is not a list of AlpacaEval annotations: ignored", path)
             continue
@@ -651,7 +650,7 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
     if plot_win_vs_length(groups, lengths, baseline, out / "win_rate_vs_length.png"):
         parts += ["![judge win rate against mean answer length](win_rate_vs_length.png)", ""]
     path = out / "report.md"
-    files.write_text(path, "\n".join(parts))
+    rundir.write_text(path, "\n".join(parts))
     return path
 
 

@@ -29,16 +29,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
-from . import files
+from . import rundir
 from .cache import file_sha256
 from .config import ConfigError, rank, run_id
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "neftlab_state.pt"
-MARKER = "neftlab_complete.json"
-LOCK = "run.lock"
-FINGERPRINT = "fingerprint.json"
+from .rundir import FINGERPRINT, LOCK, MARKER, STATE_FILE
 
 
 # ------------------------------------------------------------- fingerprints
@@ -76,7 +73,7 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
 def record(run_dir: Path, config, data: dict) -> None:
     """Write the run's fingerprints, which a later auto-resume compares against."""
     if rank() == 0:
-        files.write_json(run_dir / FINGERPRINT, {"config": config_hash(config), "data": data})
+        rundir.write_json(run_dir / FINGERPRINT, {"config": config_hash(config), "data": data})
 
 
 # --------------------------------------------------------------- checkpoints
@@ -87,13 +84,13 @@ def _step(checkpoint: Path) -> int:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint-N directories, newest first."""
-    found = [p for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()]
+    found = [p for p in (run_dir / rundir.CHECKPOINTS).glob("checkpoint-*") if p.name.rsplit("-", 1)[1].isdigit()]
     return sorted(found, key=_step, reverse=True)
 
 
 def problem(checkpoint: Path) -> Optional[str]:
     """Why `checkpoint` cannot be resumed from, or None when it is complete and intact."""
-    marker = files.read_json(checkpoint / MARKER)
+    marker = rundir.read_json(checkpoint / MARKER)
     if not isinstance(marker, dict) or not isinstance(marker.get("files"), dict):
         return f"{checkpoint.name} is incomplete (no {MARKER}: its save was cut off)"
     for name, size in marker["files"].items():
@@ -129,7 +126,7 @@ def usable_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def training_done(checkpoint: Path) -> bool:
     """Whether the checkpoint was taken at the run's last step (then a rerun only evaluates)."""
-    state = files.read_json(checkpoint / "trainer_state.json") or {}
+    state = rundir.read_json(checkpoint / rundir.TRAINER_STATE) or {}
     return 0 < state.get("max_steps", 0) <= state.get("global_step", 0)
 
 
@@ -138,7 +135,7 @@ def mark_complete(checkpoint: Path, keep: Optional[int]) -> None:
     complete ones (and any incomplete ones older than this), so the last complete one is never lost."""
     sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
              if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
-    files.write_json(checkpoint / MARKER, {"files": sizes})
+    rundir.write_json(checkpoint / MARKER, {"files": sizes})
     complete = 0
     for older in checkpoints(checkpoint.parent.parent):
         if older == checkpoint or (older / MARKER).exists():
@@ -190,10 +187,10 @@ class RunLock:
         fd = os.open(self.run_dir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            holder = files.read_json(self.path)
+            holder = rundir.read_json(self.path)
             if isinstance(holder, dict) and holder.get("job") != run_id() and _alive(holder):
                 return holder
-            files.write_json(self.path, _owner())
+            rundir.write_json(self.path, _owner())
             self.held = True
             return None
         finally:
@@ -217,29 +214,16 @@ class Resume:
     def step(self) -> int:
         return _step(self.checkpoint)
 
-    def keep_events(self, events: list[dict]) -> list[dict]:
-        """The metrics.jsonl events this checkpoint already accounts for: those up to its step; when training
-        had finished, those up to the Trainer's end-of-training event, since the final evaluation is redone."""
-        kept = [e for e in events if e["step"] <= self.step]
-        if training_done(self.checkpoint):
-            ends = [i for i, e in enumerate(kept) if "train/train_runtime" in e]
-            kept = kept[: ends[-1] + 1] if ends else kept
-        return kept
-
-
-def status(run_dir: Path) -> Optional[str]:
-    """summary.json's status; "absent" for a directory with no run files, None for a run without a summary
-    (running, or killed), "unreadable" for a corrupt summary."""
-    if not (run_dir / "summary.json").exists():
-        return None if (run_dir / "metrics.jsonl").exists() else "absent"
-    summary = files.read_json(run_dir / "summary.json")
-    return summary.get("status") if isinstance(summary, dict) else "unreadable"
+    def keeps(self, row: dict) -> bool:
+        """Whether this checkpoint already accounts for an event or answer: the training's own, up to its step.
+        The final evaluation's are dropped, since a resumed run evaluates again."""
+        return row["step"] <= self.step and row.get("stage", rundir.TRAIN) == rundir.TRAIN
 
 
 def _explicit(setting: str, config, data: dict) -> Resume:
     path = Path(setting).expanduser()
     key = f"trainer.resume={setting}"
-    if path.name.startswith("checkpoint-") and path.parent.name == "checkpoints":
+    if path.name.startswith("checkpoint-") and path.parent.name == rundir.CHECKPOINTS:
         run_dir, checkpoint = path.parent.parent, path
         why = problem(checkpoint) if checkpoint.is_dir() else f"{checkpoint} does not exist"
         if why:
@@ -249,16 +233,16 @@ def _explicit(setting: str, config, data: dict) -> Resume:
         if checkpoint is None:
             raise ConfigError(f"{key}: no complete checkpoint there (expected a run directory with "
                               "checkpoints/checkpoint-N, or a checkpoint-N directory)")
-    if status(run_dir) == "completed":
+    if rundir.status(run_dir) == "completed":
         raise ConfigError(f"{key}: that run is completed, and a completed run is never written into again; "
                           "start a new run (trainer.resume=false)")
-    saved = run_dir / ".hydra" / "config.yaml"
+    saved = run_dir / rundir.CONFIG
     if saved.exists():
         differences = config_differences(comparable_config(OmegaConf.load(saved)), comparable_config(config))
         if differences:
             raise ConfigError(f"{key}: that run's config differs in {'; '.join(differences)}; resume it with "
                               "its own config, or start a new run (trainer.resume=false)")
-    fingerprint = files.read_json(run_dir / FINGERPRINT) or {}
+    fingerprint = rundir.read_json(run_dir / FINGERPRINT) or {}
     if fingerprint.get("data", data) != data:
         raise ConfigError(f"{key}: the data changed since that run started ({_data_change(fingerprint['data'], data)});"
                           " restore it, or start a new run (trainer.resume=false)")
@@ -286,11 +270,11 @@ def find_resume(setting: Any, config, run_dir: Path, data: dict) -> Optional[Res
     candidates = {run_dir, *run_dir.parent.glob("*"), *run_dir.parent.parent.glob("*/*")}
     found = []
     for candidate in candidates:
-        if not (candidate / ".hydra" / "config.yaml").exists() or not (candidate / "checkpoints").is_dir():
+        if not (candidate / rundir.CONFIG).exists() or not (candidate / rundir.CHECKPOINTS).is_dir():
             continue
-        if status(candidate) not in (None, "absent", "interrupted"):
+        if rundir.status(candidate) not in (None, "absent", "interrupted"):
             continue
-        fingerprint = files.read_json(candidate / FINGERPRINT) or {}
+        fingerprint = rundir.read_json(candidate / FINGERPRINT) or {}
         if fingerprint.get("config") != wanted:
             continue
         if fingerprint.get("data") != data:
@@ -328,7 +312,7 @@ class StateCheckpoint(TrainerCallback):
         # Every rank has its own noise stream; masks are per rank too when the weights are sharded.
         own = {"noise_rng": self.noise_callback.noise.rng_state(),
                "pruning_masks": [m.contiguous() for m in self.pruner.masks] if self.pruner else None}
-        files.atomic_write(folder / f"neftlab_rank{rank()}.pt", lambda tmp: torch.save(own, tmp))
+        rundir.atomic_write(folder / rundir.rank_state(rank()), lambda tmp: torch.save(own, tmp))
         if args.world_size > 1:
             from .sharding import barrier
             barrier()  # every rank's part is on disk before rank 0 marks the checkpoint complete
@@ -336,12 +320,12 @@ class StateCheckpoint(TrainerCallback):
             dynamic = self.noise_callback.dynamic
             shared = {"noise_alpha": self.noise_callback.noise.alpha,
                       "noise_threshold": dynamic.threshold if dynamic else None}
-            files.atomic_write(folder / STATE_FILE, lambda tmp: torch.save(shared, tmp))
+            rundir.atomic_write(folder / STATE_FILE, lambda tmp: torch.save(shared, tmp))
             mark_complete(folder, self.keep)
 
     def load(self, checkpoint: Path) -> None:
         saved = {**torch.load(checkpoint / STATE_FILE, weights_only=True),
-                 **torch.load(checkpoint / f"neftlab_rank{rank()}.pt", weights_only=True)}
+                 **torch.load(checkpoint / rundir.rank_state(rank()), weights_only=True)}
         self.noise_callback.noise.set_rng_state(saved["noise_rng"])
         self.noise_callback.noise.alpha = saved["noise_alpha"]
         if self.noise_callback.dynamic is not None:

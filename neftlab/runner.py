@@ -23,10 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data as data_mod
-from . import evaluation, files as run_files, guards, judge, models, noise, pruning, search
+from . import evaluation, guards, judge, models, noise, pruning, rundir, search
 from . import resume as resume_mod
 from .config import Config, ConfigError, rank
-from .tracking import Recorder, RunFiles, WandbRun
+from .rundir import RunFiles
+from .tracking import Recorder, WandbRun
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def training_arguments(cfg: Config, out_dir: Path):
     from transformers import TrainingArguments
     t = cfg.trainer
     base = dict(
-        output_dir=str(out_dir / "checkpoints"), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
+        output_dir=str(out_dir / rundir.CHECKPOINTS), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
         max_steps=t.max_steps or -1, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=None,
@@ -125,7 +126,7 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
 def save_checkpoint(trainer) -> None:
     """A complete checkpoint at the current step, unless one is there: what a rerun continues from."""
     folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    if not (folder / resume_mod.MARKER).exists():
+    if not (folder / rundir.MARKER).exists():
         trainer._save_checkpoint(trainer.model_wrapped, trial=None)
         trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
 
@@ -140,7 +141,7 @@ def train(run: Built, stopper: guards.GracefulStop, resume: resume_mod.Resume | 
                 # Stopped after its last step: nothing left to train, only the evaluation to redo.
                 log.info("Training finished at step %d before the interruption; evaluating only", resume.step)
                 trainer._load_from_checkpoint(str(resume.checkpoint))
-                trainer.state = TrainerState.load_from_json(str(resume.checkpoint / "trainer_state.json"))
+                trainer.state = TrainerState.load_from_json(str(resume.checkpoint / rundir.TRAINER_STATE))
             elif run.cfg.trainer.max_steps != 0:
                 trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
         finally:
@@ -152,6 +153,8 @@ def train(run: Built, stopper: guards.GracefulStop, resume: resume_mod.Resume | 
 def evaluate(run: Built) -> None:
     """The held-out loss and metrics, greedy generations, latency, parameter counts and stability."""
     cfg, files, model, trainer, pruner = run.cfg, run.files, run.model, run.trainer, run.pruner
+    if files.stage == rundir.TRAIN:  # a re-evaluation has its own stage
+        files.stage = rundir.FINAL
     trainer.evaluate()
     step = trainer.state.global_step
     prompts = run.prompts
@@ -176,7 +179,7 @@ def evaluate(run: Built) -> None:
         files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
     if cfg.trainer.save_model:
         guards.check_finite_weights(model, step)
-        trainer.save_model(str(files.dir / "model"))
+        trainer.save_model(str(files.dir / rundir.MODEL))
 
 
 def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -> None:
@@ -207,7 +210,7 @@ def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg, run_dir: Path) -> 
 
 def _fresh_dir(out_dir: Path) -> None:
     """A new run never writes into another run's files, unless that run failed."""
-    status = resume_mod.status(out_dir)
+    status = rundir.status(out_dir)
     if status not in ("absent", "failed"):
         raise ConfigError(f"output directory {out_dir} already holds a run (status {status or 'unfinished'}); a "
                           "run's files are never overwritten: choose another hydra.run.dir")
@@ -227,7 +230,7 @@ def main(dict_cfg: DictConfig) -> float | list[float] | None:
         if resume is not None:
             lock = resume.lock
             log.info("Resuming %s from %s", resume.run_dir, resume.checkpoint.name)
-            files = RunFiles(resume.run_dir, keep_events=resume.keep_events)
+            files = RunFiles(resume.run_dir, keep=resume.keeps)
         else:
             if rank() == 0:  # the other ranks would see rank 0's new files
                 _fresh_dir(out_dir)
@@ -275,7 +278,7 @@ def main(dict_cfg: DictConfig) -> float | list[float] | None:
 def _finish(files: RunFiles | None, out_dir: Path, status: str, error: str, **extra) -> None:
     """summary.json for a run that ends early; before its files were opened, only into a directory no other
     run's files are in."""
-    if files is None and resume_mod.status(out_dir) == "absent":
+    if files is None and rundir.status(out_dir) == "absent":
         files = RunFiles(out_dir)
     if files is not None:
         files.finish(status, error, **extra)
@@ -308,8 +311,8 @@ class RunGuard(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         FAILED.clear()
-        for path in sorted(Path(config.hydra.sweep.dir).rglob("summary.json")):
+        for path in sorted(Path(config.hydra.sweep.dir).rglob(rundir.SUMMARY)):
             if path.stat().st_mtime >= self.started:
-                summary = run_files.read_json(path) or {"error": f"{path} is unreadable"}
+                summary = rundir.read_json(path) or {"error": f"{path} is unreadable"}
                 if summary.get("status") != "completed":
                     FAILED.append((str(path.parent), summary.get("error", summary.get("status"))))

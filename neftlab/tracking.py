@@ -1,6 +1,6 @@
-"""Run files and W&B for the `logger` group.
+"""W&B for the `logger` group, and the Trainer's logs into the run files.
 
-Every number a run produces goes through `RunFiles.log`, so metrics.jsonl, summary.json
+Every number a run produces goes through `rundir.RunFiles.log`, so metrics.jsonl, summary.json
 and the W&B run see the same keys: `train/…`, `eval/…`, `noise/…`, `pruning/…`,
 `efficiency/…`, `stability/…`, with the trainer's global step (`train/global_step` in W&B).
 The Trainer's own logs reach W&B through its WandbCallback, which uses the same key
@@ -9,20 +9,19 @@ scheme (loss -> train/loss, eval_loss -> eval/loss, train_loss -> train/train_lo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import netrc
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 from urllib.parse import urlparse
 
 from transformers import TrainerCallback
 
-from . import files
-from .config import LoggerConfig, rank
+from . import rundir
+from .config import LoggerConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +68,7 @@ class WandbRun:
                  job_type: str, tags: list[str]):
         import wandb
         mode = wandb_mode(cfg.mode)
-        id_file = run_dir / "wandb-run-id"  # a resumed run continues the same W&B run
+        id_file = run_dir / rundir.WANDB_ID  # a resumed run continues the same W&B run
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         # finish_previous: Hydra runs a sweep's jobs in one process, and the default reinit would hand
@@ -97,9 +96,9 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
     judge win rates and paired differences come after training, and the dashboard groups runs by their
     config (noise.alpha, ...) to show them. False when the run logged no W&B run."""
     from omegaconf import OmegaConf
-    id_file = Path(run_dir) / "wandb-run-id"
+    id_file = Path(run_dir) / rundir.WANDB_ID
     try:
-        logger = OmegaConf.load(Path(run_dir) / ".hydra" / "config.yaml").get("logger") or {}
+        logger = OmegaConf.load(Path(run_dir) / rundir.CONFIG).get("logger") or {}
     except (OSError, ValueError) as e:
         log.warning("%s: no readable .hydra/config.yaml (%s): W&B summary not updated", run_dir, e)
         return False
@@ -110,7 +109,7 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
         run = wandb.init(project=project(logger.get("project")),
                          entity=logger.get("entity"), id=id_file.read_text().strip(), resume="allow",
                          dir=str(run_dir), mode=wandb_mode(logger.get("mode", "auto")), reinit="finish_previous")
-        run.summary.update({k: _jsonable(v) for k, v in values.items()})
+        run.summary.update({k: rundir.jsonable(v) for k, v in values.items()})
         run.finish()
     except Exception as e:  # noqa: BLE001 - W&B's errors (network, auth) must not lose the files already written
         log.warning("%s: W&B summary not updated (%s: %s); the numbers are in the run's files", run_dir,
@@ -119,95 +118,10 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
     return True
 
 
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible rather than fail to write
-    return value
-
-
-class RunFiles:
-    """The run's files: metrics.jsonl is appended a whole line per event and flushed, so an interrupted run
-    keeps its history; summary.json is replaced atomically.
-
-    Under torchrun only rank 0 writes; the other ranks keep the values in memory.
-    """
-
-    def __init__(self, out_dir: str | Path, keep_events: Callable[[list[dict]], list[dict]] | None = None):
-        """`keep_events` (resume) picks the events of the existing metrics.jsonl to keep; they are replayed
-        into the summary, and the file goes on after them. Without it metrics.jsonl starts empty."""
-        self.dir = Path(out_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.writes = rank() == 0
-        self.tracker: WandbRun | None = None
-        self.summary: dict[str, Any] = {}
-        self.train_losses: list[tuple[int, float]] = []
-        path = self.dir / "metrics.jsonl"
-        kept = keep_events(files.read_jsonl(path)) if keep_events else []
-        if self.writes:
-            files.write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
-        self._metrics = path.open("a", encoding="utf-8") if self.writes else None
-        for event in kept:
-            event = dict(event)
-            self._update(event.pop("step"), event)
-
-    def _update(self, step: int, metrics: dict[str, Any]) -> None:
-        self.summary.update(metrics)
-        if isinstance(metrics.get("train/loss"), float):
-            self.train_losses.append((step, metrics["train/loss"]))
-
-    def log(self, step: int, metrics: dict[str, Any], tracked_elsewhere: Iterable[str] = ()) -> None:
-        """Append one event; keys in `tracked_elsewhere` already reached the tracker (the Trainer's WandbCallback)."""
-        if not metrics:
-            return
-        metrics = {k: _jsonable(v) for k, v in metrics.items()}
-        if self._metrics is not None:
-            self._metrics.write(json.dumps({"step": step, **metrics}) + "\n")  # one write: a line is whole or torn
-            self._metrics.flush()
-        self._update(step, metrics)
-        if self.tracker is not None:
-            untracked = {k: v for k, v in metrics.items() if k not in tracked_elsewhere}
-            if untracked:
-                self.tracker.log(step, untracked)
-
-    def append_samples(self, samples: Iterable[dict]) -> None:
-        """Append generations to samples.jsonl, one whole line per write and flushed, as metrics.jsonl: every
-        evaluation's answers (each with its step) stay, also those of an interrupted or re-evaluated run."""
-        if not self.writes:
-            return
-        with (self.dir / "samples.jsonl").open("a", encoding="utf-8") as out:
-            for sample in samples:
-                out.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                out.flush()
-
-    def close(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-
-    def finish(self, status: str, error: str | None = None, **extra: Any) -> dict:
-        """Write summary.json: the last value of every metric, the status and, for a failed run, the error.
-
-        A full disk can make this write fail too: the error is logged in one line and the run's last
-        complete checkpoint still stands."""
-        summary = {"status": status, **({"error": error} if error else {}), **extra, **self.summary}
-        if not self.writes:
-            return summary
-        try:
-            self.close()
-            files.write_json(self.dir / "summary.json", summary)
-        except OSError as e:
-            log.error("could not write %s: %s", self.dir / "summary.json", e.strerror or e)
-        if self.tracker is not None:
-            self.tracker.finish(summary, exit_code=0 if status == "completed" else 1)
-            self.tracker = None
-        return summary
-
-
 class Recorder(TrainerCallback):
     """Sends the Trainer's logs, namespaced, plus the current values of `sources`, to the run files."""
 
-    def __init__(self, files: RunFiles, sources: Iterable[Any] = ()):
+    def __init__(self, files: rundir.RunFiles, sources: Iterable[Any] = ()):
         self.files = files
         self.sources = list(sources)
 

@@ -13,7 +13,7 @@ from conftest import TINY, compose_cfg
 from neftlab import evaluation, guards, models, runner
 from neftlab.config import EvalConfig
 from neftlab.data import DataError
-from neftlab.tracking import RunFiles
+from neftlab.rundir import RunFiles
 
 
 def chat(text):

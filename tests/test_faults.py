@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT, cli, compose_cfg
-from neftlab import data, files, models, report, resume
+from neftlab import data, models, report, resume, rundir
 from neftlab.config import ConfigError
 
 BASE = ["size=tiny", "logger=none", "trainer.save_steps=1", "trainer.save_total_limit=null"]
@@ -55,7 +55,7 @@ def crashed(completed, tmp_path, at: int, where: str = "runs/2026-01-01_00-00-00
     for checkpoint in resume.checkpoints(run):
         if resume._step(checkpoint) > at:
             shutil.rmtree(checkpoint)
-    events = files.read_jsonl(run / "metrics.jsonl")
+    events = rundir.read_jsonl(run / "metrics.jsonl")
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events if e["step"] <= at + 1))
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -69,7 +69,7 @@ def assert_resumed_to_reference(run, completed, stderr, from_step):
     reference = json.loads((completed / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert {k: summary[k] for k in EXACT} == pytest.approx({k: reference[k] for k in EXACT}, rel=1e-5)
-    events = files.read_jsonl(run / "metrics.jsonl")
+    events = rundir.read_jsonl(run / "metrics.jsonl")
     assert [e["step"] for e in events if "train/loss" in e] == [1, 2, 3, 4]
     assert [e["step"] for e in events if "eval/loss" in e] == [4]
     assert not (run / "run.lock").exists()
@@ -79,8 +79,8 @@ def assert_resumed_to_reference(run, completed, stderr, from_step):
 
 def test_01_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(completed, tmp_path):
     run = crashed(completed, tmp_path, at=3)
-    (run / "checkpoints/checkpoint-3" / resume.STATE_FILE).unlink()  # killed after the Trainer's part
-    (run / "checkpoints/checkpoint-3" / resume.MARKER).unlink()
+    (run / "checkpoints/checkpoint-3" / rundir.STATE_FILE).unlink()  # killed after the Trainer's part
+    (run / "checkpoints/checkpoint-3" / rundir.MARKER).unlink()
     proc = rerun(tmp_path)
     assert proc.returncode == 0
     assert "checkpoint-3 is incomplete" in proc.stderr
@@ -99,7 +99,7 @@ def test_01b_rotation_keeps_the_last_complete_checkpoint_until_a_newer_one_is(tm
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-4"]
 
 
-@pytest.mark.parametrize("name", [resume.STATE_FILE, "model.safetensors"])
+@pytest.mark.parametrize("name", [rundir.STATE_FILE, "model.safetensors"])
 def test_02_a_truncated_file_names_itself_and_resume_falls_back(completed, tmp_path, name):
     run = crashed(completed, tmp_path, at=3)
     path = run / "checkpoints/checkpoint-3" / name
@@ -153,7 +153,7 @@ def test_05_disk_full_ends_in_one_line_and_the_rerun_resumes(small_disk):
     proc = rerun(small_disk, "trainer.max_steps=12")
     assert proc.returncode == 0
     assert f"Resuming {run} from {complete[0].name}" in proc.stderr
-    events = files.read_jsonl(run / "metrics.jsonl")
+    events = rundir.read_jsonl(run / "metrics.jsonl")
     assert [e["step"] for e in events if "train/loss" in e] == list(range(1, 13))
 
 

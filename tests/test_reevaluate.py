@@ -5,7 +5,7 @@ import json
 import pytest
 
 from conftest import TINY, cli
-from neftlab import evaluate, files
+from neftlab import evaluate, rundir
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,11 @@ def finished(tmp_path_factory):
 
 def test_reevaluation_appends_events_and_leaves_the_training_files(finished, capsys):
     training_files = {p: p.read_bytes() for p in [finished / "summary.json", *(finished / "model").iterdir()]}
-    events = files.read_jsonl(finished / "metrics.jsonl")
+    events = rundir.read_jsonl(finished / "metrics.jsonl")
     samples = (finished / "samples.jsonl").read_text().splitlines()
     assert evaluate.main([str(finished), "eval.max_new_tokens=3", "eval.num_generations=1"]) == 0
     assert {p: p.read_bytes() for p in training_files} == training_files
-    after = files.read_jsonl(finished / "metrics.jsonl")
+    after = rundir.read_jsonl(finished / "metrics.jsonl")
     assert after[: len(events)] == events
     new = {k: v for e in after[len(events):] for k, v in e.items()}
     summary = json.loads((finished / "summary.json").read_text())

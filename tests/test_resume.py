@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY, cli
-from neftlab import resume
+from neftlab import resume, rundir
 from neftlab.config import ConfigError
 
 RESUMABLE = ["size=tiny", "trainer.max_steps=40", "trainer.save_steps=5", "noise=dynamic", "noise.adjust_interval=2",
@@ -99,13 +99,13 @@ def test_a_run_still_in_progress_is_not_taken_over(tmp_path):
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     resume.mark_complete(checkpoint, keep=None)
-    (run / resume.LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "job": "other"}))
+    (run / rundir.LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "job": "other"}))
     here = tmp_path / "runs" / "now"
     assert resume.find_resume("auto", config, here, data) is None  # its process is alive
     sleeper.kill()
     sleeper.wait()
     found = resume.find_resume("auto", config, here, data)
     assert found.run_dir == run and found.step == 5 and found.lock.held
-    assert json.loads((run / resume.LOCK).read_text())["pid"] == os.getpid()
+    assert json.loads((run / rundir.LOCK).read_text())["pid"] == os.getpid()
     found.lock.release()
-    assert not (run / resume.LOCK).exists()
+    assert not (run / rundir.LOCK).exists()

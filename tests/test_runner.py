@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, cli, compose_cfg
 from neftlab import runner
-from neftlab.tracking import RunFiles
+from neftlab.rundir import RunFiles
 
 CAUSAL_KEYS = {"train/loss", "eval/loss", "eval/perplexity", "eval/accuracy", "eval/response_length",
                "eval/response_words", "eval/rep_2", "eval/rep_3", "eval/rep_4", "eval/diversity", "eval/distinct_2",
