@@ -6,10 +6,20 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
+
+from .errors import NeftlabError, disk_full
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class CacheError(NeftlabError):
+    """A cache that cannot be built or read; the message names it and the cause."""
 
 
 def cache_root() -> Path:
@@ -55,3 +65,31 @@ def build_once(target: Path, build: Callable[[Path], None]) -> Path:
             raise
         partial.rename(target)
     return target
+
+
+def load_or_rebuild(target: Path, build: Callable[[Path], None], load: Callable[[Path], T], what: str) -> T:
+    """`load(target)`, building the target first when it is absent. A target that exists but cannot be loaded (a
+    truncated file, a half-copied cache) is moved aside, named, and built again once; a build that fails on a full
+    disk says so. `load` raises whatever the damaged files make its library raise."""
+    for attempt in (1, 2):
+        try:
+            path = build_once(target, build)
+        except Exception as e:  # noqa: BLE001 - mapped to one line when the disk is full, else re-raised
+            if disk_full(e, target.parent):
+                raise CacheError(f"{what} {target} could not be built: no space left on device under "
+                                 f"{target.parent}; free some, or set NEFTLAB_CACHE to another disk") from None
+            raise
+        try:
+            return load(path)
+        except Exception as e:  # noqa: BLE001 - whatever a damaged file raises
+            problem = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if attempt == 2:
+            raise CacheError(f"{what} {target} cannot be read even after a rebuild ({problem})")
+        # Set aside, not deleted: another job may be reading it. The rebuild goes where it was.
+        aside = target.with_name(f"{target.name}.unreadable-{os.getpid()}")
+        log.warning("%s %s cannot be read (%s): moved to %s and built again", what, target, problem, aside.name)
+        try:
+            target.rename(aside)
+        except FileNotFoundError:  # another job moved it first
+            pass
+    raise AssertionError("unreachable")

@@ -22,15 +22,27 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from . import search
+from .errors import NeftlabError
 
 
-class ConfigError(ValueError):
+class ConfigError(NeftlabError, ValueError):
     """A config value outside its allowed range; the message names key, value and what is allowed."""
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def check_finite(node: Any, prefix: str = "") -> None:
+    """No typed number anywhere is inf or nan: `noise.alpha=inf` would load the model and then fail as a
+    non-finite loss, with advice that does not apply."""
+    for f in fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if is_dataclass(value):
+            check_finite(value, key + ".")
+        elif isinstance(value, float):
+            check(math.isfinite(value), key, value, "a finite number")
 
 
 def check_choice(key: str, value: Any, choices: tuple) -> None:
@@ -372,6 +384,7 @@ class Config:
     def validate(self) -> "Config":
         """Check every range, then the combinations no single group can see."""
         check(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", self.seed, "an integer in [0, 2**32)")
+        check_finite(self)
         for f in fields(self):
             value = getattr(self, f.name)
             if is_dataclass(value):

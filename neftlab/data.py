@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -30,8 +29,9 @@ from datasets import Dataset, Features, Sequence, Value
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .cache import build_once, cache_root, file_sha256
+from .cache import cache_root, file_sha256, load_or_rebuild
 from .config import DataConfig, package_path
+from .errors import NeftlabError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ DEFAULT_COLUMNS = {"sharegpt": {"conversations": "conversations"},
                    "classification": {"text": "text", "label": "label"}}
 
 
-class DataError(ValueError):
+class DataError(NeftlabError, ValueError):
     """Data that cannot be used; the message names the file, row or column."""
 
 
@@ -94,8 +94,9 @@ def _read_json(path: Path) -> list[Any]:
 
 
 def _read_jsonl(path: Path) -> list[Any]:
+    """One record per line, split on "\n" only: U+2028 and U+0085 are valid inside a JSON string."""
     records = []
-    for line_no, line in enumerate(_text_of(path).splitlines(), 1):
+    for line_no, line in enumerate(_text_of(path).split("\n"), 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
@@ -306,24 +307,12 @@ def tokenized(cfg: DataConfig, tokenizer, conversations: list[list[dict]]) -> Da
         Dataset.from_generator(chunks, features=features, cache_dir=str(out / "build")).save_to_disk(out / "data")
         shutil.rmtree(out / "build")
 
-    for attempt in (1, 2):
-        try:
-            tokens = Dataset.load_from_disk(str(build_once(target, build) / "data"))
-            if len(tokens) == len(conversations):
-                return tokens
-            problem = f"{len(tokens)} rows for {len(conversations)} conversations"
-        except Exception as e:  # noqa: BLE001 - whatever a damaged Arrow file raises
-            problem = f"{type(e).__name__}: {str(e)[:200]}"
-        if attempt == 2:
-            raise DataError(f"tokenized cache {target} cannot be read even after a rebuild ({problem})")
-        # Set aside, not deleted: another job may be reading it. The rebuild goes where it was.
-        aside = target.with_name(f"{target.name}.unreadable-{os.getpid()}")
-        log.warning("tokenized cache %s cannot be read (%s): moved to %s and tokenizing again", target, problem,
-                    aside.name)
-        try:
-            target.rename(aside)
-        except FileNotFoundError:  # another job moved it first
-            pass
+    def load(path: Path) -> Dataset:
+        tokens = Dataset.load_from_disk(str(path / "data"))
+        if len(tokens) != len(conversations):
+            raise ValueError(f"{len(tokens)} rows for {len(conversations)} conversations")
+        return tokens
+    return load_or_rebuild(target, build, load, "tokenized cache")
 
 
 def _cut(ds: Dataset, rows: list[int], max_length: int) -> tuple[Dataset, int]:

@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import guards, resume, rundir
 from .config import Config, ConfigError, register, run_id
+from .errors import NeftlabError
 
 log = logging.getLogger("neftlab.evaluate")
 
@@ -37,6 +38,10 @@ def load_config(run_dir: Path, overrides: list[str]) -> Config:
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))
     cfg: Config = OmegaConf.to_object(merged)
     cfg.trainer.save_model = False  # model/ is the training's, never rewritten
+    # A relative data.path was relative to where the run started: the fingerprint holds the file it read.
+    recorded = ((rundir.read_json(run_dir / rundir.FINGERPRINT) or {}).get("data") or {}).get("path")
+    if cfg.data.path and recorded and not Path(cfg.data.path).expanduser().is_absolute():
+        cfg.data.path = recorded
     return cfg.validate()
 
 
@@ -86,10 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="eval.* overrides, e.g. eval.max_new_tokens=512")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s][%(levelname)s] - %(message)s")
-    from .runner import EXPECTED_ERRORS
     try:
         metrics = evaluate_run(args.run_dir, args.overrides)
-    except EXPECTED_ERRORS as e:  # the runner's, the judge's (eval.judge.require_reliable) among them
+    except NeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OmegaConfBaseException as e:

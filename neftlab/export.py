@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from . import report, rundir
-from .judge import JudgeError, final_answers, instruction_text
+from .errors import NeftlabError
+from .judge import final_answers, instruction_text
 
 FORMATS = ("alpaca_eval",)
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         out, written = export(args.root, args.out)
-    except (report.ReportError, JudgeError) as e:
+    except NeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     example = next(iter(written))

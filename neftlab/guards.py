@@ -9,7 +9,6 @@ stop and the skip then act on the agreed values only.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -21,15 +20,15 @@ import torch
 from transformers import TrainerCallback
 
 from .config import ConfigError
+from .errors import NeftlabError
 from .sharding import all_max
 
 log = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 200 * 2**20
-NEARLY_FULL_BYTES = 64 * 2**20
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(NeftlabError, RuntimeError):
     """A NaN/inf loss or weight; the message gives the step."""
 
 
@@ -57,17 +56,6 @@ def check_output_dir(path: Path) -> None:
     if free < MIN_FREE_BYTES:
         raise ConfigError(f"output directory {path} has {free / 2**20:.0f} MiB free, less than the "
                           f"{MIN_FREE_BYTES / 2**20:.0f} MiB a run needs for its files and checkpoints")
-
-
-def disk_full(error: BaseException, path: Path) -> bool:
-    """Whether `error` came from a full disk: ENOSPC reaches Python as an OSError, inside a SafetensorError's
-    message, or as torch.save's bare RuntimeError; so the disk itself is asked too."""
-    if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
-        return True
-    try:
-        return shutil.disk_usage(path).free < NEARLY_FULL_BYTES
-    except OSError:
-        return False
 
 
 class GracefulStop(TrainerCallback):

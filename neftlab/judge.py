@@ -37,6 +37,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from . import models, report, rundir, stats, tracking
 from .config import ConfigError, JudgeConfig, package_path
+from .errors import NeftlabError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ TEMPLATES = {"neftlab": ("<|im_start|>user\n" + NEFTLAB_PROMPT + "\n<|im_end|>",
 MARGIN = 8  # tokens kept free: cut texts can tokenize a little longer inside the prompt than alone
 
 
-class JudgeError(ValueError):
+class JudgeError(NeftlabError, ValueError):
     """Answers that cannot be judged as asked; the message names the file or the prompts."""
 
 
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
             prefix = "judge/" if baseline == "reference" else "judge_vs_baseline/"
             tracking.update_summary(run_dir, {prefix + k.removeprefix("judge/"): v for k, v in s.items()})
             print(f"{run_dir}: {describe(s)}; wrote {rundir.judge_file(run_dir, baseline)}")
-    except (JudgeError, ConfigError, models.ModelLoadError, report.ReportError) as e:
+    except NeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1 if failed else 0

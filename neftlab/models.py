@@ -8,6 +8,7 @@ is neither cached nor reachable fails at once with the alternatives instead of r
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -19,8 +20,9 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
                           BertForSequenceClassification, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
-from .cache import build_once, cache_root
+from .cache import cache_root, load_or_rebuild
 from .config import ModelConfig
+from .errors import NeftlabError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(NeftlabError, RuntimeError):
     """Weights or tokenizer that cannot be had here; the message says what to do instead."""
 
 
@@ -56,7 +58,18 @@ def _gguf_to_hf(gguf: Path) -> Path:
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(out)
-    return build_once(target, convert)
+    return load_or_rebuild(target, convert, check_conversion, "GGUF conversion cache")
+
+
+def check_conversion(path: Path) -> Path:
+    """A converted model directory whose files no longer load (a truncated model.safetensors) fails here, so that
+    it is rebuilt rather than failing every later run."""
+    from safetensors import safe_open
+    json.loads((path / "config.json").read_text())
+    for weights in path.glob("*.safetensors"):
+        with safe_open(str(weights), framework="pt"):
+            pass
+    return path
 
 
 def _hub_reachable() -> bool:

@@ -20,12 +20,13 @@ import torch
 from transformers import TrainerCallback
 
 from .config import NoiseConfig
+from .errors import NeftlabError
 from .sharding import all_reduce, local_rows
 
 log = logging.getLogger(__name__)
 
 
-class NoiseError(RuntimeError):
+class NoiseError(NeftlabError, RuntimeError):
     pass
 
 

@@ -25,6 +25,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import rundir, search, stats
+from .errors import NeftlabError
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,8 @@ JUDGED = list(judged_titles(JUDGE))
 ARM_KEYS = ("noise", "pruning", "trainer.max_steps", "trainer.neftune_noise_alpha")
 
 
-class ReportError(ValueError):
-    pass
+class ReportError(NeftlabError, ValueError):
+    """Runs or annotations that cannot be reported as asked."""
 
 
 @dataclass
@@ -674,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.annotations is not None and not args.annotations.is_dir():
             raise ReportError(f"--annotations {args.annotations}: not a directory")
         path = write_report(args.root, args.out, args.baseline, args.wandb, args.annotations)
-    except ReportError as e:
+    except NeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

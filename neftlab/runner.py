@@ -7,6 +7,7 @@ terminal; the traceback goes to the run's log file.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
@@ -23,16 +24,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data as data_mod
-from . import evaluation, guards, judge, models, noise, pruning, rundir, search
+from . import errors, evaluation, guards, judge, models, noise, pruning, rundir, search
 from . import resume as resume_mod
-from .config import Config, ConfigError, rank
+from .config import Config, ConfigError, check, rank
 from .rundir import RunFiles
 from .tracking import Recorder, WandbRun
 
 log = logging.getLogger(__name__)
 
-EXPECTED_ERRORS = (ConfigError, data_mod.DataError, models.ModelLoadError, noise.NoiseError, guards.NonFiniteError,
-                   judge.JudgeError)
 FAILED: list[tuple[str, str]] = []  # (run dir, error) of the last sweep's failed jobs, for the exit code
 
 
@@ -41,6 +40,12 @@ def training_arguments(cfg: Config, out_dir: Path):
     ConfigError naming its `trainer.args.<key>` (found by adding the user's keys one at a time)."""
     from transformers import TrainingArguments
     t = cfg.trainer
+    check(not t.fsdp or torch.cuda.is_available(), "trainer.fsdp", t.fsdp, "false without CUDA: accelerate shards "
+          "only on GPUs, and on CPUs the run would train as plain DDP, every rank holding the whole model")
+    if zero_stage(t.args.get("deepspeed")) == 3 and (cfg.pruning.method != "off" or cfg.noise.kind == "dynamic"):
+        raise ConfigError(f"trainer.args.deepspeed={t.args['deepspeed']!r} is ZeRO stage 3, where each rank's embedding "
+                          "weight is an empty placeholder (transformers #32021), so pruning and the dynamic noise "
+                          "statistic would read nothing: use ZeRO stage 1 or 2, or trainer=fsdp (FSDP2), with them")
     base = dict(
         output_dir=str(out_dir / rundir.CHECKPOINTS), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
         max_steps=t.max_steps or -1, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
@@ -61,6 +66,18 @@ def training_arguments(cfg: Config, out_dir: Path):
             except Exception:  # noqa: BLE001
                 raise ConfigError(f"trainer.args.{key}={user[key]!r} is refused by TrainingArguments: {first}") from None
         raise ConfigError(f"trainer.args={user} is refused by TrainingArguments: {first}") from None
+
+
+def zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a `trainer.args.deepspeed` config (a dict or a JSON file), None without one."""
+    if deepspeed is None:
+        return None
+    if not isinstance(deepspeed, dict):
+        try:
+            deepspeed = json.loads(Path(str(deepspeed)).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"trainer.args.deepspeed={deepspeed!r}: not a readable DeepSpeed JSON config ({e})") from None
+    return (deepspeed.get("zero_optimization") or {}).get("stage")
 
 
 @dataclass
@@ -255,11 +272,11 @@ def main(dict_cfg: DictConfig) -> float | list[float] | None:
         raise SystemExit(130)
     except Exception as e:
         status = "failed"
-        if isinstance(e, EXPECTED_ERRORS):
+        if isinstance(e, errors.NeftlabError):
             message = str(e)
         elif isinstance(e, OmegaConfBaseException):
             message = str(e).splitlines()[0]
-        elif guards.disk_full(e, out_dir):
+        elif errors.disk_full(e, out_dir):
             status, message = "interrupted", (f"no space left on device ({out_dir}): free some and rerun the "
                                               "same command to resume from the last complete checkpoint")
         else:

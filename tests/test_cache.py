@@ -54,3 +54,46 @@ def test_a_failed_or_killed_build_leaves_no_cache_and_a_finished_one_is_kept(tmp
     assert cache.build_once(target, lambda out: (out / "done").write_text("")) == target
     assert [p.name for p in target.iterdir()] == ["done"]
     cache.build_once(target, lambda out: pytest.fail("rebuilt a finished cache"))
+
+
+def test_an_unreadable_cache_is_moved_aside_named_and_built_again(tmp_path, caplog):
+    target = tmp_path / "cache" / "thing"
+    builds = []
+
+    def build(out):
+        builds.append(out)
+        (out / "value").write_text("42")
+
+    def load(path):
+        return int((path / "value").read_text())
+    assert cache.load_or_rebuild(target, build, load, "test cache") == 42
+    (target / "value").write_text("")  # emptied, as by a disk that lost the tail of the file
+    assert cache.load_or_rebuild(target, build, load, "test cache") == 42 and len(builds) == 2
+    assert f"test cache {target} cannot be read (ValueError" in caplog.text
+    assert len(list(target.parent.glob("thing.unreadable-*"))) == 1
+
+
+def test_a_cache_that_a_full_disk_stops_says_so(tmp_path):
+    import errno
+
+    def build(out):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("DatasetGenerationError: An error occurred while generating the dataset") from e
+    with pytest.raises(cache.CacheError, match="could not be built: no space left on device under"):
+        cache.load_or_rebuild(tmp_path / "cache" / "thing", build, lambda path: path, "tokenized cache")
+    assert not list((tmp_path / "cache").glob("*.unreadable-*"))  # nothing to move aside: it was never built
+
+
+def test_a_truncated_gguf_conversion_does_not_pass_its_check(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from neftlab import models
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(64, 64)}, tmp_path / "model.safetensors")
+    assert models.check_conversion(tmp_path) == tmp_path
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    with pytest.raises(Exception):
+        models.check_conversion(tmp_path)

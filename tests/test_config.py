@@ -58,6 +58,10 @@ def test_packaged_weights_resolve_to_files():
     ("+trainer.args.max_steps=3", "trainer.args.max_steps", "unset: use trainer.max_steps"),
     ("data.packing_strategy=ffd", "data.packing_strategy", "one of batch, bfd"),
     ("data.packing_strategy=bfd", "data.packing_strategy", "batch unless data.packing=true"),
+    ("noise.alpha=inf", "noise.alpha", "a finite number"),
+    ("noise.std=inf", "noise.std", "a finite number"),
+    ("pruning.ratio=nan", "pruning.ratio", "a finite number"),
+    ("eval.repetition_penalty=-inf", "eval.repetition_penalty", "a finite number"),
 ])
 def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -149,3 +153,18 @@ def test_trainer_args_reach_training_arguments(tmp_path):
     assert args.weight_decay == 0.1 and args.train_sampling_strategy == "group_by_length" and args.lr_scheduler_type == "linear"
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": False} and args.use_liger_kernel
     assert args.save_steps == 3 and args.save_total_limit is None  # neftlab's own, not overridable
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer=fsdp"], "trainer.fsdp=True is not allowed: false without CUDA: accelerate shards only on GPUs"),
+    (["pruning=l1", "+trainer.args.deepspeed={zero_optimization:{stage:3}}"], "is ZeRO stage 3, where each rank's"),
+    (["noise=dynamic", "+trainer.args.deepspeed=ds.json"], "is ZeRO stage 3"),
+])
+def test_sharding_that_neftlab_cannot_read_is_refused_before_anything_loads(tmp_path, monkeypatch, overrides, message):
+    from neftlab.runner import training_arguments
+    if "trainer=fsdp" in overrides:
+        monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        training_arguments(compose_cfg(*overrides), tmp_path)

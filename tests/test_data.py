@@ -147,6 +147,14 @@ def test_column_mapping(tmp_path, llama_tokenizer):
     assert len(prepared.train) == 4
 
 
+def test_line_separators_inside_jsonl_strings_are_text(tmp_path):
+    """Raw U+2028 / U+0085 inside a string are valid JSON (scraped text has them): one record per "\n" line."""
+    path = tmp_path / "scraped.jsonl"
+    path.write_text('{"instruction": "a\u2028b", "output": "c\u0085d"}\n{"instruction": "e", "output": "f"}\n',
+                    encoding="utf-8")
+    assert [r["instruction"] for r in data.READERS[".jsonl"](path)] == ["a\u2028b", "e"]
+
+
 def test_hub_dataset_unreachable_is_a_clear_error(llama_tokenizer):
     with pytest.raises(data.DataError, match="data.hub_name=tatsu-lab/alpaca: could not load it"):
         data.prepare(compose_cfg("data=hub").data, llama_tokenizer, True, seed=0)
@@ -219,7 +227,7 @@ def test_an_unreadable_tokenized_cache_is_set_aside_and_rebuilt(tmp_path, monkey
     arrow.write_bytes(arrow.read_bytes()[:100])  # a disk that lost the file's tail
     again = data.prepare(cfg(path=str(path), eval_size=2), llama_tokenizer, True, seed=1)
     assert again.train["input_ids"] == first.train["input_ids"]
-    assert "cannot be read" in caplog.text and "tokenizing again" in caplog.text
+    assert "cannot be read" in caplog.text and "built again" in caplog.text
     assert len(list((tmp_path / "cache" / "tokenized").glob("*.unreadable-*"))) == 1
 
 

@@ -45,3 +45,15 @@ def test_a_run_without_saved_weights_is_named(tmp_path, capsys):
     (tmp_path / ".hydra" / "config.yaml").write_text("seed: 1\n")
     assert evaluate.main([str(tmp_path)]) == 2
     assert "no trained model to evaluate" in capsys.readouterr().err
+
+
+def test_a_relative_data_path_is_the_file_the_run_read(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(
+        "model: {arch: llama, name_or_path: x}\ndata: {format: alpaca, path: data.jsonl}\nnoise: {}\npruning: {}\n"
+        "trainer: {}\nlogger: {}\n")
+    read = tmp_path / "started_here" / "data.jsonl"
+    (run / rundir.FINGERPRINT).write_text(json.dumps({"data": {"path": str(read), "size": 1, "sha256": "x"}}))
+    monkeypatch.chdir(tmp_path)  # another directory than the run's
+    assert evaluate.load_config(run, []).data.path == str(read)
