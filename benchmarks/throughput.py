@@ -1,7 +1,7 @@
 """Training throughput: a plain Hugging Face Trainer script against neftlab's runner, same model, data and arguments.
 
 Each arm is a process of its own, so that peak memory is its own:
-- `plain`: data and model from neftlab's loaders, `TrainingArguments` from `runner.training_arguments`, a bare
+- `plain`: data and model from neftlab's loaders, `TrainingArguments` from `pipeline.training_arguments`, a bare
   `Trainer` with the padding collator and no callbacks;
 - the others: `python -m neftlab` with noise none / uniform / dynamic (adjust_interval 100) / l1 pruning (interval
   100), padded, and none / uniform packed (`data.packing=true`), and none packed into best-fit-decreasing rows.
@@ -56,7 +56,7 @@ def plain(overrides: list[str], run_dir: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_cfg
     from neftlab import data, evaluation, models
-    from neftlab.runner import training_arguments
+    from neftlab.pipeline import training_arguments
 
     cfg = compose_cfg(*overrides)
     set_seed(cfg.seed)

@@ -24,17 +24,10 @@ def main() -> None:
         print(moved, file=sys.stderr)
         sys.exit(2)
     try:
-        _app()
+        _app()  # a failed run, or a sweep with failed jobs, exits non-zero from within (runner)
     except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (startup, between sweep jobs)
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    from . import runner
-
-    if runner.FAILED:
-        print(f"{len(runner.FAILED)} job(s) failed:", file=sys.stderr)
-        for out_dir, error in runner.FAILED:
-            print(f"  {out_dir}: {error}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

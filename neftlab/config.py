@@ -217,9 +217,10 @@ class TrainerConfig:
     fsdp_config: Dict[str, Any] = field(default_factory=dict)
     # The Trainer's built-in NEFTune (padded length), kept for comparison runs only.
     neftune_noise_alpha: Optional[float] = None
-    # auto: continue the newest interrupted run with this config that has a checkpoint | true: the same, but
-    # an error if there is none | false | a run directory or checkpoint-N directory to continue.
+    # auto: continue the newest interrupted run with this config that has a checkpoint, in the job's directory or
+    # under output_root | true: the same, but an error if there is none | false | a run or checkpoint-N directory.
     resume: Any = "auto"
+    take_over: bool = False  # resume even though the run's lock looks alive (its process on a node that died)
     nonfinite_loss: str = "fail"  # fail: stop at a NaN/inf train loss | skip: drop that batch's gradient
     max_skipped_steps: int = 10  # with skip: stop after this many dropped batches
     # Passed to TrainingArguments as they are (trainer.args.weight_decay=0.1, +trainer.args.use_liger_kernel=true).
@@ -372,6 +373,9 @@ class SearchConfig:
 @dataclass
 class Config:
     seed: int = 42
+    # Where runs, sweeps and studies go (hydra.run.dir and the sweep dirs are under it), and the only place an
+    # auto-resume looks for a run to continue besides the job's own directory.
+    output_root: str = "outputs"
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     noise: NoiseConfig = MISSING

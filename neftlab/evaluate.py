@@ -2,7 +2,7 @@
 
 Loads the run's own config, applies `eval.*` overrides (other prompts, more tokens, a judge), loads the
 trained weights from `RUN_DIR/model/` or from its final checkpoint, and runs the same evaluation stage as
-the end of training (`runner.evaluate`). Its events are appended to the run's metrics.jsonl and
+the end of training (`pipeline.evaluate`). Its events are appended to the run's metrics.jsonl and
 samples.jsonl at the run's last step; the training's files (summary.json, checkpoints, model/) are left
 as they are.
 """
@@ -61,7 +61,7 @@ def trained_weights(run_dir: Path) -> tuple[Path, dict]:
 
 def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     """Evaluate the run again; returns the summary of this evaluation's metrics."""
-    from . import runner
+    from . import pipeline
 
     weights, last = trained_weights(run_dir)
     cfg = load_config(run_dir, overrides)
@@ -73,11 +73,11 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
         stage = f"reeval-{run_id()}"
         run_files = rundir.RunFiles(run_dir, keep=lambda row: True, stage=stage)
         with guards.GracefulStop() as stopper:
-            built = runner.build(cfg, run_files, stopper, resume=None)
+            built = pipeline.build(cfg, run_files, stopper, resume=None)
             built.trainer._load_from_checkpoint(str(weights))
             built.trainer.state.global_step, built.trainer.state.epoch = last["step"], last["train/epoch"]
             log.info("Evaluating %s with the weights of %s (step %d)", run_dir, weights.name, last["step"])
-            runner.evaluate(built)
+            pipeline.evaluate(built)
         run_files.close()
         return {k: v for event in rundir.read_jsonl(run_dir / rundir.METRICS) if event.get("stage") == stage
                 for k, v in event.items() if k not in ("step", "stage")}

@@ -239,7 +239,7 @@ def decoding_latency(model, tokenizer, prompts: list[tuple[list[dict], str]], cf
 
 class GenerateOnEvaluate(TrainerCallback):
     """With `eval.generate_every_eval`: answers the prompts at every evaluation during training, appending to
-    samples.jsonl and metrics.jsonl; the last step's answers are the final evaluation's (`runner.evaluate`)."""
+    samples.jsonl and metrics.jsonl; the last step's answers are the final evaluation's (`pipeline.evaluate`)."""
 
     def __init__(self, model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalConfig, files):
         self.model, self.tokenizer, self.prompts, self.cfg, self.files = model, tokenizer, prompts, cfg, files

@@ -1,4 +1,4 @@
-"""Run-time guards: stop cleanly on SIGTERM/SIGINT, refuse non-finite losses and weights, refuse an unusable
+"""Run-time guards: stop cleanly on any stop signal, refuse non-finite losses and weights, refuse an unusable
 output directory.
 
 Under torchrun every rank must take the same decision at the same step, or the others wait in a
@@ -9,6 +9,7 @@ stop and the skip then act on the agreed values only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -58,12 +59,18 @@ def check_output_dir(path: Path) -> None:
                           f"{MIN_FREE_BYTES / 2**20:.0f} MiB a run needs for its files and checkpoints")
 
 
-class GracefulStop(TrainerCallback):
-    """SIGTERM (preemption) and SIGINT (Ctrl-C), from `with stopper:` on.
+# Signals that end a run: a scheduler's preemption (SIGTERM), Ctrl-C, a closed terminal or dropped ssh (SIGHUP),
+# and the early warnings clusters send before the end of a job's time (SIGUSR1/2, `sbatch --signal`).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
-    During training a signal is only noted: the step finishes, a checkpoint is saved and training stops
-    (at the same step on every rank). Outside training (loading, final evaluation) it raises
-    `Interrupted` at once. A second Ctrl-C raises KeyboardInterrupt at once.
+
+class GracefulStop(TrainerCallback):
+    """Every stop signal (STOP_SIGNALS), from `with stopper:` on.
+
+    During training a signal is only noted: the step finishes, a checkpoint is saved and training stops (at the
+    same step on every rank). Outside training (loading, final evaluation) it raises `Interrupted` at once.
+    While the stop's own checkpoint is written (`finishing`), further signals are held: a repeated SIGTERM
+    would cut the checkpoint the rerun needs. A second Ctrl-C stops at once, also there.
     """
 
     def __init__(self):
@@ -71,18 +78,34 @@ class GracefulStop(TrainerCallback):
         self.signum: Optional[int] = None  # agreed by all ranks: training stops
         self.step = 0
         self.training = False
+        self.holding = False
         self._previous = {}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.pending == signal.SIGINT:
             raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        if self.holding:
+            log.warning("%s received while the stop's checkpoint is written: finishing it first%s", name,
+                        " (Ctrl-C again abandons it)" if signum == signal.SIGINT else "")
+            self.pending = signal.SIGINT if signum == signal.SIGINT else self.pending
+            return
         self.pending = self.pending or signum
         if not self.training:
             raise Interrupted(signum, self.step, saved=False)
-        log.warning("%s received: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
+        log.warning("%s received: saving a checkpoint after this step, then stopping", name)
+
+    @contextlib.contextmanager
+    def finishing(self):
+        """Signals are held while the block (the stop's checkpoint) runs."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
 
     def __enter__(self) -> "GracefulStop":
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 

@@ -219,7 +219,8 @@ class PruningCallback(TrainerCallback):
         self.weights = targets(self.model, self.cfg.scope)
         log.debug("Pruning %d weight(s) in scope %s: %s", len(self.weights), self.cfg.scope,
                   sorted({str(getattr(w, "placements", "unsharded")) for w in self.weights}))
-        if self.masks:  # restored from a checkpoint: keep them until the next scheduled prune
+        if self.masks:  # restored from a checkpoint (on the CPU): keep them until the next scheduled prune
+            self.masks = [m.to(local_rows(w)[0].device) for w, m in zip(self.weights, self.masks)]
             self.apply_masks()
         else:
             self.prune(state.global_step)

@@ -7,9 +7,15 @@ size: a save cut off by kill -9 or a full disk has no marker, a file truncated l
 size, and either is skipped, named, in favour of the previous complete checkpoint.
 
 `trainer.resume=auto` (the default) continues the newest unfinished run (interrupted, or killed and no
-longer running) whose config and data fingerprints equal this run's. A run is claimed by creating its
-`run.lock` exclusively (host, pid and job inside), so two reruns never continue one run; the lock of a
-process that is gone is stale and taken over. A completed run is never written into again.
+longer running) under the output root (`output_root`, outputs/) or in the job's own directory, owned by this
+user, whose config and data equal this run's in everything that shapes training: `eval.*`, `logger.*` and the
+other keys of `NOT_SHAPING` may change, and the resumed run records their new values.
+
+A run is claimed by its `run.lock` (host, pid, the process's start time and the machine's boot id), renewed by a
+heartbeat while the process works; so two reruns never continue one run. A lock is stale when its process is
+gone: on this machine, when no process with that pid and start time is alive (a reused pid is another
+process); on another machine, when its heartbeat stopped `STALE_AFTER_S` ago. `trainer.take_over=true` takes
+over a lock that still looks alive. A completed run is never written into again.
 """
 
 from __future__ import annotations
@@ -21,34 +27,48 @@ import logging
 import os
 import shutil
 import socket
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import psutil
 import torch
 from omegaconf import OmegaConf
 from transformers import TrainerCallback
 
 from . import rundir
 from .cache import file_sha256
-from .config import ConfigError, rank, run_id
+from .config import ConfigError, rank
+from .rundir import FINGERPRINT, LOCK, MARKER, STATE_FILE
 
 log = logging.getLogger(__name__)
 
-from .rundir import FINGERPRINT, LOCK, MARKER, STATE_FILE
+# Keys that do not shape training: they may change between an interruption and its rerun.
+NOT_SHAPING = ("eval", "logger", "search", "output_root", "trainer.resume", "trainer.take_over", "trainer.save_steps",
+               "trainer.save_total_limit")
+HEARTBEAT_S = 30  # the holder renews run.lock this often
+STALE_AFTER_S = 600  # a lock from another machine not renewed for this long is stale
 
 
 # ------------------------------------------------------------- fingerprints
 
-def comparable_config(config) -> dict:
-    """The resolved config less what may change between an interruption and its rerun."""
+def shaping_config(config) -> dict:
+    """The resolved config less the keys of NOT_SHAPING: what a resume must match."""
     plain = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
-    plain.get("trainer", {}).pop("resume", None)
+    for key in NOT_SHAPING:
+        *parents, last = key.split(".")
+        node = plain
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(last, None)
     return plain
 
 
 def config_hash(config) -> str:
-    return hashlib.sha256(json.dumps(comparable_config(config), sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(shaping_config(config), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def data_fingerprint(path: Optional[Path], hub: Optional[str] = None) -> dict:
@@ -68,6 +88,12 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return out
+
+
+def saved_config(run_dir: Path) -> Optional[dict]:
+    """The run's own config (.hydra/config.yaml), resolved; None when it has none."""
+    path = Path(run_dir) / rundir.CONFIG
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else None
 
 
 def record(run_dir: Path, config, data: dict) -> None:
@@ -101,7 +127,7 @@ def problem(checkpoint: Path) -> Optional[str]:
             return f"{path} is corrupt ({path.stat().st_size} bytes, {size} when saved)"
     for path in checkpoint.glob("neftlab_*.pt"):
         try:
-            torch.load(path, weights_only=True)
+            torch.load(path, weights_only=True, map_location="cpu")  # not onto the GPU that saved it
         except Exception as e:
             return f"{path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
     for path in checkpoint.glob("*.safetensors"):
@@ -134,7 +160,7 @@ def mark_complete(checkpoint: Path, keep: Optional[int]) -> None:
     """Write the marker listing every file of `checkpoint`, then delete older checkpoints beyond `keep`
     complete ones (and any incomplete ones older than this), so the last complete one is never lost."""
     sizes = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
-             if p.is_file() and p.name != MARKER and not p.name.startswith(".")}
+             if p.is_file() and p.name != MARKER and not rundir.is_temporary(p)}
     rundir.write_json(checkpoint / MARKER, {"files": sizes})
     complete = 0
     for older in checkpoints(checkpoint.parent.parent):
@@ -149,54 +175,104 @@ def mark_complete(checkpoint: Path, keep: Optional[int]) -> None:
 
 # --------------------------------------------------------------------- locks
 
-def _owner() -> dict:
-    """This job: under torchrun every rank of one job shares the launcher's identity (its run id)."""
-    pid = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "job": run_id()}
-
-
-def _alive(holder: dict) -> bool:
-    if holder.get("host") != socket.gethostname():
-        return True  # another machine's process cannot be checked from here: assume it runs
+def _boot_id() -> str:
     try:
-        os.kill(int(holder["pid"]), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, ValueError, TypeError):
-        return True
-    return True
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _started(pid: int) -> Optional[float]:
+    """When the process `pid` started, or None when there is none."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def _owner() -> dict:
+    """This job: under torchrun every rank of one job shares the launcher's identity."""
+    pid = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _started(pid), "boot": _boot_id()}
+
+
+def _same_process(holder: dict, other: dict) -> bool:
+    started = holder.get("started")
+    return (holder.get("host"), holder.get("boot"), holder.get("pid")) == (other["host"], other["boot"], other["pid"]) \
+        and started is not None and other["started"] is not None and abs(started - other["started"]) < 1.0
+
+
+def lock_age(path: Path) -> float:
+    """Seconds since the lock was last renewed."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return float("inf")
+
+
+def alive(holder: dict, age: float) -> bool:
+    """Whether the process named in a lock may still work in the run. On this machine (same boot): only if a
+    process with that pid and start time runs, so a pid reused after kill -9 or a container restart is another
+    process. Elsewhere, it cannot be asked: its heartbeat decides."""
+    if holder.get("host") == socket.gethostname() and holder.get("boot", _boot_id()) == _boot_id():
+        started = _started(int(holder.get("pid") or -1))
+        return started is not None and (holder.get("started") is None or abs(started - holder["started"]) < 1.0)
+    return age < STALE_AFTER_S
+
+
+def describe(holder: dict, age: float) -> str:
+    return f"pid {holder.get('pid')} on {holder.get('host')} (its lock renewed {age:.0f} s ago)"
 
 
 @dataclass
 class RunLock:
-    """`run.lock` in a run directory: created exclusively by the job working in it, removed when it ends."""
+    """`run.lock` in a run directory: claimed by the job working in it, renewed every HEARTBEAT_S by a thread,
+    removed when it ends."""
 
     run_dir: Path
     held: bool = field(default=False, init=False)
+    _beat: Optional[threading.Event] = field(default=None, init=False, repr=False)
 
     @property
     def path(self) -> Path:
         return self.run_dir / LOCK
 
-    def acquire(self) -> Optional[dict]:
-        """Claim the run; returns None on success, or the live job that has it.
+    def acquire(self, take_over: bool = False) -> Optional[tuple[dict, float]]:
+        """Claim the run; returns None on success, or the holder that may still be alive and its lock's age.
 
         The directory's flock makes the read-check-write one step: of two reruns started together, the
-        second sees the first's lock. A lock whose process is gone (kill -9) is stale and taken over.
+        second sees the first's lock. A stale lock (`alive`) is taken over, and so is any with `take_over`.
         """
+        me = _owner()
         fd = os.open(self.run_dir, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            holder = rundir.read_json(self.path)
-            if isinstance(holder, dict) and holder.get("job") != run_id() and _alive(holder):
-                return holder
-            rundir.write_json(self.path, _owner())
+            holder, age = rundir.read_json(self.path), lock_age(self.path)
+            if isinstance(holder, dict) and not _same_process(holder, me) and alive(holder, age):
+                if not take_over:
+                    return holder, age
+                log.warning("Taking %s over from %s (trainer.take_over=true)", self.run_dir, describe(holder, age))
+            if rank() == 0:
+                rundir.write_json(self.path, me)
             self.held = True
-            return None
         finally:
             os.close(fd)  # releases the flock
+        if rank() == 0:
+            self._beat = threading.Event()
+            threading.Thread(target=self._heartbeat, args=(self._beat,), daemon=True, name="run.lock").start()
+        return None
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
 
     def release(self) -> None:
+        if self._beat is not None:
+            self._beat.set()
+            self._beat = None
         if self.held and rank() == 0:
             self.path.unlink(missing_ok=True)
         self.held = False
@@ -220,7 +296,34 @@ class Resume:
         return row["step"] <= self.step and row.get("stage", rundir.TRAIN) == rundir.TRAIN
 
 
-def _explicit(setting: str, config, data: dict) -> Resume:
+def _shaping_differences(run_dir: Path, config) -> list[str]:
+    saved = saved_config(run_dir)
+    return [] if saved is None else config_differences(shaping_config(saved), shaping_config(config))
+
+
+def _owner_name(path: Path) -> Optional[str]:
+    """The other user who owns `path`, or None when it is this user's: a run is never taken over from another."""
+    uid = path.stat().st_uid
+    if uid == os.getuid():
+        return None
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return str(uid)
+
+
+def _claim(run_dir: Path, key: str, take_over: bool) -> RunLock:
+    lock = RunLock(run_dir)
+    held = lock.acquire(take_over)
+    if held is not None:
+        raise ConfigError(f"{key}: that run is in use by {describe(*held)}; if that process is gone (a node that "
+                          f"died, a container that was replaced), take the run over with trainer.resume={run_dir} "
+                          "trainer.take_over=true")
+    return lock
+
+
+def _explicit(setting: str, config, data: dict, take_over: bool) -> Resume:
     path = Path(setting).expanduser()
     key = f"trainer.resume={setting}"
     if path.name.startswith("checkpoint-") and path.parent.name == rundir.CHECKPOINTS:
@@ -236,21 +339,17 @@ def _explicit(setting: str, config, data: dict) -> Resume:
     if rundir.status(run_dir) == "completed":
         raise ConfigError(f"{key}: that run is completed, and a completed run is never written into again; "
                           "start a new run (trainer.resume=false)")
-    saved = run_dir / rundir.CONFIG
-    if saved.exists():
-        differences = config_differences(comparable_config(OmegaConf.load(saved)), comparable_config(config))
-        if differences:
-            raise ConfigError(f"{key}: that run's config differs in {'; '.join(differences)}; resume it with "
-                              "its own config, or start a new run (trainer.resume=false)")
+    if (other := _owner_name(run_dir)) is not None:
+        raise ConfigError(f"{key}: that run belongs to the user {other}; a run is never taken over from another user")
+    differences = _shaping_differences(run_dir, config)
+    if differences:
+        raise ConfigError(f"{key}: that run's config differs in {'; '.join(differences)}; resume it with "
+                          "its own config, or start a new run (trainer.resume=false)")
     fingerprint = rundir.read_json(run_dir / FINGERPRINT) or {}
     if fingerprint.get("data", data) != data:
         raise ConfigError(f"{key}: the data changed since that run started ({_data_change(fingerprint['data'], data)});"
                           " restore it, or start a new run (trainer.resume=false)")
-    lock = RunLock(run_dir)
-    holder = lock.acquire()
-    if holder is not None:
-        raise ConfigError(f"{key}: that run is in use by pid {holder.get('pid')} on {holder.get('host')}")
-    return Resume(run_dir, checkpoint, lock)
+    return Resume(run_dir, checkpoint, _claim(run_dir, key, take_over))
 
 
 def _data_change(old: dict, new: dict) -> str:
@@ -259,20 +358,26 @@ def _data_change(old: dict, new: dict) -> str:
     return f"{new['path']} has other contents ({old.get('size')} bytes then, {new.get('size')} now)"
 
 
-def find_resume(setting: Any, config, run_dir: Path, data: dict) -> Optional[Resume]:
-    """The run to continue for trainer.resume=`setting` (auto | true | false | a run or checkpoint dir), claimed."""
+def run_dirs(root: Path) -> list[Path]:
+    """The run directories under the output root, as neftlab lays them out: runs/X, multiruns/X/N,
+    experiments/S/N and a search's experiments/S/T/N."""
+    return [p.parent for depth in range(1, 5) for p in Path(root).glob("/".join(["*"] * depth) + "/" + FINGERPRINT)]
+
+
+def find_resume(setting: Any, config, run_dir: Path, data: dict, root: Path, take_over: bool = False
+                ) -> Optional[Resume]:
+    """The run to continue for trainer.resume=`setting` (auto | true | false | a run or checkpoint dir), claimed.
+    Auto looks in the job's own directory and among this user's runs under the output root `root`, nowhere else."""
     if setting is False or setting == "false":
         return None
     if setting not in (True, "auto", "true"):
-        return _explicit(str(setting), config, data)
+        return _explicit(str(setting), config, data, take_over)
     wanted = config_hash(config)
-    # This run's directory, its siblings (outputs/runs/*), and the jobs of sibling sweeps (outputs/multiruns/*/N).
-    candidates = {run_dir, *run_dir.parent.glob("*"), *run_dir.parent.parent.glob("*/*")}
     found = []
-    for candidate in candidates:
+    for candidate in {Path(run_dir), *run_dirs(root)}:
         if not (candidate / rundir.CONFIG).exists() or not (candidate / rundir.CHECKPOINTS).is_dir():
             continue
-        if rundir.status(candidate) not in (None, "absent", "interrupted"):
+        if rundir.status(candidate) not in (None, "absent", "interrupted") or _owner_name(candidate) is not None:
             continue
         fingerprint = rundir.read_json(candidate / FINGERPRINT) or {}
         if fingerprint.get("config") != wanted:
@@ -286,15 +391,54 @@ def find_resume(setting: Any, config, run_dir: Path, data: dict) -> Optional[Res
             found.append((checkpoint.stat().st_mtime, candidate, checkpoint))
     for _, candidate, checkpoint in sorted(found, reverse=True):
         lock = RunLock(candidate)
-        holder = lock.acquire()
-        if holder is None:
+        held = lock.acquire(take_over and candidate == Path(run_dir))
+        if held is None:
             return Resume(candidate, checkpoint, lock)
-        log.warning("Not resuming %s: it is in use by pid %s on %s; starting a new run in %s",
-                    candidate, holder.get("pid"), holder.get("host"), run_dir)
+        if candidate != Path(run_dir):  # the job's own directory in use: the job itself says so
+            log.warning("Not resuming %s: it is in use by %s; starting a new run in %s (if that process is gone, "
+                        "take the run over with trainer.resume=%s trainer.take_over=true)", candidate, describe(*held),
+                        run_dir, candidate)
     if setting in (True, "true"):
         raise ConfigError("trainer.resume=true: no interrupted run with this config and data and a complete "
-                          f"checkpoint was found near {run_dir}; pass trainer.resume=<run dir> or trainer.resume=auto")
+                          f"checkpoint was found in {run_dir} or under {root}; pass trainer.resume=<run dir> or "
+                          "trainer.resume=auto")
     return None
+
+
+@dataclass
+class Occupied:
+    """What a job does with an output directory that already holds a run: `reuse` its result (completed with this
+    config), `resume` it (unfinished with this config), or `refuse` (another config), with the one line to say."""
+    action: str
+    message: str
+    summary: Optional[dict] = None
+
+
+def occupant(run_dir: Path, config, data: dict) -> Optional[Occupied]:
+    """The decision for a job pointed at `run_dir`, taken before anything is written there; None when the
+    directory holds no run (or only a failed one, which a rerun replaces)."""
+    status = rundir.status(run_dir)
+    if status in ("absent", "failed"):
+        return None
+    differences = _shaping_differences(run_dir, config)
+    fingerprint = rundir.read_json(run_dir / FINGERPRINT) or {}
+    if fingerprint.get("data", data) != data:
+        differences.append(_data_change(fingerprint["data"], data))
+    what = "a completed run" if status == "completed" else f"an {status or 'unfinished'} run"
+    if differences:
+        how = "" if status == "completed" else "resume it with its own config, or "
+        return Occupied("refuse", f"output directory {run_dir} already holds {what} with another config "
+                                  f"({'; '.join(differences)}); a run's files are never overwritten: {how}choose "
+                                  "another hydra.run.dir")
+    if status == "completed":
+        saved = saved_config(run_dir) or {}
+        changed = config_differences(saved.get("eval", {}), OmegaConf.to_container(OmegaConf.create(config),
+                                                                                   resolve=True).get("eval", {}))
+        hint = (f" (its eval.* keys differ: {'; '.join(changed)}; evaluate it again with python -m neftlab.evaluate "
+                f"{run_dir} eval.KEY=VALUE)") if changed else ""
+        return Occupied("reuse", f"{run_dir} is already completed with this config: its result is reused, nothing is "
+                                 f"trained{hint}", rundir.read_json(run_dir / rundir.SUMMARY))
+    return Occupied("resume", "")
 
 
 # ----------------------------------------------------------------- callback
@@ -311,7 +455,7 @@ class StateCheckpoint(TrainerCallback):
         folder.mkdir(parents=True, exist_ok=True)
         # Every rank has its own noise stream; masks are per rank too when the weights are sharded.
         own = {"noise_rng": self.noise_callback.noise.rng_state(),
-               "pruning_masks": [m.contiguous() for m in self.pruner.masks] if self.pruner else None}
+               "pruning_masks": [m.contiguous().cpu() for m in self.pruner.masks] if self.pruner else None}
         rundir.atomic_write(folder / rundir.rank_state(rank()), lambda tmp: torch.save(own, tmp))
         if args.world_size > 1:
             from .sharding import barrier
@@ -324,8 +468,10 @@ class StateCheckpoint(TrainerCallback):
             mark_complete(folder, self.keep)
 
     def load(self, checkpoint: Path) -> None:
-        saved = {**torch.load(checkpoint / STATE_FILE, weights_only=True),
-                 **torch.load(checkpoint / rundir.rank_state(rank()), weights_only=True)}
+        # On the CPU: the pruner moves the masks to their weights' devices (every rank would otherwise open a
+        # CUDA context on the GPU that saved each file).
+        saved = {**torch.load(checkpoint / STATE_FILE, weights_only=True, map_location="cpu"),
+                 **torch.load(checkpoint / rundir.rank_state(rank()), weights_only=True, map_location="cpu")}
         self.noise_callback.noise.set_rng_state(saved["noise_rng"])
         self.noise_callback.noise.alpha = saved["noise_alpha"]
         if self.noise_callback.dynamic is not None:

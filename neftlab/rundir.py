@@ -13,6 +13,7 @@ run file's name.
     run.lock                the process working in the run (resume.RunLock)
     wandb-run-id            the W&B run's id, reused on resume
     model/                  the final weights
+    ../jobs.jsonl           a sweep's ledger, at its root: how each job of each invocation ended
     checkpoints/checkpoint-N/  the Trainer's checkpoint, plus neftlab_state.pt (noise alpha and threshold),
                             neftlab_rank<N>.pt (each rank's noise stream and pruning masks) and, written last,
                             neftlab_complete.json (every file with its size)
@@ -60,6 +61,7 @@ TRAINER_STATE = "trainer_state.json"
 
 def rank_state(rank: int) -> str:
     return f"neftlab_rank{rank}.pt"
+SWEEP_JOBS = "jobs.jsonl"
 TRAIN, FINAL = "train", "final"
 
 
@@ -74,10 +76,19 @@ def judge_files(run_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- writing and reading whole files
 
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether `path` is one of `atomic_write`'s temporary files (left by a writer that was killed)."""
+    return path.name.startswith(".") and ".tmp" in path.name
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` for a temporary path beside `path`, then rename it into place (same filesystem)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -118,9 +129,16 @@ def jsonl_line(row: dict) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl or samples.jsonl (objects with a "step"); a torn last line (a crash or a full disk
-    mid-write) is skipped and reported, a corrupt line elsewhere is skipped and reported with its number."""
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row as one write (several processes may append to a sweep's ledger at once)."""
+    with Path(path).open("a", encoding="utf-8") as out:
+        out.write(jsonl_line(row))
+
+
+def read_jsonl(path: Path, required: str = "step") -> list[dict]:
+    """The rows of a metrics.jsonl, samples.jsonl (objects with a "step") or jobs.jsonl ("sweep"); a torn last line
+    (a crash or a full disk mid-write) is skipped and reported, a corrupt line elsewhere is skipped and reported
+    with its number."""
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").split("\n")
     except FileNotFoundError:
@@ -134,7 +152,7 @@ def read_jsonl(path: Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and "step" in row:
+        if isinstance(row, dict) and required in row:
             rows.append(row)
         else:
             where = "its last line, cut off" if number == last else f"line {number}, not a JSON event"

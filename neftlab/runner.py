@@ -1,217 +1,93 @@
-"""One run in three stages: build it (config checks, data, model, Trainer), train it, evaluate it.
+"""The command line's side of a run: one Hydra job, around `pipeline.run`, and the sweep it may belong to.
 
-Noise and pruning plug in as a forward hook and TrainerCallbacks; nothing here is a
-training loop. Errors end the run with status "failed" in summary.json and one line on the
-terminal; the traceback goes to the run's log file.
+Before anything is written, a job decides which directory its run uses:
+- the job's output directory holds no run (or a failed one): a new run there, unless auto-resume finds an
+  interrupted run with this config to continue;
+- it holds this config's completed run: its result is reused, nothing is trained or written (a rerun of a sweep
+  skips its completed jobs);
+- it holds this config's unfinished run: that run is resumed, or, killed before its first complete checkpoint,
+  trained again;
+- it holds another config's run: refused in one line, and nothing is written there, not even .hydra/ or a log line.
+Only then are .hydra/, the fingerprint and the log written, into the run's own directory. An error ends the run with
+status "failed" in summary.json and one line on the terminal; the traceback goes to the run's log.
+
+A sweep (`RunGuard`): its directory is fixed once, in the launching process, whatever the launcher; the same sweep
+command again continues the newest unfinished sweep of that command; every job appends how it ended to the
+sweep's jobs.jsonl, which gives the exit code and the list of failed jobs for every launcher; and a stop signal
+to the launching process reaches the running jobs, which checkpoint, before the sweep exits with 128 + the signal.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import logging.handlers
+import os
+import signal
 import sys
-import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import torch
+import psutil
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from . import data as data_mod
-from . import errors, evaluation, guards, judge, models, noise, pruning, rundir, search
+from . import errors, guards, pipeline, rundir, search
 from . import resume as resume_mod
-from .config import Config, ConfigError, check, rank
+from .config import Config, ConfigError, rank, run_id
 from .rundir import RunFiles
-from .tracking import Recorder, WandbRun
+from .tracking import WandbRun
 
 log = logging.getLogger(__name__)
 
-FAILED: list[tuple[str, str]] = []  # (run dir, error) of the last sweep's failed jobs, for the exit code
+SWEEP_ENV, LAUNCHER_PID_ENV = "NEFTLAB_SWEEP", "NEFTLAB_SWEEP_PID"  # set by RunGuard for the sweep's jobs
 
 
-def training_arguments(cfg: Config, out_dir: Path):
-    """TrainingArguments from neftlab's typed fields and `trainer.args`; a value the Trainer refuses is a
-    ConfigError naming its `trainer.args.<key>` (found by adding the user's keys one at a time)."""
-    from transformers import TrainingArguments
-    t = cfg.trainer
-    check(not t.fsdp or torch.cuda.is_available(), "trainer.fsdp", t.fsdp, "false without CUDA: accelerate shards "
-          "only on GPUs, and on CPUs the run would train as plain DDP, every rank holding the whole model")
-    if zero_stage(t.args.get("deepspeed")) == 3 and (cfg.pruning.method != "off" or cfg.noise.kind == "dynamic"):
-        raise ConfigError(f"trainer.args.deepspeed={t.args['deepspeed']!r} is ZeRO stage 3, where each rank's embedding "
-                          "weight is an empty placeholder (transformers #32021), so pruning and the dynamic noise "
-                          "statistic would read nothing: use ZeRO stage 1 or 2, or trainer=fsdp (FSDP2), with them")
-    base = dict(
-        output_dir=str(out_dir / rundir.CHECKPOINTS), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
-        max_steps=t.max_steps or -1, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
-        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
-        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=None,
-        neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs data-parallel (gloo)
-        fsdp=t.fsdp, fsdp_config=dict(t.fsdp_config) or None,
-    )
-    user = dict(t.args)
-    try:
-        return TrainingArguments(**{**base, **user})
-    except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
-        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-        for key in user:
-            try:
-                TrainingArguments(**{**base, key: user[key]})
-            except Exception:  # noqa: BLE001
-                raise ConfigError(f"trainer.args.{key}={user[key]!r} is refused by TrainingArguments: {first}") from None
-        raise ConfigError(f"trainer.args={user} is refused by TrainingArguments: {first}") from None
+class HeldLog:
+    """The job's log file, held back until the run's directory is decided: Hydra points it at the job's output
+    directory, which may hold a completed run or another config's. Lines logged meanwhile are kept in memory and
+    written first when the log is released to the run's directory; they are dropped if the job writes nothing."""
 
+    def __init__(self):
+        root = logging.getLogger()
+        self.files = [h for h in root.handlers if isinstance(h, logging.FileHandler)]
+        for handler in self.files:
+            root.removeHandler(handler)
+        self.memory = logging.handlers.MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 10)
+        root.addHandler(self.memory)
 
-def zero_stage(deepspeed) -> int | None:
-    """The ZeRO stage of a `trainer.args.deepspeed` config (a dict or a JSON file), None without one."""
-    if deepspeed is None:
-        return None
-    if not isinstance(deepspeed, dict):
-        try:
-            deepspeed = json.loads(Path(str(deepspeed)).read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"trainer.args.deepspeed={deepspeed!r}: not a readable DeepSpeed JSON config ({e})") from None
-    return (deepspeed.get("zero_optimization") or {}).get("stage")
+    def release(self, run_dir: Path) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.memory)
+        for handler in self.files:
+            handler.close()  # opened lazily (delay: true): it never wrote into the job's directory
+            handler.baseFilename = os.path.abspath(Path(run_dir) / Path(handler.baseFilename).name)
+            for record in self.memory.buffer:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            root.addHandler(handler)
+        self.memory.buffer.clear()
+        self.files = []
+
+    def drop(self) -> None:
+        logging.getLogger().removeHandler(self.memory)
+        self.memory.buffer.clear()
 
 
 @dataclass
-class Built:
-    """A run ready to train: its model, data, Trainer and the callbacks the later stages read."""
-    cfg: Config
-    files: RunFiles
-    tokenizer: Any
-    data: data_mod.Prepared
-    prompts: list  # what the evaluation answers (causal models)
-    model: torch.nn.Module
-    trainer: Any
-    hook: noise.Noise
-    pruner: pruning.PruningCallback | None
-    guard: guards.NonFiniteGuard
-
-
-def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> Built:
-    """Data, model, noise, pruning and the Trainer with every callback, restored from `resume` when given."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
-    set_seed(cfg.seed)
-    args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
-    tokenizer = models.load_tokenizer(cfg.model)
-    cfg.validate_context(models.context_length(cfg.model))
-    data = data_mod.prepare(cfg.data, tokenizer, cfg.model.causal, cfg.seed)
-    model = models.load_model(cfg.model, tokenizer, num_labels=max(len(data.label_names), 2), seed=cfg.seed)
-    if cfg.data.packing:  # transformers finds packed sequences in the position ids only without a KV cache
-        model.config.use_cache = False
-
-    hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
-                        std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank())  # each rank its own noise
-    noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
-    callbacks = [Recorder(files, sources=[noise_callback]), noise_callback]
-    pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
-    if pruner is not None:
-        callbacks.append(pruner)
-    prompts = evaluation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
-    if prompts and cfg.eval.generate_every_eval:
-        callbacks.append(evaluation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
-    noise_off = evaluation.NoiseOffTrainLoss(data.train, len(data.eval), cfg.seed, files.log)
-    callbacks.append(noise_off)
-    state = resume_mod.StateCheckpoint(noise_callback, pruner, keep=cfg.trainer.save_total_limit)
-    guard = guards.NonFiniteGuard(model, cfg.trainer.nonfinite_loss, cfg.trainer.max_skipped_steps, files.log)
-    # The guard last: it checks weights once a save has been decided.
-    callbacks += [state, stopper, guards.StepAgreement(guard, stopper), guard]
-    if resume is not None:
-        state.load(resume.checkpoint)
-    if cfg.model.causal:
-        collator = (data_mod.PackedCollator() if cfg.data.packing
-                    else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
-        metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
-                          preprocess_logits_for_metrics=evaluation.argmax_logits)
-    else:
-        collator = DataCollatorWithPadding(tokenizer)
-        metric_fns = dict(compute_metrics=evaluation.classification_metrics)
-    trainer = Trainer(model=model, args=args, data_collator=collator,
-                      train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                      callbacks=callbacks, **metric_fns)
-    noise_off.trainer = trainer
-    return Built(cfg, files, tokenizer, data, prompts, model, trainer, hook, pruner, guard)
-
-
-def save_checkpoint(trainer) -> None:
-    """A complete checkpoint at the current step, unless one is there: what a rerun continues from."""
-    folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    if not (folder / rundir.MARKER).exists():
-        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
-        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
-
-
-def train(run: Built, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> None:
-    """Train with the noise attached; a signal ends it with a checkpoint at the step where every rank stopped."""
-    from transformers import TrainerState
-    trainer = run.trainer
-    with run.hook:  # the noise is gone after training, also when training raises
-        try:
-            if resume is not None and resume_mod.training_done(resume.checkpoint):
-                # Stopped after its last step: nothing left to train, only the evaluation to redo.
-                log.info("Training finished at step %d before the interruption; evaluating only", resume.step)
-                trainer._load_from_checkpoint(str(resume.checkpoint))
-                trainer.state = TrainerState.load_from_json(str(resume.checkpoint / rundir.TRAINER_STATE))
-            elif run.cfg.trainer.max_steps != 0:
-                trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
-        finally:
-            run.guard.remove()
-    if stopper.signum is not None:
-        raise guards.Interrupted(stopper.signum, trainer.state.global_step)
-
-
-def evaluate(run: Built) -> None:
-    """The held-out loss and metrics, greedy generations, latency, parameter counts and stability."""
-    cfg, files, model, trainer, pruner = run.cfg, run.files, run.model, run.trainer, run.pruner
-    if files.stage == rundir.TRAIN:  # a re-evaluation has its own stage
-        files.stage = rundir.FINAL
-    trainer.evaluate()
-    step = trainer.state.global_step
-    prompts = run.prompts
-
-    def latency() -> dict:
-        if not cfg.model.causal:
-            return evaluation.classification_latency(model, trainer.get_eval_dataloader())
-        return evaluation.decoding_latency(model, run.tokenizer, prompts, cfg.eval)
-
-    if prompts:
-        samples, metrics = evaluation.generate(model, run.tokenizer, prompts, cfg.eval, step)
-        files.append_samples(samples)
-        files.log(step, metrics)
-    files.log(step, latency())
-    if pruner is not None and pruner.masks:  # time the same model unpruned: dense kernels gain nothing from zeros
-        with pruner.dense():
-            dense = latency()
-        files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
-    files.log(step, {**evaluation.parameter_counts(model), **evaluation.peak_memory(),
-                     **evaluation.stability(files.train_losses, cfg.eval.loss_window)})
-    if cfg.eval.judge.model and prompts and files.writes:
-        files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
-    if cfg.trainer.save_model:
-        guards.check_finite_weights(model, step)
-        trainer.save_model(str(files.dir / rundir.MODEL))
-
-
-def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -> None:
-    """Build, train, evaluate. SIGTERM/SIGINT at any point end in `guards.Interrupted` with a checkpoint of
-    the step reached (during the final evaluation: of the trained model, so the rerun only evaluates)."""
-    with guards.GracefulStop() as stopper:
-        built = build(cfg, files, stopper, resume)
-        try:
-            train(built, stopper, resume)
-            evaluate(built)
-        except guards.Interrupted as e:
-            step = built.trainer.state.global_step
-            if step:
-                save_checkpoint(built.trainer)
-            raise guards.Interrupted(e.signum, step, saved=bool(step)) from None
+class Outcome:
+    """How a job ended: its status, one line, the run's directory, its summary and its return to the sweeper."""
+    status: str  # completed | reused | failed | refused | interrupted
+    message: str = ""
+    run_dir: Optional[Path] = None
+    summary: dict = field(default_factory=dict)
+    objective: Any = None
+    exit_code: int = 0
 
 
 def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg, run_dir: Path) -> WandbRun:
@@ -225,86 +101,182 @@ def start_wandb(cfg: Config, dict_cfg: DictConfig, hydra_cfg, run_dir: Path) -> 
                           f"noise:{cfg.noise.kind}", f"pruning:{cfg.pruning.method}"])
 
 
-def _fresh_dir(out_dir: Path) -> None:
-    """A new run never writes into another run's files, unless that run failed."""
-    status = rundir.status(out_dir)
-    if status not in ("absent", "failed"):
-        raise ConfigError(f"output directory {out_dir} already holds a run (status {status or 'unfinished'}); a "
-                          "run's files are never overwritten: choose another hydra.run.dir")
+def _message(e: BaseException, out_dir: Path) -> tuple[str, str]:
+    """(status, one line) for an exception that ended a run."""
+    if isinstance(e, errors.NeftlabError):
+        return "failed", str(e)
+    if isinstance(e, OmegaConfBaseException):
+        return "failed", str(e).splitlines()[0]
+    if errors.disk_full(e, out_dir):
+        return "interrupted", (f"no space left on device ({out_dir}): free some and rerun the same command to resume "
+                               "from the last complete checkpoint")
+    return "failed", f"{type(e).__name__}: {e}"
 
 
-def main(dict_cfg: DictConfig) -> float | list[float] | None:
-    """Hydra's task function: one job of a run or a sweep. Returns the job's objective (`search.objectives`)
-    for an optimizing sweeper; None when the run did not complete."""
-    hydra_cfg = HydraConfig.get()
-    out_dir = Path(hydra_cfg.runtime.output_dir)
-    files, lock = None, resume_mod.RunLock(out_dir)
+def _objective(cfg: Config, summary: dict):
+    return search.objective(summary, search.objective_keys(cfg.search.objectives, cfg.eval.judge.model is not None))
+
+
+def _job(dict_cfg: DictConfig, hydra_cfg, out_dir: Path, held: HeldLog) -> Outcome:
+    """Decide the run's directory, then run the pipeline there."""
+    files: Optional[RunFiles] = None
+    lock = resume_mod.RunLock(out_dir)
+    writable = rundir.status(out_dir) in ("absent", "failed")  # nothing of another run is in the job's directory
     try:
+        if stopped := sweep_stopped():
+            return Outcome("interrupted", f"not started: the sweep was stopped by {signal.Signals(stopped).name}",
+                           exit_code=128 + stopped)
         cfg: Config = OmegaConf.to_object(dict_cfg)
         cfg.validate()
         data = resume_mod.data_fingerprint(*data_mod.source(cfg.data))
-        resume = resume_mod.find_resume(cfg.trainer.resume, dict_cfg, out_dir, data)
+        occupied = resume_mod.occupant(out_dir, dict_cfg, data)
+        if occupied is not None and occupied.action == "refuse":
+            raise ConfigError(occupied.message)
+        if occupied is not None and occupied.action == "reuse":
+            return Outcome("reused", occupied.message, out_dir, occupied.summary or {},
+                           _objective(cfg, occupied.summary or {}))
+        root = Path(cfg.output_root)
+        resume = resume_mod.find_resume(cfg.trainer.resume, dict_cfg, out_dir, data, root, cfg.trainer.take_over)
         if resume is not None:
-            lock = resume.lock
-            log.info("Resuming %s from %s", resume.run_dir, resume.checkpoint.name)
-            files = RunFiles(resume.run_dir, keep=resume.keeps)
+            lock, run_dir = resume.lock, resume.run_dir
+            changed = resume_mod.config_differences(resume_mod.saved_config(run_dir) or {},
+                                                    OmegaConf.to_container(dict_cfg, resolve=True))
+            log.info("Resuming %s from %s%s", run_dir, resume.checkpoint.name,
+                     f" with new values of keys that do not shape training: {'; '.join(changed)}" if changed else "")
+            files = RunFiles(run_dir, keep=resume.keeps)
         else:
-            if rank() == 0:  # the other ranks would see rank 0's new files
-                _fresh_dir(out_dir)
-            holder = lock.acquire()
-            if holder is not None:
-                raise ConfigError(f"output directory {out_dir} is in use by pid {holder.get('pid')} on "
-                                  f"{holder.get('host')}: choose another hydra.run.dir")
-            resume_mod.record(out_dir, dict_cfg, data)
+            run_dir = out_dir
+            if rank() == 0 and rundir.status(out_dir) not in ("absent", "failed"):
+                if occupied is None or occupied.action != "resume":
+                    raise ConfigError(f"output directory {out_dir} already holds a run; a run's files are never "
+                                      "overwritten: choose another hydra.run.dir")
+                log.warning("%s was stopped before its first complete checkpoint: training it again from step 0",
+                            out_dir)
+            held_by = lock.acquire(cfg.trainer.take_over)
+            if held_by is not None:
+                raise ConfigError(f"output directory {out_dir} is in use by {resume_mod.describe(*held_by)}: choose "
+                                  "another hydra.run.dir, or, if that process is gone, take the run over with "
+                                  "trainer.take_over=true")
             files = RunFiles(out_dir)
+            resume_mod.record(out_dir, dict_cfg, data)
+        if rank() == 0:
+            rundir.write_hydra(run_dir, dict_cfg, OmegaConf.create({"hydra": hydra_cfg}), hydra_cfg.overrides.task)
+        held.release(run_dir)
         if cfg.logger.kind == "wandb" and files.writes:
             files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg, files.dir)
-        run(cfg, files, resume)
-        keys = search.objective_keys(cfg.search.objectives, cfg.eval.judge.model is not None)
-        return search.objective(files.finish("completed"), keys)
+        pipeline.run(cfg, files, resume)
+        summary = files.finish("completed")
+        return Outcome("completed", "", run_dir, summary, _objective(cfg, summary))
     except guards.Interrupted as e:
-        log.warning("%s", e)
-        _finish(files, out_dir, "interrupted", str(e), step=e.step)
-        raise SystemExit(128 + e.signum)
+        return _ended(files, out_dir, writable, held, "interrupted", str(e), 128 + e.signum, step=e.step)
     except KeyboardInterrupt:
-        log.error("stopped at once by Ctrl-C; the last complete checkpoint, if any, is kept")
-        _finish(files, out_dir, "interrupted", "stopped at once by Ctrl-C")
-        raise SystemExit(130)
+        return _ended(files, out_dir, writable, held, "interrupted",
+                      "stopped at once by Ctrl-C; the last complete checkpoint, if any, is kept", 130)
     except Exception as e:
-        status = "failed"
-        if isinstance(e, errors.NeftlabError):
-            message = str(e)
-        elif isinstance(e, OmegaConfBaseException):
-            message = str(e).splitlines()[0]
-        elif errors.disk_full(e, out_dir):
-            status, message = "interrupted", (f"no space left on device ({out_dir}): free some and rerun the "
-                                              "same command to resume from the last complete checkpoint")
-        else:
-            message = f"{type(e).__name__}: {e}"
+        status, message = _message(e, out_dir)
         log.debug("Traceback:\n%s", traceback.format_exc())
-        log.error("%s", message)
-        log.info("Full traceback in %s", out_dir / f"{hydra_cfg.job.name}.log")
-        _finish(files, out_dir, status, message)
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            raise SystemExit(1)
-        return None  # an optimizing sweeper records a failed trial, and its search goes on
+        return _ended(files, out_dir, writable, held, status, message, 1)
     finally:
         lock.release()
 
 
-def _finish(files: RunFiles | None, out_dir: Path, status: str, error: str, **extra) -> None:
-    """summary.json for a run that ends early; before its files were opened, only into a directory no other
-    run's files are in."""
-    if files is None and rundir.status(out_dir) == "absent":
+def _ended(files: Optional[RunFiles], out_dir: Path, writable: bool, held: HeldLog, status: str, message: str,
+           exit_code: int, **extra) -> Outcome:
+    """A run that ends early: summary.json and the log where the run's files are, or, if it never got a directory
+    of its own, in the job's directory only when no other run is there; otherwise it only says so."""
+    if files is None and writable:
         files = RunFiles(out_dir)
-    if files is not None:
-        files.finish(status, error, **extra)
+    if files is None:
+        held.drop()
+        return Outcome("refused" if status == "failed" else status, message, exit_code=exit_code)
+    held.release(files.dir)
+    summary = files.finish(status, message, **extra)
+    return Outcome(status, message, files.dir, summary, exit_code=exit_code)
+
+
+def main(dict_cfg: DictConfig) -> Any:
+    """Hydra's task function: one job of a run or a sweep. Returns the job's objective (`search.objectives`) for an
+    optimizing sweeper, None when the run did not complete. Outside a sweep, and for a stop in a sweep's own
+    process, it exits with the run's exit code."""
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    if multirun:
+        record_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, out_dir, Outcome("running"))
+    held = HeldLog()
+    outcome = _job(dict_cfg, hydra_cfg, out_dir, held)
+    held.drop()
+    if outcome.status == "reused":
+        log.info("%s", outcome.message)
+    elif outcome.status == "interrupted":
+        log.warning("%s", outcome.message)
+    elif outcome.message:
+        log.error("%s", outcome.message)
+        if outcome.run_dir is not None:
+            log.info("Full traceback in %s", outcome.run_dir / f"{hydra_cfg.job.name}.log")
+    _tidy(out_dir, outcome.run_dir)
+    if multirun:
+        record_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, out_dir, outcome)
+        if outcome.status == "interrupted" and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):
+            raise SystemExit(outcome.exit_code)  # a stop of the sweep's own process ends the sweep
+        return outcome.objective  # None for a failed job: an optimizing sweeper records a failed trial, and goes on
+    if outcome.exit_code:
+        raise SystemExit(outcome.exit_code)
+    return outcome.objective
+
+
+def _tidy(out_dir: Path, run_dir: Optional[Path]) -> None:
+    """No empty folders left: the job's directory when the run lives elsewhere (or nowhere), an unused
+    checkpoints/."""
+    for folder in ([run_dir / rundir.CHECKPOINTS] if run_dir else []) + [out_dir]:
+        try:
+            folder.rmdir()  # only if empty
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+def record_job(sweep_dir: Path, number: int, out_dir: Path, outcome: Outcome) -> None:
+    """Append how this job ended to the sweep's jobs.jsonl, one whole line."""
+    rundir.append_jsonl(sweep_dir / rundir.SWEEP_JOBS, {
+        "sweep": os.environ.get(SWEEP_ENV, ""), "job": number, "dir": str(out_dir), "status": outcome.status,
+        "run": str(outcome.run_dir or ""), "error": outcome.message[:1000], "pid": os.getpid()})
+
+
+def sweep_stopped() -> Optional[int]:
+    """The signal that stopped this job's sweep before the job started, if one did."""
+    sweep = os.environ.get(SWEEP_ENV)
+    if not sweep or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    rows = rundir.read_jsonl(Path(HydraConfig.get().sweep.dir) / rundir.SWEEP_JOBS, required="sweep")
+    return next((r["stop"] for r in rows if r["sweep"] == sweep and "stop" in r), None)
+
+
+def _continued_sweep(config: DictConfig) -> Optional[Path]:
+    """The newest unfinished earlier sweep of the same command (the same overrides and sweep directory pattern), for
+    a basic (grid) sweep whose directory is named by its run id; None otherwise. A sweep is unfinished when its
+    last invocation ended with a job not completed, or did not end (killed)."""
+    pattern = OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]
+    if "${run_id:}" not in str(pattern) or "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+        return None
+    here = Path(str(config.hydra.sweep.dir))
+    command = list(config.hydra.overrides.task)
+    for earlier in sorted(here.parent.glob(here.name.replace(run_id(), "*")), key=lambda p: p.stat().st_mtime,
+                          reverse=True):
+        rows = rundir.read_jsonl(earlier / rundir.SWEEP_JOBS, required="sweep")
+        starts = [r for r in rows if "command" in r]
+        if earlier == here or not starts or (starts[-1]["command"], starts[-1]["pattern"]) != (command, pattern):
+            continue
+        ends = [r for r in rows if "end" in r and r["sweep"] == starts[-1]["sweep"]]
+        return earlier if not ends or ends[-1]["failed"] or ends[-1]["interrupted"] else None
+    return None
 
 
 class RunGuard(Callback):
-    """Checks the output directory before Hydra creates it, and after a sweep collects the jobs whose
-    summary.json is not "completed", whichever launcher ran them (joblib and SLURM jobs run in other
-    processes), so that `python -m neftlab -m` can exit non-zero."""
+    """Hydra callbacks in the launching process: checks the output directory before Hydra creates it; for a
+    sweep, fixes its directory once (or continues an unfinished one), passes stop signals to the running jobs,
+    and at the end reports the jobs that did not complete and exits accordingly, whatever the launcher."""
 
     @staticmethod
     def _check(check, path: str) -> None:
@@ -318,18 +290,65 @@ class RunGuard(Callback):
         self._check(guards.check_output_dir, config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(guards.check_output_dir, config.hydra.sweep.dir)
+        pattern = OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]
+        sweep_dir = _continued_sweep(config) or Path(str(config.hydra.sweep.dir))
+        if sweep_dir != Path(str(config.hydra.sweep.dir)):
+            print(f"Continuing the unfinished sweep {sweep_dir}: its completed jobs are reused, its interrupted ones "
+                  "resumed, its failed ones tried again (hydra.sweep.dir=NEW for a new sweep)", file=sys.stderr)
+        with read_write(config.hydra), open_dict(config.hydra):  # resolved once, here, for every job and launcher
+            config.hydra.sweep.dir = str(sweep_dir)
+            config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{sweep_dir}'")
+        self._check(guards.check_output_dir, str(sweep_dir))
         storage = str(config.hydra.sweeper.get("storage") or "")
         if storage.startswith("sqlite:///"):  # an Optuna study's database: SQLite does not make its folder
             study = storage.removeprefix("sqlite:///")
             self._check(guards.check_output_dir, str(Path(study).parent))
             self._check(search.check_study_file, study)
-        self.started = time.time()
+        self.ledger, self.sweep = sweep_dir / rundir.SWEEP_JOBS, run_id()
+        rundir.append_jsonl(self.ledger, {"sweep": self.sweep, "command": list(config.hydra.overrides.task),
+                                          "pattern": pattern})
+        os.environ[SWEEP_ENV], os.environ[LAUNCHER_PID_ENV] = self.sweep, str(os.getpid())
+        self.previous = {s: signal.signal(s, self._stop) for s in guards.STOP_SIGNALS}
+
+    def _stop(self, signum, frame) -> None:
+        """A stop signal to the launching process: jobs not started yet will not start, and the running ones (in
+        other processes: a parallel launcher's workers) are sent SIGTERM and checkpoint; the launcher waits for
+        them, and the sweep exits with 128 + signum at its end."""
+        rundir.append_jsonl(self.ledger, {"sweep": self.sweep, "stop": signum})
+        print(f"{signal.Signals(signum).name} received: stopping the sweep's jobs; each saves a checkpoint",
+              file=sys.stderr)
+        me = psutil.Process()
+        descendants = {p.pid for p in me.children(recursive=True)}
+        for pid in self._running():
+            if pid in descendants:
+                os.kill(pid, signal.SIGTERM)
+
+    def _running(self) -> set[int]:
+        """The pids of this sweep's jobs that started and have not ended."""
+        last = {r["job"]: r for r in rundir.read_jsonl(self.ledger, required="sweep")
+                if r["sweep"] == self.sweep and "job" in r}
+        return {r["pid"] for r in last.values() if r["status"] == "running"}
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        FAILED.clear()
-        for path in sorted(Path(config.hydra.sweep.dir).rglob(rundir.SUMMARY)):
-            if path.stat().st_mtime >= self.started:
-                summary = rundir.read_json(path) or {"error": f"{path} is unreadable"}
-                if summary.get("status") != "completed":
-                    FAILED.append((str(path.parent), summary.get("error", summary.get("status"))))
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        rows = [r for r in rundir.read_jsonl(self.ledger, required="sweep") if r["sweep"] == self.sweep]
+        stop = next((r["stop"] for r in rows if "stop" in r), None)
+        jobs = {r["job"]: r for r in rows if "job" in r}  # the last line of each job
+        failed = [r for r in jobs.values() if r["status"] in ("failed", "refused")]
+        interrupted = [r for r in jobs.values() if r["status"] == "interrupted"]
+        reused = [r for r in jobs.values() if r["status"] == "reused"]
+        rundir.append_jsonl(self.ledger, {"sweep": self.sweep, "end": True, "failed": len(failed),
+                                          "interrupted": len(interrupted) + (stop is not None)})
+        if reused:
+            print(f"{len(reused)} job(s) were already completed: their results are reused", file=sys.stderr)
+        for what, rows_ in (("failed", failed), ("were interrupted", interrupted)):
+            if rows_:
+                print(f"{len(rows_)} job(s) {what}:", file=sys.stderr)
+                for r in sorted(rows_, key=lambda r: r["job"]):
+                    print(f"  {r['run'] or r['dir']}: {r['error']}", file=sys.stderr)
+        if stop is not None or interrupted:
+            print("rerun the same command to resume them", file=sys.stderr)
+            raise SystemExit(128 + (stop or signal.SIGTERM))
+        if failed:
+            raise SystemExit(1)

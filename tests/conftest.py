@@ -36,7 +36,8 @@ def cli(*overrides: str, out_dir: Path, env: dict | None = None, timeout: int = 
     """Run `python -m neftlab` in a subprocess; returns (CompletedProcess, summary dict or None)."""
     flags = [o for o in overrides if o.startswith("-")]  # Hydra's argparse wants flags before overrides
     overrides = [o for o in overrides if not o.startswith("-")]
-    proc = subprocess.run([sys.executable, "-m", "neftlab", *flags, f"hydra.run.dir={out_dir}", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "neftlab", *flags, f"hydra.run.dir={out_dir}", f"output_root={out_dir}",
+                           *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     summary = out_dir / "summary.json"

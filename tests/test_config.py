@@ -145,7 +145,7 @@ def test_a_missing_package_names_the_install_command():
 
 
 def test_trainer_args_reach_training_arguments(tmp_path):
-    from neftlab.runner import training_arguments
+    from neftlab.pipeline import training_arguments
     cfg = compose_cfg("trainer.args.weight_decay=0.1", "+trainer.args.train_sampling_strategy=group_by_length",
                       "+trainer.args.use_liger_kernel=true",
                       "+trainer.args.gradient_checkpointing_kwargs={use_reentrant:false}", "trainer.save_steps=3")
@@ -161,7 +161,7 @@ def test_trainer_args_reach_training_arguments(tmp_path):
     (["noise=dynamic", "+trainer.args.deepspeed=ds.json"], "is ZeRO stage 3"),
 ])
 def test_sharding_that_neftlab_cannot_read_is_refused_before_anything_loads(tmp_path, monkeypatch, overrides, message):
-    from neftlab.runner import training_arguments
+    from neftlab.pipeline import training_arguments
     if "trainer=fsdp" in overrides:
         monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 3}}')

@@ -10,7 +10,7 @@ import torch
 from transformers import EvalPrediction
 
 from conftest import TINY, compose_cfg
-from neftlab import evaluation, guards, models, runner
+from neftlab import evaluation, guards, models, pipeline
 from neftlab.config import EvalConfig
 from neftlab.data import DataError
 from neftlab.rundir import RunFiles
@@ -164,8 +164,8 @@ def test_activation_checkpointing_keeps_the_kv_cache_for_generation(tmp_path):
     cfg = compose_cfg(*TINY, "model=llama_tiny", "logger=none", "model.lora.enabled=true",
                       "trainer.args.activation_checkpointing=true")
     with guards.GracefulStop() as stopper:
-        built = runner.build(cfg, RunFiles(tmp_path), stopper, resume=None)
-        runner.train(built, stopper, resume=None)
+        built = pipeline.build(cfg, RunFiles(tmp_path), stopper, resume=None)
+        pipeline.train(built, stopper, resume=None)
     model, tokenizer, prompts = built.model, built.tokenizer, built.data.prompts[:2]
     assert model.base_model.model.is_activation_checkpointing and not model.config.use_cache
     model.train()
@@ -185,7 +185,7 @@ def test_activation_checkpointing_keeps_the_kv_cache_for_generation(tmp_path):
 
 def test_generate_every_eval_answers_at_each_evaluation_once(tmp_path):
     files = RunFiles(tmp_path)
-    runner.run(compose_cfg(*TINY, "model=llama_tiny", "logger=none", "trainer.eval_steps=1",
+    pipeline.run(compose_cfg(*TINY, "model=llama_tiny", "logger=none", "trainer.eval_steps=1",
                            "eval.generate_every_eval=true"), files)
     files.finish("completed")
     steps = Counter(json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines())

@@ -25,9 +25,8 @@ EXACT = ("eval/loss", "eval/accuracy", "train/loss", "train/epoch", "efficiency/
 
 
 def command(tmp_path, *extra, multirun=False):
-    where = (f"hydra.sweep.dir={tmp_path}/multiruns/" + "${run_id:}") if multirun else \
-        (f"hydra.run.dir={tmp_path}/runs/" + "${run_id:}")
-    return [sys.executable, "-m", "neftlab", *(["-m"] if multirun else []), *BASE, *extra, where]
+    """Runs go to <tmp_path>/runs/<id>, sweeps to <tmp_path>/multiruns/<id>: tmp_path is the output root."""
+    return [sys.executable, "-m", "neftlab", *(["-m"] if multirun else []), *BASE, *extra, f"output_root={tmp_path}"]
 
 
 def rerun(tmp_path, *extra, multirun=False):
@@ -212,9 +211,9 @@ def test_09_changed_data_is_never_resumed(tmp_path):
     assert "Resuming" not in proc.stderr
 
 
-def _start(tmp_path, *extra):
-    return subprocess.Popen(command(tmp_path, *extra), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+def _start(tmp_path, *extra, multirun=False):
+    return subprocess.Popen(command(tmp_path, *extra, multirun=multirun), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def _wait_for(proc, condition, what):
@@ -224,14 +223,17 @@ def _wait_for(proc, condition, what):
         time.sleep(0.01)
 
 
-def test_10_a_signal_at_the_last_step_ends_there(completed, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1], ids=["SIGTERM", "SIGHUP", "SIGUSR1"])
+def test_10_a_signal_at_the_last_step_ends_there(completed, tmp_path, signum):
+    """SIGTERM (preemption), SIGHUP (a closed terminal, a dropped ssh), SIGUSR1 (a cluster's early warning)."""
     proc = _start(tmp_path)
     _wait_for(proc, lambda: list(tmp_path.glob("runs/*/checkpoints/checkpoint-3")), "checkpoint-3")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
+    assert proc.returncode == 128 + signum and "Traceback" not in stderr
     (run,) = (tmp_path / "runs").iterdir()
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
+    assert not (run / rundir.LOCK).exists()
     rerun_proc = rerun(tmp_path)
     assert rerun_proc.returncode == 0
     resumed_from = int(rerun_proc.stderr.split(f"Resuming {run} from checkpoint-")[1].split()[0])
@@ -327,3 +329,112 @@ def test_15_byte_order_marks_are_read_and_bad_bytes_are_placed(tmp_path, bert_to
     offset = 29 * 3000 + len(b'{"text": "')
     with pytest.raises(data.DataError, match=rf"bad.jsonl: not UTF-8 text \(invalid start byte at byte {offset} of"):
         data.read_records(data.DataConfig(path=str(bad), format="classification"))
+
+
+# ---------------------------------------------------------------- issue 19: nothing lost, round two
+
+def test_19_01_a_second_sigterm_while_the_stop_checkpoint_is_written_is_held(tmp_path, monkeypatch, caplog):
+    """SIGTERM during the final evaluation, then SIGTERM again while the checkpoint for that stop is written
+    (an impatient kill, a supervisor repeating its signal): the checkpoint completes, the rerun only evaluates."""
+    from neftlab import guards, pipeline
+    from neftlab.rundir import RunFiles
+    real_save = pipeline.save_checkpoint
+
+    def impatient_save(trainer):
+        os.kill(os.getpid(), signal.SIGTERM)  # the second signal, at the start of the save
+        real_save(trainer)
+    monkeypatch.setattr(pipeline, "evaluate", lambda run: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(1))
+    monkeypatch.setattr(pipeline, "save_checkpoint", impatient_save)
+    cfg = compose_cfg(*BASE, "trainer.save_steps=null")
+    with pytest.raises(guards.Interrupted) as stop:
+        pipeline.run(cfg, RunFiles(tmp_path))
+    assert str(stop.value) == "stopped by SIGTERM at step 4; a checkpoint was saved, rerun the same command to resume"
+    assert "SIGTERM received while the stop's checkpoint is written: finishing it first" in caplog.text
+    assert resume.problem(tmp_path / "checkpoints" / "checkpoint-4") is None
+    assert resume.training_done(tmp_path / "checkpoints" / "checkpoint-4")
+
+
+def _tree(run):
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_19_03_a_completed_runs_directory_is_reused_or_refused_without_a_write(completed, tmp_path):
+    run = tmp_path / "done"
+    shutil.copytree(completed, run)
+    before = _tree(run)
+    proc = rerun(tmp_path, "noise=uniform", "noise.alpha=15", "seed=7", f"hydra.run.dir={run}")
+    assert proc.returncode == 1 and _tree(run) == before  # .hydra/ and neftlab.log included
+    assert (f"output directory {run} already holds a completed run with another config (noise.alpha: 5.0 -> 15.0; "
+            "noise.kind: 'none' -> 'uniform'; seed: 42 -> 7)") in proc.stderr
+    proc = rerun(tmp_path, f"hydra.run.dir={run}", "eval.max_new_tokens=3")
+    assert proc.returncode == 0 and _tree(run) == before
+    assert f"{run} is already completed with this config: its result is reused" in proc.stderr
+    assert f"evaluate it again with python -m neftlab.evaluate {run}" in proc.stderr
+    # a sweep rerun into a fixed sweep directory: the completed job is reused, its log untouched (case 21)
+    shutil.copytree(completed, tmp_path / "sweep" / "0")
+    job = _tree(tmp_path / "sweep" / "0")
+    proc = rerun(tmp_path, f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=42", multirun=True)
+    assert proc.returncode == 0 and _tree(tmp_path / "sweep" / "0") == job
+    assert "1 job(s) were already completed: their results are reused" in proc.stderr
+
+
+def test_19_04_an_interrupted_runs_directory_keeps_its_run_resumable(completed, tmp_path):
+    run = crashed(completed, tmp_path, at=2)
+    before = _tree(run)
+    proc = rerun(tmp_path, "noise=uniform", "noise.alpha=15", f"hydra.run.dir={run}")
+    assert proc.returncode == 1 and _tree(run) == before
+    assert f"output directory {run} already holds an unfinished run with another config" in proc.stderr
+    # a key that does not shape training: the run is resumed, and records the new value (cases 4 and 12)
+    proc = rerun(tmp_path, f"hydra.run.dir={run}", "eval.num_generations=1")
+    assert proc.returncode == 0
+    assert "with new values of keys that do not shape training: eval.num_generations: 2 -> 1" in proc.stderr
+    assert_resumed_to_reference(run, completed, proc.stderr, from_step=2)
+    assert "num_generations: 1" in (run / ".hydra" / "config.yaml").read_text()
+
+
+def _jobs(sweep):
+    return {r["job"]: r for r in rundir.read_jsonl(sweep / rundir.SWEEP_JOBS, required="sweep") if "job" in r}
+
+
+def test_19_05_a_stop_to_a_parallel_sweep_reaches_its_jobs(completed, tmp_path):
+    proc = _start(tmp_path, "hydra/launcher=parallel", "seed=1,2", "trainer.max_steps=400", multirun=True)
+    _wait_for(proc, lambda: len(list(tmp_path.glob("multiruns/*/*/checkpoints/checkpoint-1"))) == 2,
+              "both jobs' first checkpoints")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "2 job(s) were interrupted" in stderr and "Traceback" not in stderr
+    (sweep,) = (tmp_path / "multiruns").iterdir()
+    for job in (0, 1):
+        summary = json.loads((sweep / str(job) / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["step"] >= 1
+        assert resume.problem(sweep / str(job) / "checkpoints" / f"checkpoint-{summary['step']}") is None
+    for child in psutil_children():
+        assert "neftlab" not in " ".join(child.cmdline())  # no job goes on training as an orphan
+
+
+def psutil_children():
+    import psutil
+    return psutil.Process().children(recursive=True)
+
+
+def test_19_06_a_parallel_sweep_has_one_directory_an_exit_code_and_finishes_on_rerun(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(json.dumps({"instruction": f"Say {i}", "output": f"{i} it is"}) + "\n" for i in range(40)))
+    paths = f"data.path={good},{tmp_path / 'late.jsonl'}"
+    proc = rerun(tmp_path, "hydra/launcher=parallel", "data=alpaca", paths, multirun=True)
+    assert proc.returncode == 1 and "1 job(s) failed:" in proc.stderr
+    assert "late.jsonl: no such file" in proc.stderr
+    (sweep,) = (tmp_path / "multiruns").iterdir()  # one directory for the sweep, whatever process ran a job
+    assert {job: r["status"] for job, r in _jobs(sweep).items()} == {0: "completed", 1: "failed"}
+    assert report.main([str(sweep)]) == 0  # the report finds the sweep's runs
+    shutil.copy(good, tmp_path / "late.jsonl")
+    first = _tree(sweep / "0")
+    proc = rerun(tmp_path, "hydra/launcher=parallel", "data=alpaca", paths, multirun=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Continuing the unfinished sweep {sweep}" in proc.stderr
+    assert "1 job(s) were already completed: their results are reused" in proc.stderr
+    assert list((tmp_path / "multiruns").iterdir()) == [sweep] and _tree(sweep / "0") == first
+    assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"
+    proc = rerun(tmp_path, "hydra/launcher=parallel", "data=alpaca", paths, multirun=True)
+    assert len(list((tmp_path / "multiruns").iterdir())) == 2  # a finished sweep is not continued: a new one

@@ -106,7 +106,7 @@ def test_fsdp2_sigterm_saves_a_sharded_checkpoint_and_the_rerun_ends_as_an_unint
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = json.loads((tmp_path / "reference" / "summary.json").read_text())
 
-    command = torchrun(*overrides, f"hydra.run.dir={tmp_path}/runs/" + "${run_id:}")
+    command = torchrun(*overrides, f"output_root={tmp_path}")
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not list(tmp_path.glob("runs/*/checkpoints/checkpoint-5")):

@@ -24,6 +24,8 @@ def test_reevaluation_appends_events_and_leaves_the_training_files(finished, cap
     assert {p: p.read_bytes() for p in training_files} == training_files
     after = rundir.read_jsonl(finished / "metrics.jsonl")
     assert after[: len(events)] == events
+    assert len({e["stage"] for e in after[len(events):]}) == 1  # its own stage: told apart from any other
+    assert after[-1]["stage"].startswith("reeval-") and events[-1]["stage"] == "final"
     new = {k: v for e in after[len(events):] for k, v in e.items()}
     summary = json.loads((finished / "summary.json").read_text())
     assert new["step"] == 2 and new["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-6)  # the same weights

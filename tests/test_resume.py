@@ -34,7 +34,7 @@ def test_sigterm_saves_and_rerunning_the_command_resumes_to_the_uninterrupted_re
     _, reference = cli(*RESUMABLE, out_dir=tmp_path / "reference")
     assert reference["status"] == "completed"
 
-    command = neftlab(*RESUMABLE, f"hydra.run.dir={tmp_path}/runs/" + "${run_id:}")
+    command = neftlab(*RESUMABLE, f"output_root={tmp_path}")  # runs in <output_root>/runs/<id>
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not list(tmp_path.glob("runs/*/checkpoints/checkpoint-5")):
@@ -74,10 +74,10 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 def test_explicit_resume_settings(tmp_path):
     data = {"hub": None}
     with pytest.raises(ConfigError, match="trainer.resume=true: no interrupted run"):
-        resume.find_resume(True, {"trainer": {}}, tmp_path / "run", data)
+        resume.find_resume(True, {"trainer": {}}, tmp_path / "run", data, tmp_path)
     with pytest.raises(ConfigError, match="no complete checkpoint there"):
-        resume.find_resume(str(tmp_path), {"trainer": {}}, tmp_path / "run", data)
-    assert resume.find_resume(False, {"trainer": {}}, tmp_path / "run", data) is None
+        resume.find_resume(str(tmp_path), {"trainer": {}}, tmp_path / "run", data, tmp_path)
+    assert resume.find_resume(False, {"trainer": {}}, tmp_path / "run", data, tmp_path) is None
 
 
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
@@ -88,24 +88,110 @@ def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     assert len(runs) == 2 and all((r / "summary.json").exists() for r in runs)
 
 
-def test_a_run_still_in_progress_is_not_taken_over(tmp_path):
-    config, data = {"seed": 1, "trainer": {"resume": "auto"}}, {"hub": None}
-    sleeper = subprocess.Popen(["sleep", "30"])
-    run = tmp_path / "runs" / "0"  # a sweep job's directory: its name says nothing about its process
+def interrupted_run(run, config, data=None, step=5, holder=None):
+    """A run directory as an interruption leaves it: config, fingerprint, a complete checkpoint, maybe a lock."""
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(json.dumps(config))
-    resume.record(run, config, data)
-    checkpoint = run / "checkpoints" / "checkpoint-5"
+    resume.record(run, config, data or {"hub": None})
+    checkpoint = run / "checkpoints" / f"checkpoint-{step}"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
     resume.mark_complete(checkpoint, keep=None)
-    (run / rundir.LOCK).write_text(json.dumps({"host": os.uname().nodename, "pid": sleeper.pid, "job": "other"}))
-    here = tmp_path / "runs" / "now"
-    assert resume.find_resume("auto", config, here, data) is None  # its process is alive
+    (run / "metrics.jsonl").write_text("")
+    if holder is not None:
+        (run / rundir.LOCK).write_text(json.dumps(holder))
+    return run
+
+
+CONFIG, DATA = {"seed": 1, "trainer": {"resume": "auto"}, "eval": {"max_new_tokens": 256}}, {"hub": None}
+
+
+def here():
+    return {"host": os.uname().nodename, "boot": resume._boot_id()}
+
+
+def test_a_run_still_in_progress_is_not_taken_over(tmp_path):
+    sleeper = subprocess.Popen(["sleep", "30"])
+    holder = {**here(), "pid": sleeper.pid, "started": resume._started(sleeper.pid)}
+    run = interrupted_run(tmp_path / "runs" / "0", CONFIG, holder=holder)  # a sweep job's directory: its name
+    new = tmp_path / "runs" / "now"                                         # says nothing about its process
+    assert resume.find_resume("auto", CONFIG, new, DATA, tmp_path) is None  # its process is alive
     sleeper.kill()
     sleeper.wait()
-    found = resume.find_resume("auto", config, here, data)
+    found = resume.find_resume("auto", CONFIG, new, DATA, tmp_path)
     assert found.run_dir == run and found.step == 5 and found.lock.held
     assert json.loads((run / rundir.LOCK).read_text())["pid"] == os.getpid()
     found.lock.release()
     assert not (run / rundir.LOCK).exists()
+
+
+def test_a_reused_pid_is_another_process(tmp_path):
+    """kill -9, then the rerun gets the dead run's pid (a container restart): the start time tells them apart."""
+    holder = {**here(), "pid": os.getpid(), "started": resume._started(os.getpid()) - 3600}
+    run = interrupted_run(tmp_path / "runs" / "old", CONFIG, holder=holder)
+    found = resume.find_resume("auto", CONFIG, tmp_path / "runs" / "new", DATA, tmp_path)
+    assert found is not None and found.run_dir == run
+    found.lock.release()
+
+
+def test_a_lock_from_another_node_is_stale_once_its_heartbeat_stops(tmp_path, caplog):
+    holder = {"host": "node-a-17", "boot": "elsewhere", "pid": 436, "started": 1.0}
+    run = interrupted_run(tmp_path / "runs" / "old", CONFIG, holder=holder)
+    new = tmp_path / "runs" / "new"
+    assert resume.find_resume("auto", CONFIG, new, DATA, tmp_path) is None  # renewed just now: it may run
+    assert f"Not resuming {run}: it is in use by pid 436 on node-a-17 (its lock renewed" in caplog.text
+    assert f"trainer.resume={run} trainer.take_over=true" in caplog.text
+    with pytest.raises(ConfigError, match=r"in use by pid 436 on node-a-17 .* take the run over with "
+                                          rf"trainer.resume={run} trainer.take_over=true"):
+        resume.find_resume(str(run), CONFIG, new, DATA, tmp_path)
+    taken = resume.find_resume(str(run), CONFIG, new, DATA, tmp_path, take_over=True)
+    assert taken.run_dir == run and json.loads((run / rundir.LOCK).read_text())["pid"] == os.getpid()
+    taken.lock.release()
+    (run / rundir.LOCK).write_text(json.dumps(holder))
+    old = time.time() - resume.STALE_AFTER_S - 60
+    os.utime(run / rundir.LOCK, (old, old))  # the node died: no heartbeat for over ten minutes
+    found = resume.find_resume("auto", CONFIG, new, DATA, tmp_path)
+    assert found.run_dir == run
+    found.lock.release()
+
+
+def test_the_heartbeat_renews_a_held_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(resume, "HEARTBEAT_S", 0.05)
+    lock = resume.RunLock(tmp_path)
+    assert lock.acquire() is None
+    old = time.time() - 1000
+    os.utime(lock.path, (old, old))
+    time.sleep(0.3)
+    assert resume.lock_age(lock.path) < 5
+    lock.release()
+    assert not lock.path.exists()
+
+
+def test_keys_that_do_not_shape_training_do_not_block_a_resume(tmp_path):
+    run = interrupted_run(tmp_path / "runs" / "old", CONFIG)
+    changed = {**CONFIG, "eval": {"max_new_tokens": 16}, "logger": {"kind": "none"}}
+    found = resume.find_resume("auto", changed, tmp_path / "runs" / "new", DATA, tmp_path)
+    assert found is not None and found.run_dir == run
+    found.lock.release()
+    assert resume.find_resume("auto", {**CONFIG, "seed": 2}, tmp_path / "runs" / "new", DATA, tmp_path) is None
+
+
+def test_auto_resume_looks_under_the_output_root_only(tmp_path):
+    """hydra.run.dir=/scratch/me/run1 must not scan /scratch/*/*: other people's runs, other studies."""
+    elsewhere = interrupted_run(tmp_path / "scratch" / "someone" / "run", CONFIG)
+    root = tmp_path / "outputs"
+    root.mkdir()
+    assert resume.find_resume("auto", CONFIG, tmp_path / "scratch" / "me" / "run1", DATA, root) is None
+    found = resume.find_resume("auto", CONFIG, elsewhere, DATA, root)  # the job's own directory is looked at
+    assert found.run_dir == elsewhere
+    found.lock.release()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory to another user")
+def test_a_run_of_another_user_is_never_taken_over(tmp_path):
+    run = interrupted_run(tmp_path / "outputs" / "runs" / "theirs", CONFIG)
+    for path in [run, *run.rglob("*")]:
+        os.chown(path, 4321, 4321)
+    assert resume.find_resume("auto", CONFIG, tmp_path / "outputs" / "runs" / "mine", DATA, tmp_path / "outputs") is None
+    with pytest.raises(ConfigError, match="that run belongs to the user 4321"):
+        resume.find_resume(str(run), CONFIG, tmp_path / "mine", DATA, tmp_path / "outputs")

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, cli, compose_cfg
-from neftlab import runner
+from neftlab import pipeline
 from neftlab.rundir import RunFiles
 
 CAUSAL_KEYS = {"train/loss", "eval/loss", "eval/perplexity", "eval/accuracy", "eval/response_length",
@@ -19,7 +19,7 @@ CAUSAL_KEYS = {"train/loss", "eval/loss", "eval/perplexity", "eval/accuracy", "e
 
 def run_inline(tmp_path, *overrides):
     files = RunFiles(tmp_path)
-    runner.run(compose_cfg(*TINY, "logger=none", *overrides), files)
+    pipeline.run(compose_cfg(*TINY, "logger=none", *overrides), files)
     summary = files.finish("completed")
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     return summary, metrics

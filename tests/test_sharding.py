@@ -186,7 +186,7 @@ def test_each_rank_draws_its_own_noise():
 def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_rerun_resumes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab", "size=tiny",
                "trainer.max_steps=120", "trainer.save_steps=5", "noise=dynamic", "noise.adjust_interval=2",
-               "pruning=l1", "pruning.interval=3", "logger=none", f"hydra.run.dir={tmp_path}/runs/" + "${run_id:}"]
+               "pruning=l1", "pruning.interval=3", "logger=none", f"output_root={tmp_path}"]
     env = {**os.environ, **CPU_ONLY}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not list(tmp_path.glob("runs/*/checkpoints/checkpoint-5")):

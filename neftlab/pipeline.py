@@ -1,0 +1,206 @@
+"""The pipeline of one run: build it (config checks, data, model, Trainer), train it, evaluate it.
+
+Noise and pruning plug in as a forward hook and TrainerCallbacks; nothing here is a training loop, and nothing
+here knows the command line, Hydra or the directory decisions (`runner` does): a pipeline is given its config,
+its run files and, when it continues a run, the checkpoint to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as data_mod
+from . import evaluation, guards, judge, models, noise, pruning, rundir
+from . import resume as resume_mod
+from .config import Config, ConfigError, check, rank
+from .rundir import RunFiles
+from .tracking import Recorder
+
+log = logging.getLogger(__name__)
+
+
+def training_arguments(cfg: Config, out_dir: Path):
+    """TrainingArguments from neftlab's typed fields and `trainer.args`; a value the Trainer refuses is a
+    ConfigError naming its `trainer.args.<key>` (found by adding the user's keys one at a time)."""
+    from transformers import TrainingArguments
+    t = cfg.trainer
+    check(not t.fsdp or torch.cuda.is_available(), "trainer.fsdp", t.fsdp, "false without CUDA: accelerate shards "
+          "only on GPUs, and on CPUs the run would train as plain DDP, every rank holding the whole model")
+    if zero_stage(t.args.get("deepspeed")) == 3 and (cfg.pruning.method != "off" or cfg.noise.kind == "dynamic"):
+        raise ConfigError(f"trainer.args.deepspeed={t.args['deepspeed']!r} is ZeRO stage 3, where each rank's embedding "
+                          "weight is an empty placeholder (transformers #32021), so pruning and the dynamic noise "
+                          "statistic would read nothing: use ZeRO stage 1 or 2, or trainer=fsdp (FSDP2), with them")
+    base = dict(
+        output_dir=str(out_dir / rundir.CHECKPOINTS), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
+        max_steps=t.max_steps or -1, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
+        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=None,
+        neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs data-parallel (gloo)
+        fsdp=t.fsdp, fsdp_config=dict(t.fsdp_config) or None,
+    )
+    user = dict(t.args)
+    try:
+        return TrainingArguments(**{**base, **user})
+    except Exception as e:  # noqa: BLE001 - TrainingArguments raises ValueError, TypeError, ImportError, ...
+        first = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        for key in user:
+            try:
+                TrainingArguments(**{**base, key: user[key]})
+            except Exception:  # noqa: BLE001
+                raise ConfigError(f"trainer.args.{key}={user[key]!r} is refused by TrainingArguments: {first}") from None
+        raise ConfigError(f"trainer.args={user} is refused by TrainingArguments: {first}") from None
+
+
+def zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a `trainer.args.deepspeed` config (a dict or a JSON file), None without one."""
+    if deepspeed is None:
+        return None
+    if not isinstance(deepspeed, dict):
+        try:
+            deepspeed = json.loads(Path(str(deepspeed)).read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"trainer.args.deepspeed={deepspeed!r}: not a readable DeepSpeed JSON config ({e})") from None
+    return (deepspeed.get("zero_optimization") or {}).get("stage")
+
+
+@dataclass
+class Built:
+    """A run ready to train: its model, data, Trainer and the callbacks the later stages read."""
+    cfg: Config
+    files: RunFiles
+    tokenizer: Any
+    data: data_mod.Prepared
+    prompts: list  # what the evaluation answers (causal models)
+    model: torch.nn.Module
+    trainer: Any
+    hook: noise.Noise
+    pruner: pruning.PruningCallback | None
+    guard: guards.NonFiniteGuard
+
+
+def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> Built:
+    """Data, model, noise, pruning and the Trainer with every callback, restored from `resume` when given."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
+    set_seed(cfg.seed)
+    args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
+    tokenizer = models.load_tokenizer(cfg.model)
+    cfg.validate_context(models.context_length(cfg.model))
+    data = data_mod.prepare(cfg.data, tokenizer, cfg.model.causal, cfg.seed)
+    model = models.load_model(cfg.model, tokenizer, num_labels=max(len(data.label_names), 2), seed=cfg.seed)
+    if cfg.data.packing:  # transformers finds packed sequences in the position ids only without a KV cache
+        model.config.use_cache = False
+
+    hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
+                        std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank())  # each rank its own noise
+    noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
+    callbacks = [Recorder(files, sources=[noise_callback]), noise_callback]
+    pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
+    if pruner is not None:
+        callbacks.append(pruner)
+    prompts = evaluation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
+    if prompts and cfg.eval.generate_every_eval:
+        callbacks.append(evaluation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
+    noise_off = evaluation.NoiseOffTrainLoss(data.train, len(data.eval), cfg.seed, files.log)
+    callbacks.append(noise_off)
+    state = resume_mod.StateCheckpoint(noise_callback, pruner, keep=cfg.trainer.save_total_limit)
+    guard = guards.NonFiniteGuard(model, cfg.trainer.nonfinite_loss, cfg.trainer.max_skipped_steps, files.log)
+    # The guard last: it checks weights once a save has been decided.
+    callbacks += [state, stopper, guards.StepAgreement(guard, stopper), guard]
+    if resume is not None:
+        state.load(resume.checkpoint)
+    if cfg.model.causal:
+        collator = (data_mod.PackedCollator() if cfg.data.packing
+                    else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
+        metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
+                          preprocess_logits_for_metrics=evaluation.argmax_logits)
+    else:
+        collator = DataCollatorWithPadding(tokenizer)
+        metric_fns = dict(compute_metrics=evaluation.classification_metrics)
+    trainer = Trainer(model=model, args=args, data_collator=collator,
+                      train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                      callbacks=callbacks, **metric_fns)
+    noise_off.trainer = trainer
+    return Built(cfg, files, tokenizer, data, prompts, model, trainer, hook, pruner, guard)
+
+
+def save_checkpoint(trainer) -> None:
+    """A complete checkpoint at the current step, unless one is there: what a rerun continues from."""
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    if not (folder / rundir.MARKER).exists():
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
+
+
+def train(run: Built, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> None:
+    """Train with the noise attached; a signal ends it with a checkpoint at the step where every rank stopped."""
+    from transformers import TrainerState
+    trainer = run.trainer
+    with run.hook:  # the noise is gone after training, also when training raises
+        try:
+            if resume is not None and resume_mod.training_done(resume.checkpoint):
+                # Stopped after its last step: nothing left to train, only the evaluation to redo.
+                log.info("Training finished at step %d before the interruption; evaluating only", resume.step)
+                trainer._load_from_checkpoint(str(resume.checkpoint))
+                trainer.state = TrainerState.load_from_json(str(resume.checkpoint / rundir.TRAINER_STATE))
+            elif run.cfg.trainer.max_steps != 0:
+                trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume else None)
+        finally:
+            run.guard.remove()
+    if stopper.signum is not None:
+        raise guards.Interrupted(stopper.signum, trainer.state.global_step)
+
+
+def evaluate(run: Built) -> None:
+    """The held-out loss and metrics, greedy generations, latency, parameter counts and stability."""
+    cfg, files, model, trainer, pruner = run.cfg, run.files, run.model, run.trainer, run.pruner
+    if files.stage == rundir.TRAIN:  # a re-evaluation has its own stage
+        files.stage = rundir.FINAL
+    trainer.evaluate()
+    step = trainer.state.global_step
+    prompts = run.prompts
+
+    def latency() -> dict:
+        if not cfg.model.causal:
+            return evaluation.classification_latency(model, trainer.get_eval_dataloader())
+        return evaluation.decoding_latency(model, run.tokenizer, prompts, cfg.eval)
+
+    if prompts:
+        samples, metrics = evaluation.generate(model, run.tokenizer, prompts, cfg.eval, step)
+        files.append_samples(samples)
+        files.log(step, metrics)
+    files.log(step, latency())
+    if pruner is not None and pruner.masks:  # time the same model unpruned: dense kernels gain nothing from zeros
+        with pruner.dense():
+            dense = latency()
+        files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
+    files.log(step, {**evaluation.parameter_counts(model), **evaluation.peak_memory(),
+                     **evaluation.stability(files.train_losses, cfg.eval.loss_window)})
+    if cfg.eval.judge.model and prompts and files.writes:
+        files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
+    if cfg.trainer.save_model:
+        guards.check_finite_weights(model, step)
+        trainer.save_model(str(files.dir / rundir.MODEL))
+
+
+def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -> None:
+    """Build, train, evaluate. A stop signal at any point ends in `guards.Interrupted` with a checkpoint of the
+    step reached (during the final evaluation: of the trained model, so the rerun only evaluates); signals that
+    come while that checkpoint is written are held until it is complete."""
+    with guards.GracefulStop() as stopper:
+        built = build(cfg, files, stopper, resume)
+        try:
+            train(built, stopper, resume)
+            evaluate(built)
+        except guards.Interrupted as e:
+            step = built.trainer.state.global_step
+            if step:
+                with stopper.finishing():
+                    save_checkpoint(built.trainer)
+            raise guards.Interrupted(e.signum, step, saved=bool(step)) from None
