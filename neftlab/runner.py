@@ -122,6 +122,12 @@ def _job(dict_cfg: DictConfig, hydra_cfg, out_dir: Path, held: HeldLog) -> Outco
     files: Optional[RunFiles] = None
     lock = resume_mod.RunLock(out_dir)
     writable = rundir.status(out_dir) in ("absent", "failed")  # nothing of another run is in the job's directory
+
+    def claim(run_dir: Path) -> None:
+        """The run's directory is decided: its .hydra/ and the held log go there."""
+        if rank() == 0:
+            rundir.write_hydra(run_dir, dict_cfg, OmegaConf.create({"hydra": hydra_cfg}), hydra_cfg.overrides.task)
+        held.release(run_dir)
     try:
         if stopped := sweep_stopped():
             return Outcome("interrupted", f"not started: the sweep was stopped by {signal.Signals(stopped).name}",
@@ -159,33 +165,33 @@ def _job(dict_cfg: DictConfig, hydra_cfg, out_dir: Path, held: HeldLog) -> Outco
                                   "trainer.take_over=true")
             files = RunFiles(out_dir)
             resume_mod.record(out_dir, dict_cfg, data)
-        if rank() == 0:
-            rundir.write_hydra(run_dir, dict_cfg, OmegaConf.create({"hydra": hydra_cfg}), hydra_cfg.overrides.task)
-        held.release(run_dir)
+        claim(run_dir)
         if cfg.logger.kind == "wandb" and files.writes:
             files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg, files.dir)
         pipeline.run(cfg, files, resume)
         summary = files.finish("completed")
         return Outcome("completed", "", run_dir, summary, _objective(cfg, summary))
     except guards.Interrupted as e:
-        return _ended(files, out_dir, writable, held, "interrupted", str(e), 128 + e.signum, step=e.step)
+        return _ended(files, out_dir, writable, held, claim, "interrupted", str(e), 128 + e.signum, step=e.step)
     except KeyboardInterrupt:
-        return _ended(files, out_dir, writable, held, "interrupted",
+        return _ended(files, out_dir, writable, held, claim, "interrupted",
                       "stopped at once by Ctrl-C; the last complete checkpoint, if any, is kept", 130)
     except Exception as e:
         status, message = _message(e, out_dir)
         log.debug("Traceback:\n%s", traceback.format_exc())
-        return _ended(files, out_dir, writable, held, status, message, 1)
+        return _ended(files, out_dir, writable, held, claim, status, message, 1)
     finally:
         lock.release()
 
 
-def _ended(files: Optional[RunFiles], out_dir: Path, writable: bool, held: HeldLog, status: str, message: str,
+def _ended(files: Optional[RunFiles], out_dir: Path, writable: bool, held: HeldLog, claim, status: str, message: str,
            exit_code: int, **extra) -> Outcome:
     """A run that ends early: summary.json and the log where the run's files are, or, if it never got a directory
-    of its own, in the job's directory only when no other run is there; otherwise it only says so."""
+    of its own, in the job's directory (with its .hydra/) only when no other run is there; otherwise it only says
+    so."""
     if files is None and writable:
         files = RunFiles(out_dir)
+        claim(out_dir)
     if files is None:
         held.drop()
         return Outcome("refused" if status == "failed" else status, message, exit_code=exit_code)

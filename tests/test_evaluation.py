@@ -113,7 +113,7 @@ def test_samples_are_appended_across_evaluations(tmp_path, lively):
         files.append_samples(evaluation.generate(model, tokenizer, PROMPTS[:3], cfg, step)[0])
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [(r["step"], r["prompt_id"]) for r in rows] == [(3, 0), (3, 1), (3, 2), (6, 0), (6, 1), (6, 2)]
-    assert set(rows[0]) == {"prompt_id", "step", "prompt", "reference", "generation", "tokens", "stop"}
+    assert set(rows[0]) == {"prompt_id", "step", "stage", "prompt", "reference", "generation", "tokens", "stop"}
     assert rows[0]["prompt"] == PROMPTS[0][0] and rows[0]["tokens"] == 4 and rows[0]["stop"] == "max_new_tokens"
 
 
