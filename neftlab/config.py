@@ -45,6 +45,25 @@ def check_finite(node: Any, prefix: str = "") -> None:
             check(math.isfinite(value), key, value, "a finite number")
 
 
+def check_keys(node: Any, schema: type, prefix: str = "") -> None:
+    """Every key of a composed config is a field of its schema. Hydra refuses an unknown key, but `+key=value`
+    (which its own error message suggests) appends one, and the run would end `completed` with it ignored.
+    Dict fields (trainer.args, model.arch_config, data.columns, ...) take any key: their owners check them."""
+    import difflib
+    import typing
+    known = {f.name: f for f in fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for key in node:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), list(known), n=1)
+            hint = f": did you mean {prefix}{close[0]}?" if close else f"; {prefix or 'the config'} has " + \
+                ", ".join(f"{prefix}{k}" for k in known)
+            raise ConfigError(f"{prefix}{key} is not a key neftlab knows{hint}")
+        child = hints[key]
+        if is_dataclass(child) and hasattr(node[key], "keys"):
+            check_keys(node[key], child, f"{prefix}{key}.")
+
+
 def check_choice(key: str, value: Any, choices: tuple) -> None:
     check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
 
@@ -210,7 +229,7 @@ class TrainerConfig:
     eval_steps: Optional[int] = None  # also evaluate every this many steps; null = at the end only
     save_steps: Optional[int] = None  # checkpoint every this many steps; null = no checkpoints
     save_total_limit: Optional[int] = 2  # applied by neftlab once a checkpoint is complete
-    save_model: bool = False  # write the final model to <run dir>/model
+    save_model: bool = True  # keep the final model in <run dir>/model (LoRA: the adapter), for re-evaluation
     # Under torchrun / accelerate launch: FSDP with the Trainer's fsdp_config (version 2, the default, whose
     # row-sharded weights neftlab reads).
     fsdp: bool = False

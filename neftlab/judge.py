@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--arm", help="with --baseline arm: the baseline arm (runs' overrides less the seed, e.g. "
                                        "arm=no_noise; default: the only arm without noise or pruning)")
+    parser.add_argument("--wandb", action="store_true", help="also add the numbers to each judged run's own W&B "
+                        "record (judge/… or judge_vs_baseline/…), for runs that logged to W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     failed, judged = 0, []
@@ -473,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         add_instruction_terms([rundir.judge_file(r, b) for r, b in judged], args.seed)
         for run_dir, baseline in judged:
             s = rundir.read_json(rundir.judge_file(run_dir, baseline))["summary"]
-            prefix = "judge/" if baseline == "reference" else "judge_vs_baseline/"
-            tracking.update_summary(run_dir, {prefix + k.removeprefix("judge/"): v for k, v in s.items()})
+            if args.wandb:
+                prefix = "judge/" if baseline == "reference" else "judge_vs_baseline/"
+                tracking.update_summary(run_dir, {prefix + k.removeprefix("judge/"): v for k, v in s.items()})
             print(f"{run_dir}: {describe(s)}; wrote {rundir.judge_file(run_dir, baseline)}")
     except NeftlabError as e:
         print(f"error: {e}", file=sys.stderr)

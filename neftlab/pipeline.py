@@ -37,7 +37,7 @@ def training_arguments(cfg: Config, out_dir: Path):
                           "weight is an empty placeholder (transformers #32021), so pruning and the dynamic noise "
                           "statistic would read nothing: use ZeRO stage 1 or 2, or trainer=fsdp (FSDP2), with them")
     base = dict(
-        output_dir=str(out_dir / rundir.CHECKPOINTS), seed=cfg.seed, report_to=["wandb"] if cfg.logger.kind == "wandb" else [],
+        output_dir=str(out_dir / rundir.CHECKPOINTS), seed=cfg.seed, report_to=[],  # neftlab logs to W&B itself
         max_steps=t.max_steps or -1, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
         eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=None,

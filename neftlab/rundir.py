@@ -233,8 +233,8 @@ class RunFiles:
         if isinstance(metrics.get("train/loss"), float):
             self.train_losses.append((step, metrics["train/loss"]))
 
-    def log(self, step: int, metrics: dict[str, Any], tracked_elsewhere: Iterable[str] = ()) -> None:
-        """Append one event; keys in `tracked_elsewhere` already reached the tracker (the Trainer's WandbCallback)."""
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append one event, and send it to the tracker."""
         if not metrics:
             return
         metrics = {k: jsonable(v) for k, v in metrics.items()}
@@ -243,19 +243,20 @@ class RunFiles:
             self._metrics.flush()
         self._update(step, metrics)
         if self.tracker is not None:
-            untracked = {k: v for k, v in metrics.items() if k not in tracked_elsewhere}
-            if untracked:
-                self.tracker.log(step, untracked)
+            self.tracker.log(step, metrics)
 
     def append_samples(self, samples: Iterable[dict]) -> None:
         """Append answers to samples.jsonl, one whole line per write and flushed: every evaluation's answers stay,
         each with its step and stage."""
         if not self.writes:
             return
+        samples = list(samples)
         with (self.dir / SAMPLES).open("a", encoding="utf-8") as out:
             for sample in samples:
                 out.write(jsonl_line({**sample, "stage": self.stage}))
                 out.flush()
+        if self.tracker is not None and samples:
+            self.tracker.log_answers(samples[0]["step"], self.stage, samples)
 
     def close(self) -> None:
         if self._metrics is not None:

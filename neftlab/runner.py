@@ -39,7 +39,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import data as data_mod
 from . import errors, guards, pipeline, rundir, search
 from . import resume as resume_mod
-from .config import Config, ConfigError, rank, run_id
+from .config import Config, ConfigError, check_keys, rank, run_id
 from .rundir import RunFiles
 from .tracking import WandbRun
 
@@ -132,6 +132,7 @@ def _job(dict_cfg: DictConfig, hydra_cfg, out_dir: Path, held: HeldLog) -> Outco
         if stopped := sweep_stopped():
             return Outcome("interrupted", f"not started: the sweep was stopped by {signal.Signals(stopped).name}",
                            exit_code=128 + stopped)
+        check_keys(dict_cfg, Config)
         cfg: Config = OmegaConf.to_object(dict_cfg)
         cfg.validate()
         data = resume_mod.data_fingerprint(*data_mod.source(cfg.data))

@@ -3,8 +3,9 @@
 Every number a run produces goes through `rundir.RunFiles.log`, so metrics.jsonl, summary.json
 and the W&B run see the same keys: `train/…`, `eval/…`, `noise/…`, `pruning/…`,
 `efficiency/…`, `stability/…`, with the trainer's global step (`train/global_step` in W&B).
-The Trainer's own logs reach W&B through its WandbCallback, which uses the same key
-scheme (loss -> train/loss, eval_loss -> eval/loss, train_loss -> train/train_loss).
+The Trainer's own logs reach W&B the same way (`Recorder`), under its WandbCallback's key scheme
+(loss -> train/loss, eval_loss -> eval/loss, train_loss -> train/train_loss); the callback itself is not
+used, since it adds the Trainer's ~150 options and the model config to the run's config beside neftlab's.
 """
 
 from __future__ import annotations
@@ -61,8 +62,15 @@ def project(name: str | None) -> str:
     return name or os.environ.get("WANDB_PROJECT") or "neftlab"
 
 
+# What a dashboard should show for these by default: the best value of the run, not the last.
+SUMMARIES = {**{k: "min" for k in ("train/loss", "eval/loss", "eval/perplexity", "eval/train_loss_noise_off")},
+             **{k: "max" for k in ("eval/accuracy", "judge/win_rate", "judge/lc_win_rate",
+                                   "judge_vs_baseline/win_rate", "judge_vs_baseline/lc_win_rate")}}
+ANSWER_COLUMNS = ["prompt_id", "prompt", "answer", "tokens", "stop"]
+
+
 class WandbRun:
-    """One W&B run per job, made the global `wandb.run` so the Trainer's WandbCallback logs into it too."""
+    """One W&B run per job, neftlab's resolved config its config."""
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, group: str | None,
                  job_type: str, tags: list[str]):
@@ -78,16 +86,25 @@ class WandbRun:
                               config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
                               id=run_id, resume="allow")
         self.run.define_metric("train/global_step")
+        for key, best in SUMMARIES.items():
+            self.run.define_metric(key, step_metric="train/global_step", summary=best)
         self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
         if mode == "offline":
-            log.info("W&B is offline (no credentials found): upload later with `wandb sync %s/wandb/offline-run-*`",
-                     run_dir)
+            log.info("W&B is offline (no credentials found): upload later with `wandb sync %s`",
+                     Path(self.run.dir).parent)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         self.run.log({**metrics, "train/global_step": step})
 
+    def log_answers(self, step: int, stage: str, samples: list[dict]) -> None:
+        """The answers as a W&B Table (`answers/<stage>`), so that two runs can be compared answer by answer."""
+        import wandb
+        rows = [[s["prompt_id"], "\n\n".join(str(m.get("content", "")) for m in s["prompt"]), s["generation"],
+                 s["tokens"], s["stop"]] for s in samples]
+        self.run.log({f"answers/{stage}": wandb.Table(columns=ANSWER_COLUMNS, data=rows), "train/global_step": step})
+
     def finish(self, summary: dict[str, Any], exit_code: int) -> None:
-        self.run.summary.update(summary)
+        self.run.summary.update({k: v for k, v in summary.items() if k not in SUMMARIES})  # declared: their best
         self.run.finish(exit_code=exit_code)
 
 
@@ -119,7 +136,8 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
 
 
 class Recorder(TrainerCallback):
-    """Sends the Trainer's logs, namespaced, plus the current values of `sources`, to the run files."""
+    """Sends the Trainer's logs, namespaced, plus the current values of `sources`, to the run files (and so to
+    W&B)."""
 
     def __init__(self, files: rundir.RunFiles, sources: Iterable[Any] = ()):
         self.files = files
@@ -127,8 +145,7 @@ class Recorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = namespaced(logs or {})
-        from_trainer = set(metrics) - {"eval/perplexity"} if "wandb" in args.report_to else set()
         if "train/loss" in metrics:
             for source in self.sources:
                 metrics.update(source.metrics())
-        self.files.log(state.global_step, metrics, tracked_elsewhere=from_trainer)
+        self.files.log(state.global_step, metrics)

@@ -16,7 +16,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
-from neftlab.config import Config, register  # noqa: E402
+from neftlab.config import Config, check_keys, register  # noqa: E402
 
 register()
 
@@ -29,6 +29,7 @@ def compose_cfg(*overrides: str) -> Config:
     """The config `python -m neftlab *overrides` would run with, validated."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
+    check_keys(cfg, Config)
     return OmegaConf.to_object(cfg).validate()
 
 

@@ -70,6 +70,25 @@ def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
     assert override.split("=")[1] in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("+noise.alpah=5", "noise.alpah is not a key neftlab knows: did you mean noise.alpha?"),
+    ("+trainer.learnig_rate=1e-4", "trainer.learnig_rate is not a key neftlab knows: did you mean trainer.learning_rate?"),
+    ("+eval.judge.modle=x", "eval.judge.modle is not a key neftlab knows: did you mean eval.judge.model?"),
+    ("+zzz=1", "zzz is not a key neftlab knows; the config has seed, output_root, model"),
+])
+def test_an_appended_unknown_key_stops_with_the_closest_known_one(override, message):
+    """Hydra's own error suggests `+key=value` for a typo, which appends the key instead of refusing it."""
+    with pytest.raises(ConfigError, match=message):
+        compose_cfg(override)
+    compose_cfg("+trainer.args.torch_compile=false", "+model.arch_config.rope_theta=5")  # open dicts take any key
+
+
+def test_an_appended_typo_ends_the_run_in_one_line(tmp_path):
+    proc, _ = cli("size=tiny", "logger=none", "+noise.alpah=5", out_dir=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "noise.alpah is not a key neftlab knows: did you mean noise.alpha?" in proc.stderr
+
+
 def test_unknown_key_is_refused_at_composition():
     with pytest.raises(ConfigCompositionException) as e:
         compose_cfg("trainer.learnig_rate=1e-4")

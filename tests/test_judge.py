@@ -290,7 +290,8 @@ def test_a_sweep_is_judged_against_its_baseline_arm_seed_by_seed(tmp_path, tiny_
     monkeypatch.setenv("WANDB_MODE", "offline")
     plain = [sweep_run(tmp_path, f"plain_{s}", "none", s, ANSWERS_B, wandb_id=f"base{s}") for s in (1, 2)]
     noisy = [sweep_run(tmp_path, f"noisy_{s}", "uniform", s, ANSWERS_A, wandb_id=f"run{s}") for s in (1, 2)]
-    assert judge.main([str(tmp_path), "--baseline", "arm", "--judge", tiny_judges.causal, "--bootstrap", "100"]) == 0
+    assert judge.main([str(tmp_path), "--baseline", "arm", "--judge", tiny_judges.causal, "--bootstrap", "100",
+                       "--wandb"]) == 0
     for seed, run in enumerate(noisy, 1):
         saved = json.loads((run / f"judge_plain_{seed}.json").read_text())
         assert saved["baseline"] == str(plain[seed - 1].resolve())  # its own seed's baseline run

@@ -1,17 +1,21 @@
 """`python -m neftlab.evaluate`: a finished run evaluated again from its saved weights, its training files untouched."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from conftest import TINY, cli
+from conftest import ROOT, TINY, cli
 from neftlab import evaluate, rundir
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
-    proc, summary = cli(*TINY, "model=llama_tiny", "logger=none", "trainer.save_model=true", out_dir=run)
+    proc, summary = cli(*TINY, "model=llama_tiny", "logger=wandb", "logger.mode=offline", out_dir=run)  # model/ kept
+    assert (run / "model").is_dir()  # by default
     assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-2000:]
     return run
 
@@ -42,9 +46,13 @@ def test_reevaluation_refuses_other_keys_and_bad_values(finished, capsys, args, 
     assert message in capsys.readouterr().err
 
 
+MINIMAL = ("model: {arch: llama, name_or_path: x}\ndata: {format: alpaca, path: data.jsonl}\nnoise: {}\npruning: {}\n"
+           "trainer: {}\nlogger: {}\n")
+
+
 def test_a_run_without_saved_weights_is_named(tmp_path, capsys):
     (tmp_path / ".hydra").mkdir()
-    (tmp_path / ".hydra" / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / ".hydra" / "config.yaml").write_text(MINIMAL)
     assert evaluate.main([str(tmp_path)]) == 2
     assert "no trained model to evaluate" in capsys.readouterr().err
 
@@ -52,10 +60,23 @@ def test_a_run_without_saved_weights_is_named(tmp_path, capsys):
 def test_a_relative_data_path_is_the_file_the_run_read(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "config.yaml").write_text(
-        "model: {arch: llama, name_or_path: x}\ndata: {format: alpaca, path: data.jsonl}\nnoise: {}\npruning: {}\n"
-        "trainer: {}\nlogger: {}\n")
+    (run / ".hydra" / "config.yaml").write_text(MINIMAL)
     read = tmp_path / "started_here" / "data.jsonl"
     (run / rundir.FINGERPRINT).write_text(json.dumps({"data": {"path": str(read), "size": 1, "sha256": "x"}}))
     monkeypatch.chdir(tmp_path)  # another directory than the run's
     assert evaluate.load_config(run, []).data.path == str(read)
+
+
+def test_a_default_run_is_evaluated_again_from_the_command_line_without_wandb(finished, tmp_path):
+    """The README's own example on a default run: no W&B run is started (no key configured here), no stray
+    ./wandb in the working folder, and a tied output layer loads without a missing-keys warning."""
+    offline_runs = sorted(finished.glob("wandb/offline-run-*"))
+    env = {**os.environ, "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    env.pop("WANDB_MODE", None)
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-m", "neftlab.evaluate", str(finished), "eval.max_new_tokens=3"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "missing keys" not in proc.stderr
+    assert "eval/loss:" in proc.stdout
+    assert sorted(finished.glob("wandb/offline-run-*")) == offline_runs and not (tmp_path / "wandb").exists()

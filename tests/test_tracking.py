@@ -42,8 +42,11 @@ def test_sweep_makes_one_offline_wandb_run_per_job_in_one_group(tmp_path):
     assert "noise:uniform" in runs[3]["run"].tags and "model:llama_tiny" in runs[3]["run"].tags
     config = {i.key: json.loads(i.value_json) for i in runs[3]["run"].config.update}
     assert config["noise"]["kind"] == "uniform" and config["seed"] == 2 and config["trainer"]["max_steps"] == 2
+    assert set(config) <= {"seed", "output_root", "model", "data", "noise", "pruning", "trainer", "logger", "eval",
+                           "search", "_wandb"}  # neftlab's config only: not the Trainer's options beside it
     keys = set().union(*runs[3]["history"])
     assert {"train/loss", "eval/loss", "eval/perplexity", "noise/alpha", "train/global_step"} <= keys
+    assert "answers/final/_type" in keys  # the answers as a W&B Table, to compare runs answer by answer
     assert json.loads(runs[3]["summary"]["status"]) == "completed"
 
 
