@@ -70,8 +70,9 @@ def _text_of(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {bom + e.start} of the file)") from None
 
 
-def _read_json(path: Path) -> list[Any]:
-    """A JSON array of records, tolerating a file cut off inside its last record (as the packaged ShareGPT is)."""
+def _read_json(path: Path, cut_level: int = logging.WARNING) -> list[Any]:
+    """A JSON array of records, tolerating a file cut off inside its last record (as the packaged ShareGPT is: for
+    it, `cut_level` is DEBUG, and the tokenized cache's build says it once)."""
     text = _text_of(path)
     start = re.compile(r"\s*\[").match(text)
     if not start:
@@ -85,8 +86,9 @@ def _read_json(path: Path) -> list[Any]:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             if e.msg.startswith("Unterminated") or e.pos >= len(text) - 1:
-                log.warning("%s is cut off at character %d of %d inside record %d: kept the %d complete records, "
-                            "dropped the incomplete last one", path.name, pos, len(text), len(records), len(records))
+                log.log(cut_level, "%s is cut off at character %d of %d inside record %d: kept the %d complete "
+                        "records, dropped the incomplete last one", path.name, pos, len(text), len(records),
+                        len(records))
                 return records
             raise DataError(f"{path}: record {len(records)} is not valid JSON "
                             f"(line {e.lineno}, column {e.colno}: {e.msg})") from None
@@ -147,6 +149,8 @@ def read_records(cfg: DataConfig) -> tuple[str, list[Any]]:
             raise DataError(f"data.hub_name={cfg.hub_name}: could not load it from the hub or the local cache "
                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
         return cfg.hub_name, list(ds)
+    if cfg.path is None:  # the packaged ShareGPT, cut off as published
+        return str(path), _read_json(path, cut_level=logging.DEBUG)
     return str(path), READERS[path.suffix.lower()](path)
 
 
@@ -295,6 +299,9 @@ def tokenized(cfg: DataConfig, tokenizer, conversations: list[list[dict]]) -> Da
     target = cache_root() / "tokenized" / key
 
     def build(out: Path) -> None:
+        if cfg.path is None and cfg.hub_name is None:
+            log.info("The packaged ShareGPT V3 file ends inside its last record, as it was published: its %d complete "
+                     "conversations with an exchange are tokenized", len(conversations))
         features = Features({"input_ids": Sequence(Value("int32")), "assistant_mask": Sequence(Value("int8"))})
 
         def chunks():

@@ -132,6 +132,22 @@ class RepetitionPenalty(RepetitionPenaltyLogitsProcessor):
         return scores
 
 
+class _Progress:
+    """A `generate` streamer that moves a progress bar by one token per row at every decoding step (the first
+    call is the prompt), so that long generations show their progress and tokens/s, not "0/2" for minutes."""
+
+    def __init__(self, bar, rows: int):
+        self.bar, self.rows, self.prompt_seen = bar, rows, False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.bar.update(self.rows)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
 def _continue(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, repetition_penalty: float,
               synced: bool, **kwargs) -> list[list[int]]:
     """Greedy new tokens for a batch of prompt ids, left-padded so that every row's answer starts at the same
@@ -189,10 +205,14 @@ def generate(model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalC
     if synced:  # as many batches on every rank; an empty one runs prompt 0 and keeps nothing
         batches += [[]] * (int(all_max([len(batches)], distributed=True)[0]) - len(batches))
     eos, answers = _stop_ids(model, tokenizer), {}
-    for batch in tqdm(batches, desc="Generating", disable=rank != 0):
-        new = _continue(model, tokenizer, [ids[i] for i in batch or [0]], cfg.max_new_tokens, cfg.repetition_penalty,
-                        synced)
-        answers.update((i, _answer(tokens, eos)) for i, tokens in zip(batch, new))
+    most = sum(max(len(b), 1) for b in batches) * cfg.max_new_tokens  # a batch decodes until its longest answer ends
+    with tqdm(total=most, desc=f"Generating {len(prompts)} answers", unit="tok", disable=rank != 0) as bar:
+        for batch in batches:
+            new = _continue(model, tokenizer, [ids[i] for i in batch or [0]], cfg.max_new_tokens,
+                            cfg.repetition_penalty, synced, streamer=_Progress(bar, max(len(batch), 1)))
+            answers.update((i, _answer(tokens, eos)) for i, tokens in zip(batch, new))
+        bar.total = bar.n  # batches that ended early: the bar ends full
+        bar.refresh()
     if ranks > 1:
         answers = {i: a for part in all_gather(answers, dist.group.WORLD) for i, a in part.items()}
     model.train(was_training)
@@ -324,11 +344,31 @@ class NoiseOffTrainLoss(TrainerCallback):
         self.log_event = log_event
         self.trainer = None  # the Trainer this callback is part of, set once it exists
 
+    def _loop(self, loader):
+        """The Trainer's evaluation loop over `loader`, with a progress bar of its own: the Trainer's progress
+        callback closes the held-out split's bar only after this callback, and would count these batches into it."""
+        from transformers.trainer_callback import ProgressCallback
+        handler = self.trainer.callback_handler
+        bars = [c for c in handler.callbacks if isinstance(c, ProgressCallback)]
+        for bar in bars:
+            if bar.prediction_bar is not None:
+                bar.prediction_bar.close()
+                bar.prediction_bar = None
+        outer, handler.eval_dataloader = handler.eval_dataloader, loader
+        try:
+            return self.trainer.evaluation_loop(loader, "Noise-off train loss", prediction_loss_only=True,
+                                                metric_key_prefix="noise_off")
+        finally:
+            handler.eval_dataloader = outer
+            for bar in bars:
+                if bar.prediction_bar is not None:
+                    bar.prediction_bar.close()
+                    bar.prediction_bar = None
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self.trainer is None or "eval_loss" not in (metrics or {}):
             return
-        out = self.trainer.evaluation_loop(self.trainer.get_eval_dataloader(self.subset), "Noise-off train loss",
-                                           prediction_loss_only=True, metric_key_prefix="noise_off")
+        out = self._loop(self.trainer.get_eval_dataloader(self.subset))
         loss = out.metrics["noise_off_loss"]
         self.log_event(state.global_step, {"eval/train_loss_noise_off": loss,
                                            "eval/generalization_gap": metrics["eval_loss"] - loss})

@@ -220,16 +220,49 @@ def main(dict_cfg: DictConfig) -> Any:
     elif outcome.message:
         log.error("%s", outcome.message)
         if outcome.run_dir is not None:
-            log.info("Full traceback in %s", outcome.run_dir / f"{hydra_cfg.job.name}.log")
+            log.info("Full traceback in %s; the run's files are in %s", outcome.run_dir / f"{hydra_cfg.job.name}.log",
+                     outcome.run_dir)
     _tidy(out_dir, outcome.run_dir)
     if multirun:
         record_job(Path(hydra_cfg.sweep.dir), hydra_cfg.job.num, out_dir, outcome)
         if outcome.status == "interrupted" and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):
             raise SystemExit(outcome.exit_code)  # a stop of the sweep's own process ends the sweep
         return outcome.objective  # None for a failed job: an optimizing sweeper records a failed trial, and goes on
+    if text := closing(outcome):
+        print(text, file=sys.stderr)
     if outcome.exit_code:
         raise SystemExit(outcome.exit_code)
     return outcome.objective
+
+
+def closing(outcome: Outcome) -> str:
+    """The few lines that end a run on the terminal: how it ended, its headline numbers, where it is, what next."""
+    run, s = outcome.run_dir, outcome.summary
+    if outcome.status in ("refused", "failed") or run is None:
+        return ""  # its one line is logged already; the traceback, if any, is in the run's log
+    head = []
+    if isinstance(s.get("eval/loss"), (int, float)):
+        head.append(f"eval loss {s['eval/loss']:.4f}")
+    if isinstance(s.get("eval/accuracy"), (int, float)):
+        head.append(f"accuracy {s['eval/accuracy']:.4f}")
+    if isinstance(s.get("eval/response_length"), (int, float)):
+        cut = s.get("eval/hit_max_new_tokens")
+        head.append(f"answers {s['eval/response_length']:.1f} tokens on average" +
+                    (f" ({cut:.0%} cut at eval.max_new_tokens)" if isinstance(cut, (int, float)) else ""))
+    if isinstance(s.get("judge/win_rate"), (int, float)):
+        head.append(f"judge win rate {s['judge/win_rate']:.3f}" +
+                    ("" if s.get("judge/reliable") else " (the judge failed its controls: no evidence)"))
+    lines = [f"neftlab: {outcome.status}" + (f" ({outcome.message})" if outcome.status == "interrupted" else "") +
+             f": {run}"]
+    if head:
+        lines.append("  " + ", ".join(head))
+    if outcome.status == "interrupted":
+        lines.append("  next: rerun the same command to resume it")
+    else:
+        lines += ["  next: python -m neftlab.report " + str(run),
+                  f"        python -m neftlab.judge {run} --baseline reference",
+                  f"        python -m neftlab.evaluate {run} eval.max_new_tokens=512"]
+    return "\n".join(lines)
 
 
 def _tidy(out_dir: Path, run_dir: Optional[Path]) -> None:

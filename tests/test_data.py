@@ -1,6 +1,7 @@
 """Reading (tolerant of a cut-off file, strict about bad rows), chat labels, splits, classification labels."""
 
 import json
+import logging
 import math
 import random
 
@@ -23,9 +24,13 @@ def sharegpt_record(i):
 
 
 def test_packaged_sharegpt_keeps_every_complete_conversation(caplog):
+    """It is cut off inside its last record as published: said at DEBUG level, not as a warning at every run
+    (the tokenized cache's build says it once)."""
+    caplog.set_level(logging.DEBUG, logger="neftlab.data")
     source, records = data.read_records(cfg())
     assert len(records) == 17671
     assert "cut off" in caplog.text and "dropped the incomplete last one" in caplog.text
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if "cut off" in r.message)
 
 
 def test_cut_off_json_array_keeps_complete_records(tmp_path):

@@ -54,14 +54,18 @@ def test_tiny_variant_runs_end_to_end(tmp_path, experiment):
         assert report.write_report(sweep).read_text().count("| completed |") == 5
 
 
-def test_parallel_launcher_sweep_with_a_failing_job_exits_non_zero(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc, _ = cli("-m", "hydra/launcher=parallel", "size=tiny", "trainer.learning_rate=0.001,-1",
-                  f"hydra.sweep.dir={sweep}", out_dir=tmp_path)
-    assert proc.returncode != 0
-    assert "1 job(s) failed" in proc.stderr and "trainer.learning_rate=-1.0" in proc.stderr
-    statuses = sorted(json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json"))
-    assert statuses == ["completed", "failed"]
+def test_the_tiny_size_shows_each_feature_act(tmp_path):
+    """The headline command at size=tiny: dynamic alpha moves at every step, pruning re-prunes at every step, a
+    gradual schedule ramps; at full size's intervals (100) none of it would happen within 4 steps."""
+    proc, summary = cli("noise=dynamic", "pruning=l1", "pruning.schedule=gradual", "size=tiny", "logger=none",
+                        out_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    alphas = [e["noise/alpha"] for e in events if "noise/alpha" in e]
+    assert [e["step"] for e in events if "noise/stability" in e] == [1, 2, 3, 4] and len(set(alphas)) >= 3
+    sparsity = [(e["step"], e["pruning/sparsity"]) for e in events if "pruning/sparsity" in e]
+    assert [step for step, _ in sparsity] == [0, 1, 2, 3, 4]
+    assert [s for _, s in sparsity] == sorted(s for _, s in sparsity) and sparsity[-1][1] == pytest.approx(0.3, abs=1e-3)
 
 
 def test_wandb_sweep_file_parses_and_every_command_composes():
