@@ -473,6 +473,12 @@ def run_id() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started)) + f"_{pid}"
 
 
+def size_name(*, _root_: Any) -> str:
+    """`${size:}`: the size the config was composed at, `tiny`, `gpu` or `cpu` (the default): it names a search's
+    study and folder, so that a dry run never continues the real study."""
+    return OmegaConf.select(_root_, "hydra.runtime.choices.size", default=None) or "cpu"
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore; conf/*/*.yaml extend them via their defaults list."""
     if not OmegaConf.has_resolver("pkg"):
@@ -481,6 +487,7 @@ def register() -> None:
         # Rank 0 logs to neftlab.log, other ranks to neftlab-rank<N>.log in the same run directory.
         OmegaConf.register_new_resolver("rank_suffix", lambda: f"-rank{rank()}" if rank() else "")
         OmegaConf.register_new_resolver("search_directions", search.directions)
+        OmegaConf.register_new_resolver("size", size_name)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),

@@ -13,6 +13,16 @@ from neftlab import report, search
 from neftlab.config import ConfigError
 
 
+@pytest.mark.parametrize("search_name", ["neftune_search", "sparse_neft_search"])
+@pytest.mark.parametrize("size, name", [([], "cpu"), (["size=tiny"], "tiny"), (["size=gpu"], "gpu")])
+def test_each_size_has_a_study_of_its_own(search_name, size, name):
+    """A tiny dry run must not leave trials in the real study, nor continue one."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", [f"experiment={search_name}", *size], return_hydra_config=True)
+    assert cfg.hydra.sweeper.study_name == f"{search_name}_{name}"
+    assert cfg.hydra.sweeper.storage == f"sqlite:///outputs/experiments/{search_name}_{name}/study.db"
+
+
 def test_objective_is_one_float_a_list_or_none():
     summary = {"status": "completed", "eval/loss": 2.5, "pruning/sparsity": 0.3}
     assert search.objective(summary, ["eval/loss"]) == 2.5
@@ -58,7 +68,7 @@ def test_pareto_front():
 
 def _study(storage: str):
     import optuna
-    return optuna.load_study(study_name="neftune_search", storage=storage)
+    return optuna.load_study(study_name="neftune_search_tiny", storage=storage)
 
 
 def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
