@@ -21,6 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
@@ -375,7 +376,7 @@ def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
 
 def plot_lengths(lengths: dict[str, list[int]], path: Path) -> bool:
     """The distribution of answer lengths per arm, at the final step, pooled over seeds."""
-    lengths = {arm: v for arm, v in sorted(lengths.items()) if v}
+    lengths = {arm: v for arm, v in sorted(lengths.items(), key=lambda item: natural(item[0])) if v}
     if not lengths:
         return False
     import matplotlib
@@ -512,27 +513,109 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+SERIES_KEYS = ("noise.kind", "pruning.method", "noise.alpha", "pruning.ratio")  # what sets a curve apart
+FEW = 6  # a key with at most this many values splits the curves; more (a search's), and points stand alone
+
+
+def natural(text: str) -> list:
+    """A sort key that orders the numbers inside labels by value: alpha 1, 5, 10, not 1, 10, 5."""
+    return [float(part) if i % 2 else part for i, part in enumerate(re.split(r"(-?\d+(?:\.\d+)?)", text))]
+
+
+def _plain_axes(ax) -> None:
+    """Tick labels as the numbers themselves, not matplotlib's offset notation (+1.08e1)."""
+    for axis in (ax.xaxis, ax.yaxis):
+        formatter = axis.get_major_formatter()
+        if hasattr(formatter, "set_useOffset"):
+            formatter.set_useOffset(False)
+            formatter.set_scientific(False)
+
+
+def curves(runs: list[Run], key: str, only) -> tuple[dict, bool]:
+    """{metric: {series: {x: values over seeds}}} of the completed runs `only` keeps, against config `key`: one
+    series per combination of the other keys that set runs apart (noise kind, pruning method, and the other of
+    alpha and ratio when it takes a few values), and whether a series joins its points (False when a key with
+    many values, a search's, was left out of the series: its points are not one curve)."""
+    done = [r for r in runs if only(r) and _number(r.get(key)) and r.summary.get("status") == "completed"]
+    others = [k for k in SERIES_KEYS if k != key and len({str(r.get(k)) for r in done}) > 1]
+    split = [k for k in others if len({str(r.get(k)) for r in done}) <= FEW]
+    points = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for r in done:
+        series = ", ".join(f"{k}={r.get(k)}" for k in split) or "all runs"
+        for metric in ("eval/loss", "eval/accuracy"):
+            if _number(r.summary.get(metric)):
+                points[metric][series][r.get(key)].append(r.summary[metric])
+    return points, len(split) == len(others)
+
+
 def plot_against(runs: list[Run], key: str, title: str, path: Path, only) -> bool:
-    """Final eval loss and accuracy against a config value, mean over seeds with their std as error bars."""
-    points = defaultdict(lambda: defaultdict(list))
-    for r in runs:
-        x = r.get(key)
-        if only(r) and isinstance(x, (int, float)) and r.summary.get("status") == "completed":
-            for metric in ("eval/loss", "eval/accuracy"):
-                if isinstance(r.summary.get(metric), (int, float)):
-                    points[metric][x].append(r.summary[metric])
-    if len({x for metric in points.values() for x in metric}) < 2:
+    """Final eval loss and accuracy against a config value (`curves`), the mean over seeds with error bars of ± one
+    standard deviation over the seeds, labelled so."""
+    points, joined = curves(runs, key, only)
+    if len({x for by_series in points.values() for xs in by_series.values() for x in xs}) < 2:
         return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(points), figsize=(6 * len(points), 4), squeeze=False)
-    for ax, (metric, by_x) in zip(axes[0], sorted(points.items())):
-        xs = sorted(by_x)
-        ax.errorbar(xs, [statistics.fmean(by_x[x]) for x in xs], yerr=[statistics.pstdev(by_x[x]) for x in xs],
-                    marker="o", capsize=3)
-        ax.set(title=f"{metric} against {title}", xlabel=title)
+    for ax, (metric, by_series) in zip(axes[0], sorted(points.items())):
+        for series, by_x in sorted(by_series.items(), key=lambda item: natural(item[0])):
+            xs = sorted(by_x)
+            n = sorted({len(by_x[x]) for x in xs})
+            ax.errorbar(xs, [statistics.fmean(by_x[x]) for x in xs],
+                        yerr=[statistics.pstdev(by_x[x]) for x in xs], marker="o", capsize=3,
+                        linestyle="-" if joined else "none",
+                        label=f"{series} (n = {'–'.join(map(str, (n[0], n[-1]))) if len(n) > 1 else n[0]} seeds)")
+        ax.set(title=f"{metric} against {title}", xlabel=title,
+               ylabel=f"{metric}: mean ± std over seeds")
+        _plain_axes(ax)
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def swept_pair(runs: list[Run]) -> tuple[str, str] | None:
+    """The two numeric keys a grid sweep varied (from the runs' overrides, seed aside), if exactly two were."""
+    values = defaultdict(set)
+    for r in runs:
+        for override in r.overrides:
+            name, _, value = override.partition("=")
+            try:
+                values[name.lstrip("+~")].add(float(value))
+            except ValueError:
+                continue
+    swept = sorted(k for k, v in values.items() if len(v) > 1 and k != "seed")
+    return (swept[0], swept[1]) if len(swept) == 2 else None
+
+
+def plot_heatmap(runs: list[Run], keys: tuple[str, str], path: Path) -> bool:
+    """The final eval loss over two swept keys (mean over seeds, each cell annotated): how alpha and the pruning
+    ratio act together, which two curves cannot show."""
+    done = [r for r in runs if r.summary.get("status") == "completed" and _number(r.summary.get("eval/loss"))
+            and all(_number(r.get(k)) for k in keys)]
+    cells = defaultdict(list)
+    for r in done:
+        cells[r.get(keys[0]), r.get(keys[1])].append(r.summary["eval/loss"])
+    xs, ys = sorted({x for x, _ in cells}), sorted({y for _, y in cells})
+    if len(xs) < 2 or len(ys) < 2:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = np.full((len(ys), len(xs)), np.nan)
+    for (x, y), values in cells.items():
+        grid[ys.index(y), xs.index(x)] = statistics.fmean(values)
+    fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 3, 0.8 * len(ys) + 2.5))
+    image = ax.imshow(grid, cmap="viridis_r", aspect="auto", origin="lower")
+    for (i, j), value in np.ndenumerate(grid):
+        if np.isfinite(value):
+            ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=8, color="white")
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+    ax.set(xlabel=keys[0], ylabel=keys[1], title="final eval loss, mean over seeds")
+    fig.colorbar(image, ax=ax, label="eval loss")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
@@ -645,6 +728,8 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
     if plot_against(runs, "pruning.ratio", "pruning.ratio", out / "vs_pruning_ratio.png",
                     only=lambda r: r.get("pruning.method") not in (None, "off")):
         parts += ["![final metrics against pruning ratio](vs_pruning_ratio.png)", ""]
+    if (pair := swept_pair(runs)) and plot_heatmap(runs, pair, out / "heatmap.png"):
+        parts += [f"![eval loss over {pair[0]} and {pair[1]}](heatmap.png)", ""]
     lengths = {arm: [n for r in members for n in r.answer_lengths()] for arm, members in groups.items()}
     if plot_lengths(lengths, out / "answer_lengths.png"):
         parts += ["![answer length per arm](answer_lengths.png)", ""]

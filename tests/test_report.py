@@ -172,3 +172,24 @@ def test_report_adds_paired_differences_to_wandb_summaries(study, monkeypatch, c
     assert summary["paired/answer_length_tokens_p"] == pytest.approx(0.25)
     assert summary["paired/answer_length_tokens_p_holm"] == pytest.approx(0.5)
     assert not list((study / "finetune_1").glob("wandb"))  # the baseline's own runs are not paired with themselves
+
+
+def test_plots_keep_apart_what_a_sweep_varied(tmp_path):
+    """An alpha x ratio grid: vs_alpha has one curve per ratio (not their average), a heat map shows both, and
+    numeric labels sort by value."""
+    for i, (alpha, ratio, seed) in enumerate((a, r, s) for a in (1, 5, 10) for r in (0.1, 0.3) for s in (1, 2)):
+        fake_run(tmp_path, str(i), [f"noise.alpha={alpha}", f"pruning.ratio={ratio}", f"seed={seed}"], alpha, seed,
+                 2.0 + alpha / 100 + ratio, pruning="l1")
+        config = yaml.safe_load((tmp_path / str(i) / ".hydra" / "config.yaml").read_text())
+        config["pruning"]["ratio"] = ratio
+        (tmp_path / str(i) / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    runs, _, _ = report.find_runs(tmp_path)
+    points, joined = report.curves(runs, "noise.alpha", lambda r: True)
+    assert joined and sorted(points["eval/loss"]) == ["pruning.ratio=0.1", "pruning.ratio=0.3"]
+    assert points["eval/loss"]["pruning.ratio=0.3"][10] == pytest.approx([2.4, 2.4])  # two seeds, not averaged
+    assert report.swept_pair(runs) == ("noise.alpha", "pruning.ratio")
+    assert report.main([str(tmp_path)]) == 0
+    assert "(heatmap.png)" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(["noise.alpha=10", "noise.alpha=5", "noise.alpha=1"], key=report.natural) == [
+        "noise.alpha=1", "noise.alpha=5", "noise.alpha=10"]
