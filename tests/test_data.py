@@ -303,5 +303,15 @@ def test_bfd_rows_give_the_padded_loss(tmp_path, llama_tokenizer):
     with torch.no_grad():
         loss_padded = model(**DataCollatorForSeq2Seq(llama_tokenizer, label_pad_token_id=-100)(
             [{k: r[k] for k in ("input_ids", "attention_mask", "labels")} for r in padded])).loss
-        loss_packed = model(**data.PackedCollator()(list(packed))).loss
+        batch = data.PackedCollator()(list(packed))
+        loss_packed = model(**batch).loss
+        # the bug this catches: a packed batch's positions numbered per row from 0 (no restart at each example),
+        # or as one sequence over the whole batch
+        per_row = torch.cat([torch.arange(len(r["input_ids"])) for r in packed])[None]
+        whole = torch.arange(batch["input_ids"].shape[1])[None]
+        moved = {name: abs(float(model(**{**batch, "position_ids": ids}).loss) - float(loss_padded))
+                 for name, ids in (("per row", per_row), ("whole batch", whole))}
+    print(f"positions numbered per row move the loss by {moved['per row']:.3f}, over the whole batch by "
+          f"{moved['whole batch']:.3f}")
     assert float(loss_packed) == pytest.approx(float(loss_padded), abs=1e-4)
+    assert min(moved.values()) > 1e-3
