@@ -1,7 +1,7 @@
 """Batched greedy generation against one prompt at a time, on the packaged SmolLM2-135M.
 
 The first held-out ShareGPT prompts (of at most --max-prompt-tokens tokens) are answered by
-`evaluation.generate` in batches of --batch-size and in batches of 1 (how neftlab generated before); both give
+`generation.generate` in batches of --batch-size and in batches of 1 (how neftlab generated before); both give
 the same greedy answers, so their tokens/s compare like with like. Repeats alternate the two, so that machine drift hits both alike; min and median over the
 repeats. On CUDA every timer read waits for the GPU's queued work first.
 
@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from neftlab import data, evaluation, models
+from neftlab import data, generation, models
 from neftlab.config import EvalConfig, register
 
 
@@ -40,7 +40,7 @@ def main():
     tok = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, tok).to(device).eval()
     held_out = data.prepare(cfg.data, tok, True, seed=0).prompts
-    lengths = [len(ids) for ids in evaluation.encode_prompts(tok, held_out, room=None)[0]]
+    lengths = [len(ids) for ids in generation.encode_prompts(tok, held_out, room=None)[0]]
     chosen = [(p, n) for p, n in zip(held_out, lengths) if n <= (args.max_prompt_tokens or n)][: args.prompts]
     prompts = [p for p, _ in chosen]
     print(f"device {device}, {torch.get_num_threads()} CPU threads, {len(prompts)} prompts of "
@@ -51,12 +51,12 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        samples, _ = evaluation.generate(model, tok, prompts, eval_cfg, step=0)
+        samples, _ = generation.generate(model, tok, prompts, eval_cfg, step=0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter() - start, samples
 
-    evaluation.generate(model, tok, prompts[:1], EvalConfig(max_new_tokens=2), step=0)  # warm-up
+    generation.generate(model, tok, prompts[:1], EvalConfig(max_new_tokens=2), step=0)  # warm-up
     modes = {"one at a time": 1, f"batched ({args.batch_size})": args.batch_size}
     seconds = {name: [] for name in modes}
     answers = {}

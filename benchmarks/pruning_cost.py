@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from neftlab import pruning
-from neftlab.evaluation import peak_rss
+from neftlab.measures import peak_rss
 
 
 def sync(device: torch.device) -> None:

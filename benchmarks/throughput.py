@@ -55,7 +55,7 @@ def plain(overrides: list[str], run_dir: Path) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import compose_cfg
-    from neftlab import data, evaluation, models
+    from neftlab import data, measures, models
     from neftlab.pipeline import training_arguments
 
     cfg = compose_cfg(*overrides)
@@ -69,7 +69,7 @@ def plain(overrides: list[str], run_dir: Path) -> dict:
     metrics = trainer.train().metrics
     return {"train/train_runtime": metrics["train_runtime"],
             "train/train_samples_per_second": metrics["train_samples_per_second"],
-            "train/num_input_tokens_seen": trainer.state.num_input_tokens_seen, **evaluation.peak_memory()}
+            "train/num_input_tokens_seen": trainer.state.num_input_tokens_seen, **measures.peak_memory()}
 
 
 def run_arm(name: str, args, out: Path) -> dict:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from . import data as data_mod
-from . import evaluation, guards, judge, models, noise, pruning, rundir
+from . import generation, guards, judge, measures, models, noise, pruning, rundir
 from . import resume as resume_mod
 from .config import Config, ConfigError, check, rank
 from .rundir import RunFiles
@@ -104,10 +104,10 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
     if pruner is not None:
         callbacks.append(pruner)
-    prompts = evaluation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
+    prompts = generation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
     if prompts and cfg.eval.generate_every_eval:
-        callbacks.append(evaluation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
-    noise_off = evaluation.NoiseOffTrainLoss(data.train, len(data.eval), cfg.seed, files.log)
+        callbacks.append(generation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
+    noise_off = measures.NoiseOffTrainLoss(data.train, len(data.eval), cfg.seed, files.log)
     callbacks.append(noise_off)
     state = resume_mod.StateCheckpoint(noise_callback, pruner, keep=cfg.trainer.save_total_limit)
     guard = guards.NonFiniteGuard(model, cfg.trainer.nonfinite_loss, cfg.trainer.max_skipped_steps, files.log)
@@ -118,11 +118,11 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     if cfg.model.causal:
         collator = (data_mod.PackedCollator() if cfg.data.packing
                     else DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100))
-        metric_fns = dict(compute_metrics=evaluation.next_token_accuracy,
-                          preprocess_logits_for_metrics=evaluation.argmax_logits)
+        metric_fns = dict(compute_metrics=measures.next_token_accuracy,
+                          preprocess_logits_for_metrics=measures.argmax_logits)
     else:
         collator = DataCollatorWithPadding(tokenizer)
-        metric_fns = dict(compute_metrics=evaluation.classification_metrics)
+        metric_fns = dict(compute_metrics=measures.classification_metrics)
     trainer = Trainer(model=model, args=args, data_collator=collator,
                       train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                       callbacks=callbacks, **metric_fns)
@@ -168,11 +168,11 @@ def evaluate(run: Built) -> None:
 
     def latency() -> dict:
         if not cfg.model.causal:
-            return evaluation.classification_latency(model, trainer.get_eval_dataloader())
-        return evaluation.decoding_latency(model, run.tokenizer, prompts, cfg.eval)
+            return measures.classification_latency(model, trainer.get_eval_dataloader())
+        return generation.decoding_latency(model, run.tokenizer, prompts, cfg.eval)
 
     if prompts:
-        samples, metrics = evaluation.generate(model, run.tokenizer, prompts, cfg.eval, step)
+        samples, metrics = generation.generate(model, run.tokenizer, prompts, cfg.eval, step)
         files.append_samples(samples)
         files.log(step, metrics)
     files.log(step, latency())
@@ -180,8 +180,8 @@ def evaluate(run: Built) -> None:
         with pruner.dense():
             dense = latency()
         files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
-    files.log(step, {**evaluation.parameter_counts(model), **evaluation.peak_memory(),
-                     **evaluation.stability(files.train_losses, cfg.eval.loss_window)})
+    files.log(step, {**measures.parameter_counts(model), **measures.peak_memory(),
+                     **measures.convergence(files.train_losses, cfg.eval.loss_window)})
     if cfg.eval.judge.model and prompts and files.writes:
         files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
     if cfg.trainer.save_model:

@@ -21,7 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from .config import PruningConfig
-from .evaluation import parameter_counts
+from .measures import parameter_counts
 from .sharding import all_gather, all_reduce, all_sum, group_rank, local_rows
 
 log = logging.getLogger(__name__)

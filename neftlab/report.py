@@ -40,7 +40,7 @@ COLUMNS = [  # (summary key, column title, format)
     ("efficiency/latency_ms_per_token", "ms/token", "{:.2f}"),
     ("efficiency/unpruned_latency_ms_per_token", "ms/token unpruned", "{:.2f}"),
     ("efficiency/latency_ms_per_sample", "ms/sample", "{:.2f}"),
-    ("stability/loss_std", "loss std", "{:.4f}"), ("stability/half_drop_step", "half-drop step", "{:.0f}"),
+    ("convergence/loss_std", "loss std", "{:.4f}"), ("convergence/half_drop_step", "half-drop step", "{:.0f}"),
 ]
 
 

@@ -73,6 +73,12 @@ def all_gather(value: Any, group) -> list[Any]:
     return out
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a timer read before it times the launch, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of torch.distributed, (0, 1) without it."""
     if dist.is_available() and dist.is_initialized():

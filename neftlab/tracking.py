@@ -2,7 +2,7 @@
 
 Every number a run produces goes through `rundir.RunFiles.log`, so metrics.jsonl, summary.json
 and the W&B run see the same keys: `train/…`, `eval/…`, `noise/…`, `pruning/…`,
-`efficiency/…`, `stability/…`, with the trainer's global step (`train/global_step` in W&B).
+`efficiency/…`, `convergence/…`, with the trainer's global step (`train/global_step` in W&B).
 The Trainer's own logs reach W&B the same way (`Recorder`), under its WandbCallback's key scheme
 (loss -> train/loss, eval_loss -> eval/loss, train_loss -> train/train_loss); the callback itself is not
 used, since it adds the Trainer's ~150 options and the model config to the run's config beside neftlab's.

@@ -14,7 +14,7 @@ CAUSAL_KEYS = {"train/loss", "eval/loss", "eval/perplexity", "eval/accuracy", "e
                "eval/response_words", "eval/rep_2", "eval/rep_3", "eval/rep_4", "eval/diversity", "eval/distinct_2",
                "eval/distinct_4", "eval/hit_max_new_tokens", "eval/prompts_truncated",
                "efficiency/latency_ms_per_token", "efficiency/total_params", "efficiency/nonzero_params",
-               "efficiency/peak_memory_mb", "stability/loss_std", "eval/train_loss_noise_off", "eval/generalization_gap"}
+               "efficiency/peak_memory_mb", "convergence/loss_std", "eval/train_loss_noise_off", "eval/generalization_gap"}
 
 
 def run_inline(tmp_path, *overrides):

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from conftest import ROOT, TINY, spawn
-from neftlab import evaluation, noise, pruning, sharding
+from neftlab import measures, noise, pruning, sharding
 from neftlab.config import NoiseConfig, PruningConfig
 
 ROWS, COLS = 1001, 48  # an odd row count: the shards are uneven
@@ -89,7 +89,7 @@ def worker(rank, world, store, expected, like_nccl):
             assert zeros == exact
             model = torch.nn.Module()
             model.weight = torch.nn.Parameter(w)
-            counts = evaluation.parameter_counts(model)
+            counts = measures.parameter_counts(model)
             assert counts["efficiency/nonzero_params"] == int(torch.count_nonzero(w.full_tensor()))
         if like_nccl:  # the statistic, both pruning methods' histograms and the counts all went through it
             assert len(reduced_on) > 10 and set(reduced_on) == {torch.device("lazy", 0)}
@@ -147,7 +147,7 @@ def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_r
         callback.noise.remove()
     assert torch.equal(model.embed.weight.full_tensor(), weights(1))  # nothing pruned a copy
     # Counting only reads, so it takes any layout: the end of a run never fails on it.
-    assert evaluation.parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))
+    assert measures.parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))
 
 
 def test_ddp_with_two_processes_writes_one_set_of_run_files(tmp_path):

@@ -1,13 +1,15 @@
-"""What a run measures besides the loss: accuracy, generations and their diversity, efficiency, stability."""
+"""Greedy answers to the evaluation prompts, in batches, with their measures; and the decoding latency.
+
+The prompts are the held-out split's or `eval.prompts`'s, chat-formatted and cut from the left to the context the
+answer leaves. Answers are greedy with the KV cache, in left-padded batches of prompts of similar length, with the
+NEFTune authors' repetition penalty (sparing the padding and the end tokens); under torchrun each rank answers its
+share and all get every answer back.
+"""
 
 from __future__ import annotations
 
-import math
-import resource
-import statistics
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
@@ -15,68 +17,10 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, 
 
 from .config import EvalConfig
 from .data import read_prompts
-from .sharding import all_gather, all_max, all_sum, local_rows, world
+from .measures import answer_measures
+from .sharding import all_gather, all_max, synchronize, world
 
 LATENCY_PROMPTS, LATENCY_TOKENS = 2, 64  # the fixed work that efficiency/latency_ms_per_token times
-
-
-def argmax_logits(logits, labels):
-    """Keep only the predicted ids, so evaluation never holds a whole split's logits in memory."""
-    return (logits[0] if isinstance(logits, tuple) else logits).argmax(-1)
-
-
-def next_token_accuracy(pred) -> dict:
-    """Share of response tokens (labels != -100) whose next token is predicted right."""
-    preds, labels = pred.predictions[:, :-1], pred.label_ids[:, 1:]
-    mask = labels != -100
-    return {"accuracy": float((preds[mask] == labels[mask]).mean()) if mask.any() else float("nan")}
-
-
-def classification_metrics(pred) -> dict:
-    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    preds, labels = np.asarray(logits).argmax(-1), np.asarray(pred.label_ids)
-    f1s = []
-    for c in np.union1d(preds, labels):
-        tp = np.sum((preds == c) & (labels == c))
-        denom = np.sum(preds == c) + np.sum(labels == c)
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return {"accuracy": float((preds == labels).mean()), "macro_f1": float(np.mean(f1s))}
-
-
-def distinct_n(sequences: list[list[int]], n: int) -> float:
-    """Unique n-grams over all n-grams of all answers together: how varied the answers are as a set."""
-    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def rep_n(answer: list[int], n: int) -> float:
-    """Share of an answer's n-grams that repeat an earlier n-gram of the same answer (it must have one)."""
-    grams = [tuple(answer[i:i + n]) for i in range(len(answer) - n + 1)]
-    return 1 - len(set(grams)) / len(grams)
-
-
-def measures(answers: list[list[int]], texts: list[str], stops: list[str]) -> dict:
-    """The NEFTune paper's measures of a set of answers (token ids, decoded texts, stop reasons).
-
-    The paper gives one rep-n and one diversity = (1 - rep-2)(1 - rep-3)(1 - rep-4) per answer set. Here both
-    are computed per answer and averaged over the answers, as the code of Kirchenbauer et al. (2023), whose
-    measure the paper uses, scores each generation on its own; SimCTG, where the measure comes from, pools the n-gram
-    counts of all answers instead, which weighs long answers more. Each answer counting once matters when the
-    method under test changes answer lengths. Unlike that code, n-grams are of token ids, not whitespace words
-    (word length is reported apart), and answers under 4 tokens, with no 4-gram, are left out of rep-n and
-    diversity (NaN if none is long enough): there they are undefined.
-    """
-    nan, long = float("nan"), [a for a in answers if len(a) >= 4]
-    reps = {n: [rep_n(a, n) for a in long] for n in (2, 3, 4)}
-    return {
-        "eval/response_length": statistics.fmean(len(a) for a in answers),
-        "eval/response_words": statistics.fmean(len(t.split()) for t in texts),
-        **{f"eval/rep_{n}": statistics.fmean(r) if r else nan for n, r in reps.items()},
-        "eval/diversity": statistics.fmean(math.prod(1 - r for r in rs) for rs in zip(*reps.values())) if long else nan,
-        "eval/distinct_2": distinct_n(answers, 2),
-        "eval/distinct_4": distinct_n(answers, 4),
-        "eval/hit_max_new_tokens": statistics.fmean(s == "max_new_tokens" for s in stops),
-    }
 
 
 def select_prompts(cfg: EvalConfig, held_out: list[tuple[list[dict], str]]) -> list[tuple[list[dict], str]]:
@@ -104,11 +48,6 @@ def _sharded(model) -> bool:
     """FSDP2 spreads the weights over the ranks: every forward pass is then a collective of all ranks."""
     from torch.distributed.tensor import DTensor
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class RepetitionPenalty(RepetitionPenaltyLogitsProcessor):
@@ -222,7 +161,7 @@ def generate(model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalC
         samples.append({"prompt_id": i, "step": step, "prompt": messages, "reference": reference,
                         "generation": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": len(tokens),
                         "stop": stop})
-    metrics = measures([answers[i][0] for i in range(len(prompts))], [s["generation"] for s in samples],
+    metrics = answer_measures([answers[i][0] for i in range(len(prompts))], [s["generation"] for s in samples],
                        [s["stop"] for s in samples])
     return samples, {**metrics, "eval/prompts_truncated": truncated}
 
@@ -247,11 +186,11 @@ def decoding_latency(model, tokenizer, prompts: list[tuple[list[dict], str]], cf
     def decode(prompt: list[int], tokens: int) -> None:
         _continue(model, tokenizer, [prompt], tokens, cfg.repetition_penalty, synced, min_new_tokens=tokens)
     decode(ids[0], 2)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for prompt in ids:
         decode(prompt, n)
-    _sync(device)
+    synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
     return {"efficiency/latency_ms_per_token": 1000 * seconds / (n * len(ids))}
@@ -269,106 +208,3 @@ class GenerateOnEvaluate(TrainerCallback):
             samples, metrics = generate(self.model, self.tokenizer, self.prompts, self.cfg, state.global_step)
             self.files.append_samples(samples)
             self.files.log(state.global_step, metrics)
-
-
-@torch.no_grad()
-def classification_latency(model, dataloader) -> dict:
-    """Milliseconds per classified sample over the held-out split, batched as in evaluation."""
-    model.eval()
-    device = next(model.parameters()).device
-    n, seconds = 0, 0.0
-    for batch in dataloader:
-        batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        start = time.perf_counter()
-        model(**batch)
-        seconds += time.perf_counter() - start
-        n += batch["input_ids"].shape[0]
-    return {"efficiency/latency_ms_per_sample": 1000 * seconds / max(n, 1)}
-
-
-def parameter_counts(model: torch.nn.Module) -> dict:
-    """Total and non-zero parameters, counting a tied (shared) tensor once; sharded ones summed over ranks."""
-    seen, total, nonzero, sharded, group = set(), 0, 0, 0, None
-    for p in model.parameters():
-        local, p_group = local_rows(p, copy_ok=True)  # an end-of-run count must not fail on any layout
-        if local.data_ptr() in seen:
-            continue
-        seen.add(local.data_ptr())
-        total += p.numel()
-        if p_group is None:
-            nonzero += int(torch.count_nonzero(local))
-        else:
-            sharded += int(torch.count_nonzero(local))
-            group = p_group
-    nonzero += int(all_sum([sharded], group)[0])
-    return {"efficiency/total_params": total, "efficiency/nonzero_params": nonzero,
-            "efficiency/param_reduction": 1 - nonzero / total}
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes. Linux's VmHWM, since ru_maxrss carries the parent's peak
-    across fork and exec (a sweep job or a test's subprocess would report its launcher's)."""
-    try:
-        line = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):  # not Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_memory() -> dict:
-    if torch.cuda.is_available():
-        return {"efficiency/peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
-    return {"efficiency/peak_memory_mb": peak_rss() / 2**20}
-
-
-def stability(train_losses: list[tuple[int, float]], window: int) -> dict:
-    """Std of the last `window` logged train losses, and the first step where the loss has made half its total drop."""
-    if len(train_losses) < 2:
-        return {}
-    losses = [loss for _, loss in train_losses]
-    out = {"stability/loss_std": statistics.stdev(losses[-window:])}
-    first, last = losses[0], losses[-1]
-    if last < first:
-        half = first - (first - last) / 2
-        out["stability/half_drop_step"] = next(step for step, loss in train_losses if loss <= half)
-    return out
-
-
-class NoiseOffTrainLoss(TrainerCallback):
-    """At every evaluation, the loss on a fixed seeded subset of the training set (as many examples as are held
-    out), computed in eval mode, where the noise hooks add nothing. NEFTune's authors point out that its effect on
-    the training loss shows only with the noise off; the gap to the held-out loss is the generalisation gap."""
-
-    def __init__(self, train_dataset, size: int, seed: int, log_event):
-        self.subset = train_dataset.shuffle(seed=seed).select(range(min(size, len(train_dataset))))
-        self.log_event = log_event
-        self.trainer = None  # the Trainer this callback is part of, set once it exists
-
-    def _loop(self, loader):
-        """The Trainer's evaluation loop over `loader`, with a progress bar of its own: the Trainer's progress
-        callback closes the held-out split's bar only after this callback, and would count these batches into it."""
-        from transformers.trainer_callback import ProgressCallback
-        handler = self.trainer.callback_handler
-        bars = [c for c in handler.callbacks if isinstance(c, ProgressCallback)]
-        for bar in bars:
-            if bar.prediction_bar is not None:
-                bar.prediction_bar.close()
-                bar.prediction_bar = None
-        outer, handler.eval_dataloader = handler.eval_dataloader, loader
-        try:
-            return self.trainer.evaluation_loop(loader, "Noise-off train loss", prediction_loss_only=True,
-                                                metric_key_prefix="noise_off")
-        finally:
-            handler.eval_dataloader = outer
-            for bar in bars:
-                if bar.prediction_bar is not None:
-                    bar.prediction_bar.close()
-                    bar.prediction_bar = None
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self.trainer is None or "eval_loss" not in (metrics or {}):
-            return
-        out = self._loop(self.trainer.get_eval_dataloader(self.subset))
-        loss = out.metrics["noise_off_loss"]
-        self.log_event(state.global_step, {"eval/train_loss_noise_off": loss,
-                                           "eval/generalization_gap": metrics["eval_loss"] - loss})
