@@ -100,7 +100,7 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
                         std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank())  # each rank its own noise
     noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
-    callbacks = [Recorder(files, sources=[noise_callback]), noise_callback]
+    callbacks = [Recorder(files, sources=[noise_callback], causal=cfg.model.causal), noise_callback]
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
     if pruner is not None:
         callbacks.append(pruner)
@@ -180,7 +180,10 @@ def evaluate(run: Built) -> None:
         with pruner.dense():
             dense = latency()
         files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
-    files.log(step, {**measures.parameter_counts(model), **measures.peak_memory(),
+    counts = measures.parameter_counts(model)
+    if pruner is None:  # a model's own few zeros (padding rows) are no parameter reduction
+        counts.pop("efficiency/param_reduction")
+    files.log(step, {**counts, **measures.peak_memory(),
                      **measures.convergence(files.train_losses, cfg.eval.loss_window)})
     if cfg.eval.judge.model and prompts and files.writes:
         files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))

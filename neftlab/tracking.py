@@ -27,8 +27,9 @@ from .config import LoggerConfig
 log = logging.getLogger(__name__)
 
 
-def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
-    """The Trainer's log keys as its WandbCallback names them (eval_x -> eval/x, x -> train/x), plus eval/perplexity."""
+def namespaced(logs: dict[str, Any], perplexity: bool = True) -> dict[str, Any]:
+    """The Trainer's log keys as its WandbCallback names them (eval_x -> eval/x, x -> train/x), plus eval/perplexity
+    for a language model (a classifier's loss has none)."""
     out = {}
     for key, value in logs.items():
         if key.startswith("eval_"):
@@ -37,7 +38,7 @@ def namespaced(logs: dict[str, Any]) -> dict[str, Any]:
             out[key] = value
         else:
             out["train/" + key] = value
-    if "eval/loss" in out:
+    if "eval/loss" in out and perplexity:
         out["eval/perplexity"] = math.exp(min(out["eval/loss"], 700.0))
     return out
 
@@ -139,12 +140,13 @@ class Recorder(TrainerCallback):
     """Sends the Trainer's logs, namespaced, plus the current values of `sources`, to the run files (and so to
     W&B)."""
 
-    def __init__(self, files: rundir.RunFiles, sources: Iterable[Any] = ()):
+    def __init__(self, files: rundir.RunFiles, sources: Iterable[Any] = (), causal: bool = True):
         self.files = files
         self.sources = list(sources)
+        self.causal = causal
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        metrics = namespaced(logs or {})
+        metrics = namespaced(logs or {}, perplexity=self.causal)
         if "train/loss" in metrics:
             for source in self.sources:
                 metrics.update(source.metrics())

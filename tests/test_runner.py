@@ -40,6 +40,8 @@ def test_bert_run_classifies(tmp_path):
     summary, _ = run_inline(tmp_path, "model=bert_tiny")
     assert {"eval/accuracy", "eval/macro_f1", "efficiency/latency_ms_per_sample", "train/loss"} <= summary.keys()
     assert not (tmp_path / "samples.jsonl").exists()
+    # a classifier's loss has no perplexity, and without pruning a model's own zeros are no parameter reduction
+    assert "eval/perplexity" not in summary and "efficiency/param_reduction" not in summary
 
 
 def test_max_steps_zero_evaluates_the_untouched_model(tmp_path):
