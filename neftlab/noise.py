@@ -92,15 +92,18 @@ class Noise:
         self._magnitude = scale.mean().detach()
         self._padded_ratio = torch.sqrt(real / length).mean().detach()  # the padded formula's over the real one's
         generator = self._generator_on(output.device)
+        # In fp32 whatever the weights' dtype, cast once at the end: in bf16 the noise itself, at L*d of about 2M
+        # some 30 bf16 steps of a typical embedding value, would be drawn and scaled in 8 bits.
         if self.kind == "gaussian":
             sigma = torch.full_like(scale, self.std) if self.std is not None else scale
-            noise = torch.randn(output.shape, generator=generator, dtype=output.dtype, device=output.device)
-            noise = noise * sigma.to(output.dtype)[:, :, None]
+            noise = torch.randn(output.shape, generator=generator, dtype=torch.float32, device=output.device)
+            noise = noise * sigma[:, :, None]
         else:
-            noise = torch.empty_like(output).uniform_(-1, 1, generator=generator) * scale.to(output.dtype)[:, :, None]
+            noise = torch.empty(output.shape, dtype=torch.float32, device=output.device).uniform_(
+                -1, 1, generator=generator) * scale[:, :, None]
         if mask is not None and self.length_mode == "real":  # padded mode noises padding too, as HF's hook does
-            noise = noise * mask.to(output.dtype)[:, :, None]
-        return output + noise
+            noise = noise * mask.to(torch.float32)[:, :, None]
+        return (output.float() + noise).to(output.dtype)
 
     @property
     def padded_ratio(self) -> Optional[float]:

@@ -185,11 +185,23 @@ def evaluate(run: Built) -> None:
         counts.pop("efficiency/param_reduction")
     files.log(step, {**counts, **measures.peak_memory(),
                      **measures.convergence(files.train_losses, cfg.eval.loss_window)})
+    if cfg.trainer.save_model:  # before the judge, which runs on rank 0 alone: the save is a collective
+        save_model(trainer, files.dir / rundir.MODEL, step)
     if cfg.eval.judge.model and prompts and files.writes:
         files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
-    if cfg.trainer.save_model:
-        guards.check_finite_weights(model, step)
-        trainer.save_model(str(files.dir / rundir.MODEL))
+
+
+def save_model(trainer, folder: Path, step: int) -> None:
+    """The final weights into `folder`, never NaN/inf ones. Under FSDP the full weights are gathered from every
+    rank first (the Trainer itself saves nothing for FSDP's SHARDED_STATE_DICT, the fsdp preset's), and rank 0
+    writes them."""
+    guards.check_finite_weights(trainer.model, step)
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(folder))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank takes part
+    if trainer.args.should_save:
+        trainer._save(str(folder), state_dict=state_dict)
 
 
 def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -> None:

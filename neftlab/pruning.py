@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 
 from .config import PruningConfig
 from .measures import parameter_counts
-from .sharding import all_gather, all_reduce, all_sum, group_rank, local_rows
+from .sharding import all_gather, all_reduce, all_sum, group_rank, local_rows, reshard
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,17 @@ def targets(model: torch.nn.Module, scope: str) -> list[torch.Tensor]:
     seen, out = set(), []
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and module is not head and "lora_" not in name:
-            if module.weight.data_ptr() not in seen:
-                seen.add(module.weight.data_ptr())
+            if id(module.weight) not in seen:  # a weight shared by two modules, once; not data_ptr(): a DTensor's is 0
+                seen.add(id(module.weight))
                 out.append(module.weight)
     return out
 
 
 def output_tied(model: torch.nn.Module) -> bool:
+    """Whether the output layer is the input embedding's weight: the same parameter (under FSDP2 too, where every
+    DTensor's data_ptr() is 0)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 class PruningCallback(TrainerCallback):
@@ -200,6 +202,7 @@ class PruningCallback(TrainerCallback):
     def dense(self):
         """The pruned entries temporarily refilled with random values of the kept ones' scale, to time the
         same model unpruned: dense kernels do the same work whatever the values, so expect no difference."""
+        reshard(self.model)  # FSDP2 keeps an unsharded copy after a forward: the edit must reach what runs
         shards = [local_rows(w)[0] for w in self.weights]
         saved = [(w[~m].clone(), w[m].std()) for w, m in zip(shards, self.masks)]
         for w, mask, (_, scale) in zip(shards, self.masks, saved):
@@ -207,6 +210,7 @@ class PruningCallback(TrainerCallback):
         try:
             yield
         finally:
+            reshard(self.model)
             for w, mask, (values, _) in zip(shards, self.masks, saved):
                 w[~mask] = values
 

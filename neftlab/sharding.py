@@ -39,8 +39,9 @@ def local_rows(weight: torch.Tensor, copy_ok: bool = False) -> tuple[torch.Tenso
 
 def collective_device(group) -> torch.device:
     """The device a tensor must be on to enter a collective of `group`: NCCL reduces CUDA tensors only (on this
-    rank's current device, which the Trainer sets), gloo CPU ones."""
-    if dist.get_backend(group) == "nccl":
+    rank's current device, which the Trainer sets), gloo CPU ones. A group with both (accelerate starts
+    `cuda:nccl,cpu:gloo` for FULL_STATE_DICT or CPU offload) takes CUDA tensors on NCCL."""
+    if "nccl" in str(dist.get_backend(group)):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -71,6 +72,22 @@ def all_gather(value: Any, group) -> list[Any]:
     out = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Drop the unsharded copies FSDP2 keeps after a forward (a unit with reshard_after_forward=False, as accelerate
+    wraps the embedding and output layer): an edit of the shards then reaches the next forward. Nothing without
+    FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def agree_on_first(value: Any, group) -> Any:
+    """The first rank's non-None `value` among all ranks of `group` (or `value` alone without one): what one rank
+    found (a NaN in its shard) every rank then acts on alike."""
+    return next((v for v in all_gather(value, group) if v is not None), None)
 
 
 def synchronize(device: torch.device) -> None:

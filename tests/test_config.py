@@ -22,6 +22,7 @@ def test_trainer_presets_compose(preset):
 def test_gpu_presets_answer_every_held_out_prompt_at_length(preset):
     cfg = compose_cfg(f"trainer={preset}").eval
     assert (cfg.num_generations, cfg.max_new_tokens) == (None, 512)
+    assert compose_cfg(f"trainer={preset}").trainer.args["dataloader_num_workers"] > 0  # the GPU waits for nothing
     assert compose_cfg(f"trainer={preset}", "size=tiny").eval.max_new_tokens == 8  # tiny stays tiny
 
 

@@ -99,12 +99,28 @@ def test_a_nan_on_one_rank_skips_or_stops_every_rank_at_the_same_step(tmp_path):
 def test_nan_weights_are_never_saved():
     model = tiny_llama()
     guard = guards.NonFiniteGuard(model, "fail", 0, lambda step, m: None)
-    guard.on_step_end(None, SimpleNamespace(global_step=3), SimpleNamespace(should_save=True))  # finite: fine
+    save, step = SimpleNamespace(should_save=True, should_log=False), SimpleNamespace(should_save=False, should_log=False)
+    guard.on_step_end(None, SimpleNamespace(global_step=3), save)  # finite: fine
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("inf")
     with pytest.raises(guards.NonFiniteError, match="lm_head.weight holds NaN/inf at step 4; not saving it"):
-        guard.on_step_end(None, SimpleNamespace(global_step=4), SimpleNamespace(should_save=True))
-    guard.on_step_end(None, SimpleNamespace(global_step=5), SimpleNamespace(should_save=False))  # no save, no check
+        guard.on_step_end(None, SimpleNamespace(global_step=4), save)
+    guard.on_step_end(None, SimpleNamespace(global_step=5), step)  # no save, no check
+
+
+def test_one_process_reads_the_nan_flag_only_where_it_decides():
+    """No host sync per optimizer step: the first bad step is kept on the device, read at a logging or save step
+    (or the end), and named exactly."""
+    guard = guards.NonFiniteGuard(tiny_llama(), "fail", 0, lambda step, m: None)
+    agreement = guards.StepAgreement(guard, guards.GracefulStop())
+    args, quiet = SimpleNamespace(world_size=1), SimpleNamespace(should_save=False, should_log=False)
+    for step, loss in enumerate([1.0, float("nan"), 2.0], 1):
+        guard.bad = ~torch.isfinite(torch.tensor(loss))
+        agreement.on_pre_optimizer_step(args, SimpleNamespace(global_step=step - 1), quiet)
+        guard.on_step_end(args, SimpleNamespace(global_step=step), quiet)  # not a logging step: nothing read
+    assert guard.bad is None and int(guard.first_bad) == 2
+    with pytest.raises(guards.NonFiniteError, match="train loss is not finite at step 2; stopping"):
+        guard.on_step_end(args, SimpleNamespace(global_step=3), SimpleNamespace(should_save=False, should_log=True))
 
 
 def test_unwritable_output_dir_fails_before_anything_loads(tmp_path):

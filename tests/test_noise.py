@@ -226,3 +226,20 @@ def test_the_noise_hook_never_waits_for_the_device(monkeypatch):
         assert handle.mean_magnitude == pytest.approx(expected)
         assert noise.NoiseCallback(handle, NoiseConfig(kind="uniform"), None).metrics()["noise/mean_magnitude"] \
             == pytest.approx(expected)
+
+
+def test_noise_is_drawn_and_added_in_fp32_for_bf16_weights():
+    """bf16 would draw and scale the noise itself in 8 bits: it is drawn in fp32, added in fp32, cast once."""
+    model = tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(1, 500, (2, 30))
+    hook = noise.attach(model, "uniform", alpha=5.0, seed=3)
+    seen = []
+    capture = model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    model.train()
+    model(input_ids=ids)
+    capture.remove()
+    hook.remove()
+    clean = model.get_input_embeddings()(ids)
+    drawn = torch.empty(2, 30, DIM).uniform_(-1, 1, generator=torch.Generator().manual_seed(3))
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0], (clean.float() + drawn * 5.0 / (30 * DIM) ** 0.5).to(torch.bfloat16))

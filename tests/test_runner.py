@@ -135,3 +135,12 @@ def test_packed_run_gives_the_unpacked_losses(tmp_path):
     assert len(losses["true"]) == 4 and tokens["true"] < tokens["false"]  # packed rows carry no padding
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4)
     assert len(sparsity["true"]) >= 3 and sparsity["true"] == sparsity["false"]
+
+
+def test_the_final_model_is_saved_before_the_judge_runs(tmp_path, monkeypatch):
+    """The judge runs on rank 0 alone; a gathering save after it would keep the other ranks waiting."""
+    from neftlab import judge
+    seen = []
+    monkeypatch.setattr(judge, "judge_run", lambda run_dir, cfg, seed: seen.append((run_dir / "model").is_dir()) or {})
+    run_inline(tmp_path, "model=llama_tiny", "eval.judge.model=any")
+    assert seen == [True]

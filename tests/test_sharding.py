@@ -205,3 +205,12 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_rerun_resumes(tmp_path
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == list(range(1, 121))
+
+
+def test_a_mixed_backend_takes_cuda_tensors_on_nccl(monkeypatch):
+    """accelerate starts `cuda:nccl,cpu:gloo` for FULL_STATE_DICT or offload: its collectives go on the GPU."""
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "cuda:nccl,cpu:gloo")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert sharding.collective_device(object()) == torch.device("cuda", 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert sharding.collective_device(object()) == torch.device("cpu")

@@ -1,0 +1,124 @@
+"""The CPU FSDP2 lane: a tiny LLaMA (tied and untied) sharded with `fully_shard` on a 2-process CPU mesh (gloo),
+in accelerate's layout (each decoder layer a unit; embedding, output layer and final norm one unit kept unsharded
+after its forward; then the root). accelerate shards only on GPUs, so this is how FSDP2's code paths run here:
+pruning's targets, the weight check, the dynamic statistic, the unpruned-latency refill and synced generation,
+each against the same model in one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import spawn
+from neftlab import generation, guards, noise, pruning
+from neftlab.config import EvalConfig, PruningConfig
+
+SIZE = dict(vocab_size=503, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=256)  # an odd vocabulary: uneven shards
+PROMPTS = [[5, 9, 11, 2], [7, 3], [8, 8, 1, 4, 6]]  # 3 prompts over 2 ranks: one rank answers 2, the other 1
+
+
+def tiny(tied: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=tied, **SIZE)).eval()
+
+
+def shard_like_accelerate(model, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard([model.model.embed_tokens, model.lm_head, model.model.norm], mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh)
+
+
+class Tokenizer:
+    """Just what greedy generation reads of a tokenizer."""
+    pad_token_id, eos_token_id = 0, 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+    def pad(self, batch, padding_side, return_tensors):
+        rows = batch["input_ids"]
+        width = max(map(len, rows))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+        return _Batch(input_ids=ids, attention_mask=(torch.arange(width) >= width - torch.tensor(
+            [len(r) for r in rows])[:, None]).long())
+
+
+class _Batch(dict):
+    def to(self, device):
+        return _Batch({k: v.to(device) for k, v in self.items()})
+
+
+def answers(model) -> list[str]:
+    """Greedy answers to PROMPTS (their token ids) through generation's own batching (and, under FSDP2, its synced
+    decoding)."""
+    original = generation.encode_prompts
+    generation.encode_prompts = lambda tokenizer, prompts, room: (PROMPTS, 0)
+    try:
+        samples, _ = generation.generate(model, Tokenizer(), [([], "")] * len(PROMPTS), EvalConfig(
+            max_new_tokens=6, batch_size=2, repetition_penalty=1.0), step=0)
+    finally:
+        generation.encode_prompts = original
+    return [s["generation"] for s in sorted(samples, key=lambda s: s["prompt_id"])]
+
+
+def lane(rank, world, store, check, *args):
+    """A rank of the lane: `check(model, rank, *args)` on the sharded model. The model (and FSDP's references to the
+    group) is freed before the group is destroyed: the other order crashes a rank at exit."""
+    import gc
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = None
+    try:
+        model = tiny(args[0])
+        shard_like_accelerate(model, init_device_mesh("cpu", (world,)))
+        check(model, rank, *args)
+    finally:
+        del model
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def worker(model, rank, tied, expected):
+    # pruning's all_linear scope keeps every Linear weight (a DTensor's data_ptr() is 0 for all of them)
+    assert len(pruning.targets(model, "all_linear")) == expected["linear"]
+    assert pruning.output_tied(model) == expected["tied"]
+    assert noise.stability(model.get_input_embeddings().weight) == pytest.approx(expected["stability"], rel=1e-6)
+    # the unpruned-latency refill reaches the forward, although the embedding unit stays unsharded after one
+    pruner = pruning.PruningCallback(model, PruningConfig(method="l1", ratio=0.5), lambda step, m: None)
+    pruner.weights = pruning.targets(model, "embedding")
+    pruner.prune(0)
+    ids = torch.tensor([[5, 9, 11, 2, 7]])
+    with torch.no_grad():
+        pruned = model(input_ids=ids).logits
+        with pruner.dense():
+            dense = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+    assert not torch.allclose(dense, pruned) and torch.allclose(again, pruned)
+    # a NaN in one rank's rows stops every rank before a save, not just that one
+    q = model.model.layers[0].self_attn.q_proj.weight
+    if rank == 1:
+        with torch.no_grad():
+            q.to_local()[0, 0] = float("nan")
+    with pytest.raises(guards.NonFiniteError, match="layers.0.self_attn.q_proj.weight holds NaN/inf at step 3"):
+        guards.check_finite_weights(model, 3)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_fsdp2_row_shards_give_the_single_process_results(tmp_path, tied):
+    model = tiny(tied)
+    expected = {"linear": len(pruning.targets(model, "all_linear")), "tied": pruning.output_tied(model),
+                "stability": noise.stability(model.get_input_embeddings().weight)}
+    assert expected["linear"] == 14 and expected["tied"] == tied
+    spawn(lane, tmp_path / "store", worker, tied, expected)
+
+
+def generate_worker(model, rank, tied, expected):
+    assert answers(model) == expected  # every forward a collective: both ranks step until both are done
+
+
+def test_synced_generation_with_unequal_prompt_counts_gives_the_single_process_answers(tmp_path):
+    spawn(lane, tmp_path / "store", generate_worker, True, answers(tiny(True)))
