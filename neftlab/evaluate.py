@@ -84,7 +84,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
             built.trainer._load_from_checkpoint(str(weights))
             built.trainer.state.global_step, built.trainer.state.epoch = last["step"], last["train/epoch"]
             log.info("Evaluating %s with the weights of %s (step %d)", run_dir, weights.name, last["step"])
-            pipeline.evaluate(built)
+            pipeline.evaluate(built, stopper)
         run_files.close()
         return {k: v for event in rundir.read_jsonl(run_dir / rundir.METRICS) if event.get("stage") == stage
                 for k, v in event.items() if k not in ("step", "stage")}

@@ -9,6 +9,7 @@ share and all get every answer back.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -126,14 +127,15 @@ def _answer(new: list[int], eos: set[int]) -> tuple[list[int], str]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalConfig,
-             step: int) -> tuple[list[dict], dict]:
+def generate(model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalConfig, step: int,
+             between_batches: Callable[[], None] = lambda: None) -> tuple[list[dict], dict]:
     """Greedy answers to `prompts` in batches of `eval.batch_size`, as samples.jsonl rows, and their measures.
 
     Under torchrun rank r answers prompts r, r + world, …, and every rank gets all answers back in prompt
     order, so every rank returns the same. A model sharded by FSDP2 needs all ranks in every forward pass:
     there every rank runs as many batches, and `generate` keeps every rank stepping until all are done
-    (`synced_gpus`).
+    (`synced_gpus`). Under torchrun every rank runs as many batches, and `between_batches` (a stop agreed over the
+    ranks) is called before each of them; it is called once more when every batch is done.
     """
     was_training = model.training
     model.eval()
@@ -141,17 +143,23 @@ def generate(model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalC
     rank, ranks = world()
     synced = ranks > 1 and _sharded(model)
     batches = _batches(list(range(rank, len(ids), ranks)), [len(p) for p in ids], cfg.batch_size)
-    if synced:  # as many batches on every rank; an empty one runs prompt 0 and keeps nothing
+    if ranks > 1:  # as many batches on every rank, so that a stop is agreed at each (and synced decoding steps
+        # together): an empty batch runs prompt 0 and keeps nothing when sharded, and nothing at all otherwise
         batches += [[]] * (int(all_max([len(batches)], distributed=True)[0]) - len(batches))
     eos, answers = _stop_ids(model, tokenizer), {}
     most = sum(max(len(b), 1) for b in batches) * cfg.max_new_tokens  # a batch decodes until its longest answer ends
     with tqdm(total=most, desc=f"Generating {len(prompts)} answers", unit="tok", disable=rank != 0) as bar:
         for batch in batches:
+            if ranks > 1:  # every rank at the same batch: a collective is safe here
+                between_batches()
+            if not batch and not synced:
+                continue
             new = _continue(model, tokenizer, [ids[i] for i in batch or [0]], cfg.max_new_tokens,
                             cfg.repetition_penalty, synced, streamer=_Progress(bar, max(len(batch), 1)))
             answers.update((i, _answer(tokens, eos)) for i, tokens in zip(batch, new))
         bar.total = bar.n  # batches that ended early: the bar ends full
         bar.refresh()
+    between_batches()
     if ranks > 1:
         answers = {i: a for part in all_gather(answers, dist.group.WORLD) for i, a in part.items()}
     model.train(was_training)

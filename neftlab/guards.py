@@ -68,7 +68,8 @@ class GracefulStop(TrainerCallback):
     """Every stop signal (STOP_SIGNALS), from `with stopper:` on.
 
     During training a signal is only noted: the step finishes, a checkpoint is saved and training stops (at the
-    same step on every rank). Outside training (loading, final evaluation) it raises `Interrupted` at once.
+    same step on every rank). Outside training (loading, final evaluation) it raises `Interrupted` at once, or,
+    under torchrun in the final evaluation (`deferring`), at the next point all ranks agree on it (`agree`).
     While the stop's own checkpoint is written (`finishing`), further signals are held: a repeated SIGTERM
     would cut the checkpoint the rerun needs. A second Ctrl-C stops at once, also there.
     """
@@ -79,6 +80,7 @@ class GracefulStop(TrainerCallback):
         self.step = 0
         self.training = False
         self.holding = False
+        self.deferred = False  # under torchrun, in the final evaluation: noted, agreed at `agree`
         self._previous = {}
 
     def _handle(self, signum, frame):
@@ -91,9 +93,29 @@ class GracefulStop(TrainerCallback):
             self.pending = signal.SIGINT if signum == signal.SIGINT else self.pending
             return
         self.pending = self.pending or signum
+        if self.deferred:
+            log.warning("%s received: every rank stops at the evaluation's next agreed point, then saves a "
+                        "checkpoint", name)
+            return
         if not self.training:
             raise Interrupted(signum, self.step, saved=False)
         log.warning("%s received: saving a checkpoint after this step, then stopping", name)
+
+    @contextlib.contextmanager
+    def deferring(self, distributed: bool):
+        """Under torchrun, during the final evaluation: a signal is only noted, and `agree` stops every rank at
+        the same point (raising wherever each rank is would leave them in different collectives: synced
+        generation makes every forward one, and the checkpoint after the stop is a collective save)."""
+        self.deferred = distributed
+        try:
+            yield
+        finally:
+            self.deferred = False
+
+    def agree(self, step: int) -> None:
+        """A point every rank reaches alike: if any rank has a signal, all raise `Interrupted` here."""
+        if self.deferred and (signum := int(all_max([float(self.pending or 0)], distributed=True)[0])):
+            raise Interrupted(signum, step, saved=False)
 
     @contextlib.contextmanager
     def finishing(self):

@@ -157,38 +157,45 @@ def train(run: Built, stopper: guards.GracefulStop, resume: resume_mod.Resume | 
         raise guards.Interrupted(stopper.signum, trainer.state.global_step)
 
 
-def evaluate(run: Built) -> None:
-    """The held-out loss and metrics, greedy generations, latency, parameter counts and stability."""
+def evaluate(run: Built, stopper: guards.GracefulStop | None = None) -> None:
+    """The held-out loss and metrics, greedy generations, latency, parameter counts and convergence. Under
+    torchrun a stop signal is agreed on by all ranks between these stages and between generation batches."""
     cfg, files, model, trainer, pruner = run.cfg, run.files, run.model, run.trainer, run.pruner
-    if files.stage == rundir.TRAIN:  # a re-evaluation has its own stage
-        files.stage = rundir.FINAL
-    trainer.evaluate()
-    step = trainer.state.global_step
-    prompts = run.prompts
+    stopper = stopper or guards.GracefulStop()
+    with stopper.deferring(trainer.args.world_size > 1):
+        if files.stage == rundir.TRAIN:  # a re-evaluation has its own stage
+            files.stage = rundir.FINAL
+        trainer.evaluate()
+        step = trainer.state.global_step
+        stopper.agree(step)
+        prompts = run.prompts
 
-    def latency() -> dict:
-        if not cfg.model.causal:
-            return measures.classification_latency(model, trainer.get_eval_dataloader())
-        return generation.decoding_latency(model, run.tokenizer, prompts, cfg.eval)
+        def latency() -> dict:
+            if not cfg.model.causal:
+                return measures.classification_latency(model, trainer.get_eval_dataloader())
+            return generation.decoding_latency(model, run.tokenizer, prompts, cfg.eval)
 
-    if prompts:
-        samples, metrics = generation.generate(model, run.tokenizer, prompts, cfg.eval, step)
-        files.append_samples(samples)
-        files.log(step, metrics)
-    files.log(step, latency())
-    if pruner is not None and pruner.masks:  # time the same model unpruned: dense kernels gain nothing from zeros
-        with pruner.dense():
-            dense = latency()
-        files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
-    counts = measures.parameter_counts(model)
-    if pruner is None:  # a model's own few zeros (padding rows) are no parameter reduction
-        counts.pop("efficiency/param_reduction")
-    files.log(step, {**counts, **measures.peak_memory(),
-                     **measures.convergence(files.train_losses, cfg.eval.loss_window)})
-    if cfg.trainer.save_model:  # before the judge, which runs on rank 0 alone: the save is a collective
-        save_model(trainer, files.dir / rundir.MODEL, step)
-    if cfg.eval.judge.model and prompts and files.writes:
-        files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
+        if prompts:
+            samples, metrics = generation.generate(model, run.tokenizer, prompts, cfg.eval, step,
+                                                   between_batches=lambda: stopper.agree(step))
+            files.append_samples(samples)
+            files.log(step, metrics)
+        stopper.agree(step)
+        files.log(step, latency())
+        stopper.agree(step)
+        if pruner is not None and pruner.masks:  # the same model unpruned: dense kernels gain nothing from zeros
+            with pruner.dense():
+                dense = latency()
+            files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
+        counts = measures.parameter_counts(model)
+        if pruner is None:  # a model's own few zeros (padding rows) are no parameter reduction
+            counts.pop("efficiency/param_reduction")
+        files.log(step, {**counts, **measures.peak_memory(),
+                         **measures.convergence(files.train_losses, cfg.eval.loss_window)})
+        if cfg.trainer.save_model:  # before the judge, which runs on rank 0 alone: the save is a collective
+            save_model(trainer, files.dir / rundir.MODEL, step)
+        if cfg.eval.judge.model and prompts and files.writes:
+            files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
 
 
 def save_model(trainer, folder: Path, step: int) -> None:
@@ -212,7 +219,7 @@ def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -
         built = build(cfg, files, stopper, resume)
         try:
             train(built, stopper, resume)
-            evaluate(built)
+            evaluate(built, stopper)
         except guards.Interrupted as e:
             step = built.trainer.state.global_step
             if step:

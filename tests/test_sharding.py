@@ -214,3 +214,28 @@ def test_a_mixed_backend_takes_cuda_tensors_on_nccl(monkeypatch):
     assert sharding.collective_device(object()) == torch.device("cuda", 0)
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
     assert sharding.collective_device(object()) == torch.device("cpu")
+
+
+def test_ddp_sigterm_during_the_final_generation_stops_every_rank_together(tmp_path):
+    """Each rank answers its own prompts, and the answers are then gathered: a rank that raised at once, as one
+    process does, would leave the other in the gather while it saved. The ranks now agree on the signal after
+    generating, checkpoint together, and the rerun only evaluates."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab", "size=tiny",
+               "eval.num_generations=8", "eval.max_new_tokens=1500", "logger=none", f"output_root={tmp_path}"]
+    env = {**os.environ, **CPU_ONLY}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not any("train/train_runtime" in p.read_text() for p in tmp_path.glob("runs/*/metrics.jsonl")):
+        assert proc.poll() is None, "the run ended before the end of training"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0  # torchrun reports its ranks' exit 143 with a traceback of its own
+    assert stderr.count("[WARNING] - stopped by SIGTERM at step 4; a checkpoint was saved") == 2, stderr[-3000:]
+    (run_dir,) = tmp_path.glob("runs/*")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] == 4
+    for rank in (0, 1):
+        assert (run_dir / "checkpoints" / "checkpoint-4" / f"neftlab_rank{rank}.pt").exists()
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "evaluating only" in rerun.stderr, rerun.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
