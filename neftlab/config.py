@@ -337,6 +337,34 @@ class JudgeConfig:
 
 
 @dataclass
+class HarnessConfig:
+    """lm-evaluation-harness tasks run on the trained model (neftlab.harness); no tasks, no stage."""
+
+    tasks: List[str] = field(default_factory=list)  # lm-eval task or group names, or paths to task YAML files
+    limit: Optional[float] = None  # items per task: a count >= 1 or a fraction in (0, 1); null = all
+    num_fewshot: Optional[int] = None  # null = each task's own default
+    batch_size: int = 8
+    chat_template: bool = False  # format the tasks' prompts with the model's chat template
+    every_eval: bool = False  # also at every trainer.eval_steps evaluation, not only at the end
+    data_dir: Optional[str] = None  # a copy of a `datasets` cache holding the tasks' data; null = the default cache
+    bootstrap: int = 1000  # lm-eval's bootstrap iterations for the stderr of metrics that are not means
+
+    def validate(self, key: str) -> None:
+        import importlib.util
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ConfigError(f"{key}.tasks={list(self.tasks)} needs lm-evaluation-harness, which is not installed: "
+                              "pip install 'neftlab[harness]' (lm-eval 0.4.13)")
+        ok = self.limit is None or (0 < self.limit < 1) or (self.limit >= 1 and float(self.limit).is_integer())
+        check(ok, f"{key}.limit", self.limit, "null, a fraction in (0, 1) or a whole count of items")
+        check(self.num_fewshot is None or self.num_fewshot >= 0, f"{key}.num_fewshot", self.num_fewshot,
+              "null or an integer >= 0")
+        check(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "an integer >= 1")
+        check(self.bootstrap >= 1, f"{key}.bootstrap", self.bootstrap, "an integer >= 1")
+        check(not self.every_eval or bool(self.tasks), f"{key}.every_eval", self.every_eval,
+              f"false unless {key}.tasks names tasks")
+
+
+@dataclass
 class EvalConfig:
     # Causal models answer prompts greedily at the end: the first `num_generations` (null = all) of the held-out
     # split, or of `prompts`. The defaults suit the CPU default job; trainer=paper raises them.
@@ -348,9 +376,11 @@ class EvalConfig:
     repetition_penalty: float = 1.2  # as the NEFTune authors recommend
     loss_window: int = 10  # logged train losses that the stability std is taken over
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
 
     def validate(self, key: str) -> None:
         self.judge.validate(f"{key}.judge")
+        self.harness.validate(f"{key}.harness")
         check(self.num_generations is None or self.num_generations >= 0, f"{key}.num_generations",
               self.num_generations, "null (all prompts) or an integer >= 0")
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
@@ -418,6 +448,13 @@ class Config:
         if self.data.format == "classification" and self.model.causal:
             raise ConfigError(f"data.format=classification needs model.arch=bert, not {self.model.arch}: "
                               "use data=sharegpt or data=alpaca")
+        if self.eval.harness.tasks and not self.model.causal:
+            raise ConfigError(f"eval.harness.tasks={list(self.eval.harness.tasks)} scores a language model's "
+                              f"likelihoods and answers; model.arch={self.model.arch} classifies")
+        for key, on in (("eval.generate_every_eval", self.eval.generate_every_eval),
+                        ("eval.harness.every_eval", self.eval.harness.every_eval)):
+            check(not on or self.trainer.eval_steps is not None, key, on,
+                  "false unless trainer.eval_steps is set (there is no evaluation during training to act at)")
         if self.data.packing and not self.model.causal:
             raise ConfigError(f"data.packing=true packs causal-LM examples; model.arch={self.model.arch} classifies")
         if self.noise.kind != "none" and self.trainer.neftune_noise_alpha is not None:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from . import data as data_mod
-from . import generation, guards, judge, measures, models, noise, pruning, rundir
+from . import generation, guards, harness, judge, measures, models, noise, pruning, rundir
 from . import resume as resume_mod
 from .config import Config, ConfigError, check, rank
 from .rundir import RunFiles
@@ -90,6 +91,8 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
     set_seed(cfg.seed)
     args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
+    if cfg.eval.harness.tasks:  # a task whose data cannot be had here stops the run now, not after training
+        harness.prepare(cfg.eval.harness)
     tokenizer = models.load_tokenizer(cfg.model)
     cfg.validate_context(models.context_length(cfg.model))
     data = data_mod.prepare(cfg.data, tokenizer, cfg.model.causal, cfg.seed)
@@ -107,6 +110,8 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     prompts = generation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
     if prompts and cfg.eval.generate_every_eval:
         callbacks.append(generation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
+    if cfg.eval.harness.every_eval:
+        callbacks.append(HarnessOnEvaluate(model, tokenizer, cfg, files))
     noise_off = measures.NoiseOffTrainLoss(data.train, len(data.eval), cfg.seed, files.log)
     callbacks.append(noise_off)
     state = resume_mod.StateCheckpoint(noise_callback, pruner, keep=cfg.trainer.save_total_limit)
@@ -183,6 +188,9 @@ def evaluate(run: Built, stopper: guards.GracefulStop | None = None) -> None:
         stopper.agree(step)
         files.log(step, latency())
         stopper.agree(step)
+        if cfg.eval.harness.tasks:
+            run_harness(model, run.tokenizer, cfg, files, step)
+            stopper.agree(step)
         if pruner is not None and pruner.masks:  # the same model unpruned: dense kernels gain nothing from zeros
             with pruner.dense():
                 dense = latency()
@@ -196,6 +204,25 @@ def evaluate(run: Built, stopper: guards.GracefulStop | None = None) -> None:
             save_model(trainer, files.dir / rundir.MODEL, step)
         if cfg.eval.judge.model and prompts and files.writes:
             files.log(step, judge.judge_run(files.dir, cfg.eval.judge, cfg.seed))
+
+
+def run_harness(model, tokenizer, cfg: Config, files: RunFiles, step: int) -> None:
+    """The lm-eval tasks on the model as it is now, into the run's files."""
+    metrics, rows = harness.run(model, tokenizer, cfg.eval.harness, cfg.seed)
+    files.log(step, metrics)
+    files.append_harness(step, rows)
+
+
+class HarnessOnEvaluate(TrainerCallback):
+    """With `eval.harness.every_eval`: the lm-eval tasks at every `trainer.eval_steps` evaluation during training
+    (the last step's are the final evaluation's)."""
+
+    def __init__(self, model, tokenizer, cfg: Config, files: RunFiles):
+        self.model, self.tokenizer, self.cfg, self.files = model, tokenizer, cfg, files
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps:
+            run_harness(self.model, self.tokenizer, self.cfg, self.files, state.global_step)
 
 
 def save_model(trainer, folder: Path, step: int) -> None:

@@ -112,6 +112,20 @@ class Run:
         return (self.get("noise.kind") == "none" and self.get("pruning.method") == "off"
                 and self.get("trainer.max_steps") != 0 and self.get("trainer.neftune_noise_alpha") is None)
 
+    def harness_items(self) -> dict[tuple[str, str], dict]:
+        """lm-eval's per-item scores of the run's last harness evaluation: {(task, metric): {doc id: score}}."""
+        rows = [r for r in rundir.read_jsonl(self.dir / rundir.HARNESS_SAMPLES) if "task" in r and "doc_id" in r]
+        if not rows:
+            return {}
+        last = (rows[-1]["step"], rows[-1].get("stage"))
+        out = defaultdict(dict)
+        for r in rows:
+            if (r["step"], r.get("stage")) == last:
+                for metric, value in r.items():
+                    if metric not in ("step", "stage", "task", "doc_id", "target") and _number(value):
+                        out[r["task"], metric][r["doc_id"]] = value
+        return dict(out)
+
     def answer_lengths(self) -> list[int]:
         """Answer lengths in tokens at the last generation step of samples.jsonl (one per prompt)."""
         _, rows = rundir.last_generation(self.dir / rundir.SAMPLES)
@@ -302,6 +316,9 @@ def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]],
     judge that failed its controls."""
     out = {title: (run.summary[key], base.summary[key]) for key, title, _ in PAIRED
            if _number(run.summary.get(key)) and _number(base.summary.get(key))}
+    out.update({"harness " + key.removeprefix("harness/").replace("/", " "): (run.summary[key], base.summary[key])
+                for key in run.summary if key.startswith("harness/") and not key.endswith("_stderr")
+                and _number(run.summary[key]) and _number(base.summary.get(key))})
     unreliable = set()
     for source in {**run.judges, **base.judges}:
         vs_baseline, lc_vs_baseline, vs_reference = judged_titles(source)
@@ -349,6 +366,24 @@ def paired_measures(groups: dict[str, list[Run]], baseline: str) -> list[Paired]
         family = [r for r in rows if r.title == title and not r.unreliable]
         for row, adjusted in zip(family, stats.holm([r.estimate.p for r in family])):
             row.p_holm = adjusted
+    return rows + harness_item_measures(groups, baseline)
+
+
+def harness_item_measures(groups: dict[str, list[Run]], baseline: str) -> list[Paired]:
+    """Each arm's harness scores against the baseline arm's over the items both answered: per item the mean over
+    the seed pairs of arm − baseline, with a BCa interval over the items (both runs answer the same items)."""
+    by_item = defaultdict(lambda: defaultdict(list))  # (arm, task, metric) -> doc id -> [(arm, baseline)]
+    for run, base in paired_runs(groups, baseline):
+        theirs = base.harness_items()
+        for (task, metric), scores in run.harness_items().items():
+            for doc, score in scores.items():
+                if doc in theirs.get((task, metric), {}):
+                    by_item[run.label_without_seed, task, metric][doc].append((score, theirs[task, metric][doc]))
+    rows = []
+    for (arm, task, metric), docs in sorted(by_item.items()):
+        pairs = [(statistics.fmean(a for a, _ in v), statistics.fmean(b for _, b in v)) for _, v in sorted(docs.items())]
+        rows.append(Paired(arm, f"harness {task} {metric}, over items", pairs,
+                           stats.mean_over_items([a - b for a, b in pairs]), False))
     return rows
 
 
@@ -632,7 +667,9 @@ PAIRED_NOTE = (
     "An interval that contains 0 is no evidence of a difference, and 3 seeds show only the direction the seeds "
     "agree on. Judge win rates vs baseline are the arm's answers judged against the baseline run's answers to the "
     "same prompts: the baseline scores 0.5 against itself, so the difference is the win rate − 0.5; LC is AlpacaEval "
-    "2's length-controlled win rate. A judge that failed its controls (the reference against an empty answer, its "
+    "2's length-controlled win rate. Rows \"over items\" (lm-evaluation-harness tasks) pair each item's scores, "
+    "averaged over the seed pairs, with a BCa bootstrap interval over the items both runs answered. A judge that "
+    "failed its controls (the reference against an empty answer, its "
     "own first sentence, another prompt's reference; an answer against itself) is named in the table, and no "
     "conclusion is drawn from its win rates.")
 

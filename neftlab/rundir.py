@@ -8,6 +8,7 @@ run file's name.
     metrics.jsonl           events {"step", "stage", <namespaced metrics>}, appended a whole line at a time
     summary.json            the last value of every metric, "status" and "error"
     samples.jsonl           answers {"prompt_id", "step", "stage", "prompt", "reference", "generation", "tokens", "stop"}
+    harness_samples.jsonl   lm-eval's per-item scores {"step", "stage", "task", "doc_id", "target", <metric>: score}
     judge_<baseline>.json   a judging of the answers (neftlab.judge)
     fingerprint.json        what a resume must match: the config's and the data's fingerprints
     run.lock                the process working in the run (resume.RunLock)
@@ -49,6 +50,7 @@ LOG = "neftlab.log"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 SAMPLES = "samples.jsonl"
+HARNESS_SAMPLES = "harness_samples.jsonl"
 FINGERPRINT = "fingerprint.json"
 LOCK = "run.lock"
 WANDB_ID = "wandb-run-id"
@@ -219,7 +221,7 @@ class RunFiles:
         self.summary: dict[str, Any] = {}
         self.train_losses: list[tuple[int, float]] = []
         kept = {}
-        for name in (METRICS, SAMPLES):
+        for name in (METRICS, SAMPLES, HARNESS_SAMPLES):
             kept[name] = [r for r in read_jsonl(self.dir / name) if keep(r)] if keep else []
             if self.writes and ((self.dir / name).exists() or name == METRICS):
                 write_text(self.dir / name, "".join(jsonl_line(r) for r in kept[name]))
@@ -245,18 +247,26 @@ class RunFiles:
         if self.tracker is not None:
             self.tracker.log(step, metrics)
 
+    def _append(self, name: str, rows: list[dict]) -> None:
+        """Append rows to a JSONL file of the run, one whole line per write and flushed, each with its stage."""
+        with (self.dir / name).open("a", encoding="utf-8") as out:
+            for row in rows:
+                out.write(jsonl_line({**row, "stage": self.stage}))
+                out.flush()
+
     def append_samples(self, samples: Iterable[dict]) -> None:
-        """Append answers to samples.jsonl, one whole line per write and flushed: every evaluation's answers stay,
-        each with its step and stage."""
+        """Append answers to samples.jsonl: every evaluation's answers stay, each with its step and stage."""
         if not self.writes:
             return
         samples = list(samples)
-        with (self.dir / SAMPLES).open("a", encoding="utf-8") as out:
-            for sample in samples:
-                out.write(jsonl_line({**sample, "stage": self.stage}))
-                out.flush()
+        self._append(SAMPLES, samples)
         if self.tracker is not None and samples:
             self.tracker.log_answers(samples[0]["step"], self.stage, samples)
+
+    def append_harness(self, step: int, rows: list[dict]) -> None:
+        """Append lm-eval's per-item scores to harness_samples.jsonl, with the step and stage."""
+        if self.writes:
+            self._append(HARNESS_SAMPLES, [{"step": step, **row} for row in rows])
 
     def close(self) -> None:
         if self._metrics is not None:

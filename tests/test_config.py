@@ -63,6 +63,9 @@ def test_packaged_weights_resolve_to_files():
     ("noise.std=inf", "noise.std", "a finite number"),
     ("pruning.ratio=nan", "pruning.ratio", "a finite number"),
     ("eval.repetition_penalty=-inf", "eval.repetition_penalty", "a finite number"),
+    ("eval.harness.limit=2.5", "eval.harness.limit", "a fraction in (0, 1) or a whole count"),
+    ("eval.harness.num_fewshot=-1", "eval.harness.num_fewshot", "null or an integer >= 0"),
+    ("eval.harness.batch_size=0", "eval.harness.batch_size", ">= 1"),
 ])
 def test_out_of_range_values_name_key_value_and_range(override, key, allowed):
     with pytest.raises(ConfigError) as e:
@@ -108,6 +111,11 @@ def test_wrong_type_is_refused_at_composition():
      "eval.judge.template='alpaca_eval' is not allowed: neftlab with eval.judge.kind=reward"),
     (["data=classification", "data.path=x.csv"], "data.format=classification needs model.arch=bert"),
     (["trainer.neftune_noise_alpha=5", "noise.kind=uniform"], "would add noise twice"),
+    (["model=bert", "eval.harness.tasks=[arc_easy]"], "scores a language model's likelihoods and answers"),
+    (["eval.harness.tasks=[arc_easy]", "eval.harness.every_eval=true"],
+     "eval.harness.every_eval=True is not allowed: false unless trainer.eval_steps is set"),
+    (["eval.harness.every_eval=true"], "eval.harness.every_eval=True is not allowed: false unless eval.harness.tasks"),
+    (["eval.generate_every_eval=true"], "eval.generate_every_eval=True is not allowed: false unless trainer.eval_steps"),
 ])
 def test_incompatible_groups_are_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):

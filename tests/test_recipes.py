@@ -105,6 +105,18 @@ def test_judging_reevaluating_and_exporting_a_run(headline_run, tmp_path):
     assert list((headline_run / "alpaca_eval").glob("*/model_outputs.json"))
 
 
+def test_capabilities(headline_run, tmp_path):
+    """The leaderboard's tasks need their data from the hub: composed. A task of one's own runs on the run."""
+    openllm = compose_cfg(*recipe("python -m neftlab harness=openllm eval.harness.limit=100")[3:]).eval.harness
+    assert openllm.tasks == ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"] and openllm.limit == 100
+    task = tmp_path / "my_task.yaml"
+    task.write_text((ROOT / "tests/harness/tiny_mc.yaml").read_text().replace(
+        "tests/harness/tiny_mc.jsonl", str(ROOT / "tests/harness/tiny_mc.jsonl")))
+    evaluate = recipe("python -m neftlab.evaluate outputs/runs/<run> 'eval.harness.tasks=[my_task.yaml]'")
+    proc = run([*evaluate[:3], str(headline_run), evaluate[4].replace("my_task.yaml", str(task))])
+    assert "harness/neftlab_tiny_mc/acc:" in proc.stdout
+
+
 def test_a_search(tmp_path):
     run(recipe("python -m neftlab -m hydra/sweeper=optuna experiment=neftune_search hydra.sweeper.n_trials=20"),
         "size=tiny", "hydra.sweeper.n_trials=2", *tiny(tmp_path))

@@ -71,7 +71,9 @@ def test_a_default_run_is_evaluated_again_from_the_command_line_without_wandb(fi
     """The README's own example on a default run: no W&B run is started (no key configured here), no stray
     ./wandb in the working folder, and a tied output layer loads without a missing-keys warning."""
     offline_runs = sorted(finished.glob("wandb/offline-run-*"))
-    env = {**os.environ, "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    from neftlab import cache
+    env = {**os.environ, "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
+           "NEFTLAB_CACHE": str(cache.cache_root())}  # no W&B settings, the converted tokenizer still cached
     env.pop("WANDB_MODE", None)
     env.pop("WANDB_API_KEY", None)
     proc = subprocess.run([sys.executable, "-m", "neftlab.evaluate", str(finished), "eval.max_new_tokens=3"], cwd=tmp_path,

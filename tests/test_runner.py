@@ -123,8 +123,8 @@ def test_packed_run_gives_the_unpacked_losses(tmp_path):
                             for n in range(1, 31)))
     losses, tokens, sparsity = {}, {}, {}
     for packing in ("false", "true"):
-        proc, summary = cli(*TINY, "data=alpaca", f"data.path={path}", "logger=none", "trainer.max_steps=3",
-                            "noise=none", "pruning=l1", "pruning.interval=1", f"data.packing={packing}",
+        proc, summary = cli(*TINY, "model=llama_tiny", "data=alpaca", f"data.path={path}", "logger=none",
+                            "trainer.max_steps=3", "noise=none", "pruning=l1", "pruning.interval=1", f"data.packing={packing}",
                             "eval.num_generations=0", "+trainer.args.include_num_input_tokens_seen=all",
                             out_dir=tmp_path / packing)
         assert proc.returncode == 0, proc.stderr[-2000:]
