@@ -155,17 +155,24 @@ class DataConfig:
               f"batch unless {key}.packing=true")
 
 
-NOISE_KINDS = ("none", "uniform", "gaussian", "dynamic")
+NOISE_KINDS = ("none", "uniform", "gaussian", "dynamic", "noisytune")
+NOISE_SCHEDULES = ("constant", "linear", "cosine", "warmup")
+NOISE_TOKENS = ("all", "prompt", "response")
 
 
 @dataclass
 class NoiseConfig:
-    kind: str = "none"  # none | uniform | gaussian | dynamic
-    alpha: float = 5.0  # NEFTune's alpha; the start value for dynamic
+    kind: str = "none"  # none | uniform | gaussian | dynamic | noisytune (the weights, once, before training)
+    alpha: float = 5.0  # NEFTune's alpha; the start value for dynamic; the peak of a schedule
     # real: L_i = the sample's non-padding tokens (NEFTune's own code);
     # padded: L = the padded batch length (what the HF Trainer's built-in hook does).
     length_mode: str = "real"
     std: Optional[float] = None  # gaussian only: an absolute std instead of alpha/sqrt(L*d)
+    # alpha over training: constant | linear (decay to 0) | cosine (decay to 0) | warmup (0 to alpha, then alpha)
+    schedule: str = "constant"
+    warmup_ratio: float = 0.1  # warmup only: the share of trainer.max_steps alpha rises over
+    tokens: str = "all"  # all | prompt | response (labels != -100): which tokens get noise; L_i stays the sequence's
+    intensity: float = 0.15  # noisytune only: NoisyTune's lambda, W += U(-lambda/2, lambda/2) * std(W)
     # dynamic only (the Dynamic Embedding Noise design):
     alpha_min: float = 1.0
     alpha_max: float = 10.0
@@ -180,6 +187,17 @@ class NoiseConfig:
         if self.std is not None:
             check(self.kind == "gaussian", f"{key}.std", self.std, f"null unless {key}.kind=gaussian")
             check(self.std > 0, f"{key}.std", self.std, "> 0")
+        check_choice(f"{key}.schedule", self.schedule, NOISE_SCHEDULES)
+        check_choice(f"{key}.tokens", self.tokens, NOISE_TOKENS)
+        embedding = self.kind in ("uniform", "gaussian", "dynamic")
+        check(self.schedule == "constant" or (embedding and self.kind != "dynamic" and self.std is None),
+              f"{key}.schedule", self.schedule, f"constant with {key}.kind={self.kind}"
+              + (" (dynamic noise moves alpha by the embedding's statistic, a schedule by the step: use one)"
+                 if self.kind == "dynamic" else " and an absolute noise.std" if self.std is not None else ""))
+        check(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio", self.warmup_ratio, "in (0, 1]")
+        check(self.tokens == "all" or embedding, f"{key}.tokens", self.tokens,
+              f"all with {key}.kind={self.kind}, which puts no noise on the embeddings")
+        check(self.intensity > 0, f"{key}.intensity", self.intensity, "> 0")
         if self.kind != "dynamic":
             return
         check(self.alpha_min >= 0, f"{key}.alpha_min", self.alpha_min, ">= 0")
@@ -455,6 +473,9 @@ class Config:
                         ("eval.harness.every_eval", self.eval.harness.every_eval)):
             check(not on or self.trainer.eval_steps is not None, key, on,
                   "false unless trainer.eval_steps is set (there is no evaluation during training to act at)")
+        if self.noise.tokens != "all" and not self.model.causal:
+            raise ConfigError(f"noise.tokens={self.noise.tokens} picks tokens by their labels; model.arch="
+                              f"{self.model.arch} has one label per sequence: use noise.tokens=all")
         if self.data.packing and not self.model.causal:
             raise ConfigError(f"data.packing=true packs causal-LM examples; model.arch={self.model.arch} classifies")
         if self.noise.kind != "none" and self.trainer.neftune_noise_alpha is not None:

@@ -1,9 +1,11 @@
-"""Noise on the input embeddings for the `noise` group: none, uniform (NEFTune), gaussian, dynamic.
+"""Noise for the `noise` group: on the input embeddings (none, uniform = NEFTune, gaussian, dynamic), or on the
+weights once before training (noisytune).
 
 NEFTune adds U(-1, 1) * alpha / sqrt(L_i * d) to the embedding output of sample i during
 training, with L_i its number of real tokens. Two forward hooks do it without touching the
-model's code: a pre-hook on the whole model catches the attention mask, and a hook on the
-input-embedding layer adds the noise to real tokens only, in training mode only.
+model's code: a pre-hook on the whole model catches the attention mask (and the labels, for noise on the
+prompt or the response only), and a hook on the input-embedding layer adds the noise to real tokens only, in
+training mode only. A schedule moves alpha with the step (`NoiseCallback`).
 
 Bring-your-own-loop use::
 
@@ -14,6 +16,7 @@ Bring-your-own-loop use::
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Optional
 
 import torch
@@ -30,16 +33,21 @@ class NoiseError(NeftlabError, RuntimeError):
     pass
 
 
+EMBEDDING_KINDS = ("uniform", "gaussian", "dynamic")  # the kinds a hook on the input embedding adds
+
+
 class Noise:
     """An attached noise hook. `.alpha` is live (dynamic noise changes it); `.remove()` detaches it."""
 
     def __init__(self, model: torch.nn.Module, kind: str, alpha: float = 5.0, length_mode: str = "real",
-                 std: Optional[float] = None, seed: Optional[int] = None):
-        if kind not in ("none", "uniform", "gaussian", "dynamic"):
-            raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian or dynamic")
+                 std: Optional[float] = None, seed: Optional[int] = None, tokens: str = "all"):
+        if kind not in EMBEDDING_KINDS + ("none", "noisytune"):
+            raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian, dynamic or noisytune")
         if length_mode not in ("real", "padded"):
             raise NoiseError(f"unknown length_mode {length_mode!r}: use real or padded")
-        self.kind, self.alpha, self.length_mode, self.std = kind, float(alpha), length_mode, std
+        if tokens not in ("all", "prompt", "response"):
+            raise NoiseError(f"unknown tokens {tokens!r}: use all, prompt or response")
+        self.kind, self.alpha, self.length_mode, self.std, self.tokens = kind, float(alpha), length_mode, std, tokens
         self.embedding = model.get_input_embeddings()
         self._magnitude: Optional[torch.Tensor] = None  # kept on the device: reading it every forward would sync
         # With a seed the noise has its own random stream (the runner gives each rank its own seed, so data-
@@ -47,9 +55,10 @@ class Noise:
         self.seed, self._generator, self._pending_state = seed, None, None
         self._mask: Optional[torch.Tensor] = None
         self._positions: Optional[torch.Tensor] = None
+        self._labels: Optional[torch.Tensor] = None
         self._padded_ratio: Optional[torch.Tensor] = None
         self._handles = []
-        if kind == "none":
+        if kind not in EMBEDDING_KINDS:
             return
         if getattr(self.embedding, "_neftlab_noise", None) is not None or hasattr(self.embedding, "neftune_noise_alpha"):
             raise NoiseError("this embedding already has noise attached (neftlab's or the Trainer's "
@@ -60,6 +69,7 @@ class Noise:
 
     def _catch_inputs(self, module, args, kwargs):
         self._mask, self._positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
+        self._labels = kwargs.get("labels")
 
     def _real_lengths(self, mask: Optional[torch.Tensor], shape: tuple, device) -> torch.Tensor:
         """L for every token, shape (batch, length): its own sequence's real length.
@@ -103,7 +113,19 @@ class Noise:
                 -1, 1, generator=generator) * scale[:, :, None]
         if mask is not None and self.length_mode == "real":  # padded mode noises padding too, as HF's hook does
             noise = noise * mask.to(torch.float32)[:, :, None]
+        if self.tokens != "all":
+            noise = noise * self._chosen_tokens((batch, length))[:, :, None]
         return (output.float() + noise).to(output.dtype)
+
+    def _chosen_tokens(self, shape: tuple) -> torch.Tensor:
+        """1 for the tokens `tokens` names: the response is the tokens with a label (not -100), the prompt the
+        rest (padding is masked above); in a packed row the labels mark each sequence's answer alike."""
+        labels = self._labels
+        if labels is None or tuple(labels.shape) != shape:
+            raise NoiseError(f"noise.tokens={self.tokens} needs the batch's token labels in the forward, "
+                             f"got {None if labels is None else tuple(labels.shape)} for a batch of {shape}")
+        response = labels != -100
+        return (response if self.tokens == "response" else ~response).to(torch.float32)
 
     @property
     def padded_ratio(self) -> Optional[float]:
@@ -143,7 +165,7 @@ class Noise:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._mask = self._positions = None
+        self._mask = self._positions = self._labels = None
         if getattr(self.embedding, "_neftlab_noise", None) is self:
             del self.embedding._neftlab_noise
 
@@ -157,12 +179,49 @@ class Noise:
 def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
     """Attach noise of `kind` to the input embedding of `model` (any HF model, PEFT-wrapped or not).
 
-    params: alpha, length_mode ("real" | "padded"), std (gaussian), seed (an own random stream). Dynamic noise is uniform
-    noise whose alpha a `DynamicAlpha` moves; `attach` accepts its keys and ignores them.
+    params: alpha, length_mode ("real" | "padded"), std (gaussian), seed (an own random stream), tokens ("all" |
+    "prompt" | "response"). Dynamic noise is uniform noise whose alpha a `DynamicAlpha` moves, and a schedule moves
+    it in `NoiseCallback`; `attach` accepts their keys and ignores them.
     """
-    for key in ("alpha_min", "alpha_max", "alpha_step", "adjust_interval", "stability_threshold"):
+    for key in ("alpha_min", "alpha_max", "alpha_step", "adjust_interval", "stability_threshold", "schedule",
+                "warmup_ratio", "intensity"):
         params.pop(key, None)
     return Noise(model, kind, **params)
+
+
+def schedule_factor(schedule: str, step: int, total: int, warmup_ratio: float = 0.1) -> float:
+    """alpha's share at optimizer step `step` of `total`: constant 1; linear 1 - t; cosine (1 + cos(pi t)) / 2, with
+    t = step / total (the steps done before this one), both reaching 0 at the end of training; warmup
+    t / warmup_ratio up to 1, then 1."""
+    t = min(max(step / total, 0.0), 1.0) if total > 0 else 0.0
+    if schedule == "linear":
+        return 1.0 - t
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "warmup":
+        return min(1.0, t / warmup_ratio)
+    return 1.0
+
+
+@torch.no_grad()
+def noisytune(model: torch.nn.Module, intensity: float, seed: int) -> int:
+    """NoisyTune (Wu et al., ACL 2022): each parameter tensor W of the pretrained model gets, once before
+    fine-tuning, U(-intensity/2, intensity/2) * std(W), as the authors' code does it (every named parameter,
+    biases and norms too; a constant one, std 0, stays as it is). Tied weights are one parameter and get noise
+    once; LoRA's adapters (`lora_` parameters) are left as PEFT initialised them, the frozen base is perturbed.
+    Drawn on the CPU from `seed`, so every rank perturbs alike. Returns the number of tensors perturbed."""
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, weight in model.named_parameters():
+        if "lora_" in name or weight.numel() < 2:
+            continue
+        std = weight.float().std()
+        if std == 0:
+            continue
+        draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32) - 0.5
+        weight.add_((draw.to(weight.device) * (intensity * std)).to(weight.dtype))
+        count += 1
+    return count
 
 
 @torch.no_grad()
@@ -206,15 +265,16 @@ class DynamicAlpha:
 
 
 class NoiseCallback(TrainerCallback):
-    """Reports alpha and magnitude at each log and, for dynamic noise, adjusts alpha every adjust_interval steps."""
+    """Reports alpha and magnitude at each log; sets a schedule's alpha before each step and, for dynamic noise,
+    adjusts alpha every adjust_interval steps."""
 
     def __init__(self, noise: Noise, cfg: NoiseConfig, log_event: Callable[[int, dict], None]):
-        self.noise, self.log_event = noise, log_event
+        self.noise, self.log_event, self.cfg = noise, log_event, cfg
         self.dynamic = DynamicAlpha(noise, cfg) if cfg.kind == "dynamic" else None
         self.interval = cfg.adjust_interval
 
     def metrics(self) -> dict:
-        if self.noise.kind == "none":
+        if self.noise.kind not in EMBEDDING_KINDS:
             return {}
         out = {"noise/alpha": self.noise.alpha}
         magnitude = self.noise.mean_magnitude  # the magnitude's one host sync, at logging
@@ -231,6 +291,12 @@ class NoiseCallback(TrainerCallback):
             self.dynamic.threshold = stability(self.noise.embedding.weight)
             log.info("noise.stability_threshold=auto: %.6f, the statistic at the start of training",
                      self.dynamic.threshold)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        """A schedule's alpha for the step about to run, from the step alone: a resumed run continues it exactly."""
+        if self.cfg.schedule != "constant":
+            self.noise.alpha = self.cfg.alpha * schedule_factor(self.cfg.schedule, state.global_step, state.max_steps,
+                                                                self.cfg.warmup_ratio)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.dynamic is not None and state.global_step % self.interval == 0:

@@ -100,8 +100,11 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     if cfg.data.packing:  # transformers finds packed sequences in the position ids only without a KV cache
         model.config.use_cache = False
 
+    if cfg.noise.kind == "noisytune" and resume is None:  # the same on every rank; a checkpoint holds it already
+        files.log(0, {"noise/noisytune_tensors": noise.noisytune(model, cfg.noise.intensity, cfg.seed)})
     hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
-                        std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank())  # each rank its own noise
+                        std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank(),  # each rank its own noise
+                        tokens=cfg.noise.tokens)
     noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
     callbacks = [Recorder(files, sources=[noise_callback], causal=cfg.model.causal), noise_callback]
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None

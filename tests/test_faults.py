@@ -333,6 +333,24 @@ def test_15_byte_order_marks_are_read_and_bad_bytes_are_placed(tmp_path, bert_to
 
 # ---------------------------------------------------------------- issue 19: nothing lost, round two
 
+@pytest.mark.parametrize("extra", [["noise=uniform", "noise.schedule=linear", "noise.tokens=response"],
+                                   ["noise=noisytune", "pruning=l1"]], ids=["linear_response", "noisytune_l1"])
+def test_16b_the_later_perturbations_resume_exactly(tmp_path, extra):
+    """A schedule's position comes from the step, NoisyTune's perturbation from the checkpoint's weights: killed
+    after step 2 and rerun, each run ends as its uninterrupted reference, alpha step for step."""
+    proc, summary = cli(*BASE, *extra, out_dir=tmp_path / "reference")
+    assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-3000:]
+    run = crashed(tmp_path / "reference", tmp_path, at=2)
+    proc = rerun(tmp_path, *extra)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_resumed_to_reference(run, tmp_path / "reference", proc.stderr, from_step=2)
+    alphas = [[(e["step"], e["noise/alpha"]) for e in rundir.read_jsonl(r / "metrics.jsonl") if "noise/alpha" in e]
+              for r in (run, tmp_path / "reference")]
+    assert alphas[0] == alphas[1]
+    if "noise.schedule=linear" in extra:  # set before each step from the steps done: 5 (1 - (step - 1) / 4)
+        assert alphas[0] == [(step, pytest.approx(5.0 * (1 - (step - 1) / 4))) for step in (1, 2, 3, 4)]
+
+
 def test_19_01_a_second_sigterm_while_the_stop_checkpoint_is_written_is_held(tmp_path, monkeypatch, caplog):
     """SIGTERM during the final evaluation, then SIGTERM again while the checkpoint for that stop is written
     (an impatient kill, a supervisor repeating its signal): the checkpoint completes, the rerun only evaluates."""

@@ -243,3 +243,68 @@ def test_noise_is_drawn_and_added_in_fp32_for_bf16_weights():
     drawn = torch.empty(2, 30, DIM).uniform_(-1, 1, generator=torch.Generator().manual_seed(3))
     assert seen[0].dtype == torch.bfloat16
     assert torch.equal(seen[0], (clean.float() + drawn * 5.0 / (30 * DIM) ** 0.5).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [1.0, 0.75, 0.5, 0.25, 0.0]),
+    ("cosine", [1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, (1 + math.cos(3 * math.pi / 4)) / 2, 0.0]),
+    ("warmup", [0.0, 0.5, 1.0, 1.0, 1.0]),  # warmup_ratio 0.5 of 4 steps: 2 steps up
+])
+def test_schedules_at_each_step(schedule, expected):
+    got = [noise.schedule_factor(schedule, step, 4, warmup_ratio=0.5) for step in range(5)]
+    assert got == pytest.approx(expected)
+
+
+def packed_with_labels():
+    """One packed row of LENGTHS, each sequence's second half its response (labels), the rest prompt (-100)."""
+    ids = torch.randint(1, 500, (1, sum(LENGTHS)))
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    labels = torch.cat([torch.where(torch.arange(n) >= n // 2, 1, -100) for n in LENGTHS])[None]
+    return ids, positions, labels
+
+
+@pytest.mark.parametrize("tokens", ["response", "prompt"])
+def test_noise_on_the_response_or_the_prompt_only_keeps_each_sequences_length(tokens):
+    """noise.tokens: the same draws as noise on all tokens, kept on the tokens with (response) or without
+    (prompt) a label, each still scaled by its own sequence's whole length L_i, in a packed row."""
+    model = tiny_llama()
+    ids, positions, labels = packed_with_labels()
+    deltas = {}
+    for which in ("all", tokens):
+        torch.manual_seed(1)
+        with noise.attach(model, "uniform", alpha=5.0, tokens=which):
+            deltas[which] = added_noise(model, ids, None, position_ids=positions, labels=labels, use_cache=False)
+    chosen = (labels != -100) if tokens == "response" else (labels == -100)
+    assert torch.equal(deltas[tokens][chosen], deltas["all"][chosen])
+    assert torch.count_nonzero(deltas[tokens][~chosen]) == 0
+    start = 0
+    for n in LENGTHS:  # alpha / sqrt(L_i * d) with L_i the whole sequence, not its chosen tokens
+        part = deltas[tokens][0, start:start + n][chosen[0, start:start + n]]
+        assert 5.0 / math.sqrt(n * DIM) * 0.95 <= part.abs().max() <= 5.0 / math.sqrt(n * DIM) * (1 + 1e-5)
+        start += n
+    with noise.attach(model, "uniform", alpha=5.0, tokens=tokens), pytest.raises(noise.NoiseError, match="labels"):
+        added_noise(model, ids, None, position_ids=positions, use_cache=False)  # no labels: refused, not guessed
+
+
+def test_noisytune_follows_its_definition_on_every_tensor_once():
+    """W + U(-lambda/2, lambda/2) * std(W), per parameter tensor, drawn in named_parameters() order from the seed:
+    the tied embedding once, a constant tensor unchanged, LoRA's adapters untouched."""
+    from peft import LoraConfig, get_peft_model
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.model.norm.weight.data.fill_(1.0)  # std 0: no noise
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert noise.noisytune(model, intensity=0.15, seed=7) == sum(
+        1 for n, p in before.items() if "lora_" not in n and p.numel() > 1 and p.std() > 0)
+    generator = torch.Generator().manual_seed(7)
+    for name, weight in model.named_parameters():
+        if "lora_" in name or before[name].std() == 0:
+            assert torch.equal(weight, before[name]), name
+            continue
+        expected = before[name] + (torch.rand(weight.shape, generator=generator) - 0.5) * 0.15 * before[name].std()
+        assert torch.allclose(weight, expected, atol=1e-7), name
+    embedding = model.get_input_embeddings().weight
+    assert embedding.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # still tied, noised once
