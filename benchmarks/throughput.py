@@ -4,7 +4,8 @@ Each arm is a process of its own, so that peak memory is its own:
 - `plain`: data and model from neftlab's loaders, `TrainingArguments` from `pipeline.training_arguments`, a bare
   `Trainer` with the padding collator and no callbacks;
 - the others: `python -m neftlab` with noise none / uniform / dynamic (adjust_interval 100) / l1 pruning (interval
-  100), padded, and none / uniform packed (`data.packing=true`), and none packed into best-fit-decreasing rows.
+  100) / FreeLB with K = 1, 2, 3 passes / NoisyTune, padded, and none / uniform packed (`data.packing=true`), and
+  none packed into best-fit-decreasing rows.
 
 From the Trainer's own figures: `train_runtime` (the training loop only, not loading or evaluation), samples
 per second, real (non-padding) tokens per second; and the process's peak memory (CPU: peak RSS; GPU: peak
@@ -32,6 +33,10 @@ ARMS = {
     "uniform": ["noise=uniform"],
     "dynamic@100": ["noise=dynamic", "noise.adjust_interval=100"],
     "l1@100": ["pruning=l1", "pruning.interval=100"],
+    "freelb K=1": ["noise=freelb", "noise.adv_steps=1"],
+    "freelb K=2": ["noise=freelb", "noise.adv_steps=2"],
+    "freelb K=3": ["noise=freelb", "noise.adv_steps=3"],
+    "noisytune": ["noise=noisytune"],
     "none packed": ["noise=none", "data.packing=true"],
     "uniform packed": ["noise=uniform", "data.packing=true"],
     # Rows packed best-fit decreasing: other batches than the padded arms', so its own count of real tokens

@@ -155,14 +155,15 @@ class DataConfig:
               f"batch unless {key}.packing=true")
 
 
-NOISE_KINDS = ("none", "uniform", "gaussian", "dynamic", "noisytune")
+NOISE_KINDS = ("none", "uniform", "gaussian", "dynamic", "freelb", "noisytune")
 NOISE_SCHEDULES = ("constant", "linear", "cosine", "warmup")
 NOISE_TOKENS = ("all", "prompt", "response")
 
 
 @dataclass
 class NoiseConfig:
-    kind: str = "none"  # none | uniform | gaussian | dynamic | noisytune (the weights, once, before training)
+    # none | uniform | gaussian | dynamic | freelb (adversarial) | noisytune (the weights, once, before training)
+    kind: str = "none"
     alpha: float = 5.0  # NEFTune's alpha; the start value for dynamic; the peak of a schedule
     # real: L_i = the sample's non-padding tokens (NEFTune's own code);
     # padded: L = the padded batch length (what the HF Trainer's built-in hook does).
@@ -173,6 +174,11 @@ class NoiseConfig:
     warmup_ratio: float = 0.1  # warmup only: the share of trainer.max_steps alpha rises over
     tokens: str = "all"  # all | prompt | response (labels != -100): which tokens get noise; L_i stays the sequence's
     intensity: float = 0.15  # noisytune only: NoisyTune's lambda, W += U(-lambda/2, lambda/2) * std(W)
+    # freelb only: K passes per batch, the ascent's step, delta_0's alpha (NEFTune's form), the ball (0 = none)
+    adv_steps: int = 2
+    adv_lr: float = 0.1
+    adv_init_mag: float = 5.0
+    adv_max_norm: float = 0.0
     # dynamic only (the Dynamic Embedding Noise design):
     alpha_min: float = 1.0
     alpha_max: float = 10.0
@@ -189,15 +195,20 @@ class NoiseConfig:
             check(self.std > 0, f"{key}.std", self.std, "> 0")
         check_choice(f"{key}.schedule", self.schedule, NOISE_SCHEDULES)
         check_choice(f"{key}.tokens", self.tokens, NOISE_TOKENS)
-        embedding = self.kind in ("uniform", "gaussian", "dynamic")
-        check(self.schedule == "constant" or (embedding and self.kind != "dynamic" and self.std is None),
+        why = {"dynamic": " (dynamic noise moves alpha by the embedding's statistic, a schedule by the step: use one)",
+               "freelb": " (its perturbation is moved by the loss's gradient)",
+               "none": ", which puts no noise on the embeddings", "noisytune": ", which puts no noise on the embeddings"}
+        check(self.schedule == "constant" or (self.kind in ("uniform", "gaussian") and self.std is None),
               f"{key}.schedule", self.schedule, f"constant with {key}.kind={self.kind}"
-              + (" (dynamic noise moves alpha by the embedding's statistic, a schedule by the step: use one)"
-                 if self.kind == "dynamic" else " and an absolute noise.std" if self.std is not None else ""))
+              + (" and an absolute noise.std" if self.std is not None else why.get(self.kind, "")))
         check(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio", self.warmup_ratio, "in (0, 1]")
-        check(self.tokens == "all" or embedding, f"{key}.tokens", self.tokens,
-              f"all with {key}.kind={self.kind}, which puts no noise on the embeddings")
+        check(self.tokens == "all" or self.kind in ("uniform", "gaussian", "dynamic"), f"{key}.tokens", self.tokens,
+              f"all with {key}.kind={self.kind}" + why.get(self.kind, ""))
         check(self.intensity > 0, f"{key}.intensity", self.intensity, "> 0")
+        check(self.adv_steps >= 1, f"{key}.adv_steps", self.adv_steps, "an integer >= 1")
+        check(self.adv_lr > 0, f"{key}.adv_lr", self.adv_lr, "> 0")
+        check(self.adv_init_mag >= 0, f"{key}.adv_init_mag", self.adv_init_mag, ">= 0")
+        check(self.adv_max_norm >= 0, f"{key}.adv_max_norm", self.adv_max_norm, ">= 0 (0: no bound)")
         if self.kind != "dynamic":
             return
         check(self.alpha_min >= 0, f"{key}.alpha_min", self.alpha_min, ">= 0")
@@ -476,6 +487,9 @@ class Config:
         if self.noise.tokens != "all" and not self.model.causal:
             raise ConfigError(f"noise.tokens={self.noise.tokens} picks tokens by their labels; model.arch="
                               f"{self.model.arch} has one label per sequence: use noise.tokens=all")
+        if self.noise.kind == "freelb" and self.data.packing:
+            raise ConfigError("noise.kind=freelb normalises its ascent per example, and data.packing=true puts several "
+                              "examples in one row: use data.packing=false")
         if self.data.packing and not self.model.causal:
             raise ConfigError(f"data.packing=true packs causal-LM examples; model.arch={self.model.arch} classifies")
         if self.noise.kind != "none" and self.trainer.neftune_noise_alpha is not None:

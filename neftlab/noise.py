@@ -33,7 +33,7 @@ class NoiseError(NeftlabError, RuntimeError):
     pass
 
 
-EMBEDDING_KINDS = ("uniform", "gaussian", "dynamic")  # the kinds a hook on the input embedding adds
+EMBEDDING_KINDS = ("uniform", "gaussian", "dynamic", "freelb")  # the kinds a hook on the input embedding adds
 
 
 class Noise:
@@ -42,7 +42,7 @@ class Noise:
     def __init__(self, model: torch.nn.Module, kind: str, alpha: float = 5.0, length_mode: str = "real",
                  std: Optional[float] = None, seed: Optional[int] = None, tokens: str = "all"):
         if kind not in EMBEDDING_KINDS + ("none", "noisytune"):
-            raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian, dynamic or noisytune")
+            raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian, dynamic, freelb or noisytune")
         if length_mode not in ("real", "padded"):
             raise NoiseError(f"unknown length_mode {length_mode!r}: use real or padded")
         if tokens not in ("all", "prompt", "response"):
@@ -93,6 +93,10 @@ class Noise:
     def _add_noise(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return None
+        return (output.float() + self.draw(output)).to(output.dtype)
+
+    def draw(self, output: torch.Tensor) -> torch.Tensor:
+        """This batch's noise for the embedding output `output`, in fp32, zero where no noise goes."""
         batch, length, dim = output.shape
         mask = self._mask if self._mask is not None and tuple(self._mask.shape) == (batch, length) else None
         real = self._real_lengths(mask, (batch, length), output.device)
@@ -115,7 +119,7 @@ class Noise:
             noise = noise * mask.to(torch.float32)[:, :, None]
         if self.tokens != "all":
             noise = noise * self._chosen_tokens((batch, length))[:, :, None]
-        return (output.float() + noise).to(output.dtype)
+        return noise
 
     def _chosen_tokens(self, shape: tuple) -> torch.Tensor:
         """1 for the tokens `tokens` names: the response is the tokens with a label (not -100), the prompt the
@@ -186,6 +190,9 @@ def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
     for key in ("alpha_min", "alpha_max", "alpha_step", "adjust_interval", "stability_threshold", "schedule",
                 "warmup_ratio", "intensity"):
         params.pop(key, None)
+    if kind == "freelb":
+        from .freelb import FreeLB
+        return FreeLB(model, **params)
     return Noise(model, kind, **params)
 
 

@@ -88,7 +88,9 @@ class Built:
 
 def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> Built:
     """Data, model, noise, pruning and the Trainer with every callback, restored from `resume` when given."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, set_seed
+
+    from .freelb import FreeLB, FreeLBTrainer
     set_seed(cfg.seed)
     args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
     if cfg.eval.harness.tasks:  # a task whose data cannot be had here stops the run now, not after training
@@ -102,9 +104,11 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
 
     if cfg.noise.kind == "noisytune" and resume is None:  # the same on every rank; a checkpoint holds it already
         files.log(0, {"noise/noisytune_tensors": noise.noisytune(model, cfg.noise.intensity, cfg.seed)})
-    hook = noise.attach(model, cfg.noise.kind, alpha=cfg.noise.alpha, length_mode=cfg.noise.length_mode,
-                        std=cfg.noise.std, seed=cfg.seed + 1_000_003 * rank(),  # each rank its own noise
-                        tokens=cfg.noise.tokens)
+    adversarial = dict(alpha=cfg.noise.adv_init_mag, adv_steps=cfg.noise.adv_steps, adv_lr=cfg.noise.adv_lr,
+                       adv_max_norm=cfg.noise.adv_max_norm) if cfg.noise.kind == "freelb" else dict(
+                           alpha=cfg.noise.alpha, std=cfg.noise.std, tokens=cfg.noise.tokens)
+    hook = noise.attach(model, cfg.noise.kind, length_mode=cfg.noise.length_mode,
+                        seed=cfg.seed + 1_000_003 * rank(), **adversarial)  # each rank its own noise
     noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
     callbacks = [Recorder(files, sources=[noise_callback], causal=cfg.model.causal), noise_callback]
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
@@ -131,9 +135,10 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
     else:
         collator = DataCollatorWithPadding(tokenizer)
         metric_fns = dict(compute_metrics=measures.classification_metrics)
-    trainer = Trainer(model=model, args=args, data_collator=collator,
-                      train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                      callbacks=callbacks, **metric_fns)
+    trainer = FreeLBTrainer(model=model, args=args, data_collator=collator,
+                            train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+                            callbacks=callbacks, **metric_fns)
+    trainer.freelb = hook if isinstance(hook, FreeLB) else None
     noise_off.trainer = trainer
     return Built(cfg, files, tokenizer, data, prompts, model, trainer, hook, pruner, guard)
 

@@ -334,10 +334,12 @@ def test_15_byte_order_marks_are_read_and_bad_bytes_are_placed(tmp_path, bert_to
 # ---------------------------------------------------------------- issue 19: nothing lost, round two
 
 @pytest.mark.parametrize("extra", [["noise=uniform", "noise.schedule=linear", "noise.tokens=response"],
-                                   ["noise=noisytune", "pruning=l1"]], ids=["linear_response", "noisytune_l1"])
+                                   ["noise=noisytune", "pruning=l1"], ["noise=freelb"]],
+                         ids=["linear_response", "noisytune_l1", "freelb"])
 def test_16b_the_later_perturbations_resume_exactly(tmp_path, extra):
-    """A schedule's position comes from the step, NoisyTune's perturbation from the checkpoint's weights: killed
-    after step 2 and rerun, each run ends as its uninterrupted reference, alpha step for step."""
+    """A schedule's position comes from the step, NoisyTune's perturbation from the checkpoint's weights, FreeLB's
+    delta_0 from the noise stream in the checkpoint: killed after step 2 and rerun, each run ends as its
+    uninterrupted reference, alpha step for step."""
     proc, summary = cli(*BASE, *extra, out_dir=tmp_path / "reference")
     assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-3000:]
     run = crashed(tmp_path / "reference", tmp_path, at=2)

@@ -14,8 +14,9 @@ from neftlab import guards
 from neftlab.config import ConfigError
 
 
-def test_nan_loss_stops_the_run_with_its_step(tmp_path):
-    proc, summary = cli("size=tiny", "trainer.learning_rate=1e30", "logger=none", out_dir=tmp_path)
+@pytest.mark.parametrize("kind", ["none", "freelb"])  # freelb: the guard sees each of its K passes
+def test_nan_loss_stops_the_run_with_its_step(tmp_path, kind):
+    proc, summary = cli("size=tiny", "trainer.learning_rate=1e30", "logger=none", f"noise={kind}", out_dir=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert summary["status"] == "failed"
     assert summary["error"].startswith("train loss is not finite at step ") and "stopping" in summary["error"]

@@ -150,11 +150,12 @@ def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_r
     assert measures.parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))
 
 
-def test_ddp_with_two_processes_writes_one_set_of_run_files(tmp_path):
+@pytest.mark.parametrize("kind", ["uniform", "freelb"])  # freelb: K passes, the first K - 1 under no_sync
+def test_ddp_with_two_processes_writes_one_set_of_run_files(tmp_path, kind):
     run_dir = tmp_path / "run"
     env = {**os.environ, **CPU_ONLY}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab",
-                           f"hydra.run.dir={run_dir}", *TINY, "model=llama_tiny", "noise=uniform",
+                           f"hydra.run.dir={run_dir}", *TINY, "model=llama_tiny", f"noise={kind}",
                            "logger=wandb", "logger.mode=offline"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
