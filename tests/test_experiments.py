@@ -11,7 +11,7 @@ from neftlab import report
 SEARCHES = {"neftune_search", "sparse_neft_search"}  # Optuna searches: tests/test_search.py runs them
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml") if p.stem not in {"wandb_sweep", *SEARCHES})
 JOBS_AT_ONE_SEED = {"baselines": 5, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
-                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4}
+                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 7}
 
 
 def test_the_plan_is_all_there():
