@@ -196,6 +196,16 @@ def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
     return Noise(model, kind, **params)
 
 
+def from_config(model: torch.nn.Module, cfg: NoiseConfig, seed: int) -> Noise:
+    """The hook the `noise` group asks for, with its own random stream from `seed`."""
+    if cfg.kind == "freelb":
+        from .freelb import FreeLB
+        return FreeLB(model, alpha=cfg.adv_init_mag, seed=seed, length_mode=cfg.length_mode,
+                      adv_steps=cfg.adv_steps, adv_lr=cfg.adv_lr, adv_max_norm=cfg.adv_max_norm)
+    return Noise(model, cfg.kind, alpha=cfg.alpha, length_mode=cfg.length_mode, std=cfg.std, seed=seed,
+                 tokens=cfg.tokens)
+
+
 def schedule_factor(schedule: str, step: int, total: int, warmup_ratio: float = 0.1) -> float:
     """alpha's share at optimizer step `step` of `total`: constant 1; linear 1 - t; cosine (1 + cos(pi t)) / 2, with
     t = step / total (the steps done before this one), both reaching 0 at the end of training; warmup

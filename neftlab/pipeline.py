@@ -104,11 +104,7 @@ def build(cfg: Config, files: RunFiles, stopper: guards.GracefulStop, resume: re
 
     if cfg.noise.kind == "noisytune" and resume is None:  # the same on every rank; a checkpoint holds it already
         files.log(0, {"noise/noisytune_tensors": noise.noisytune(model, cfg.noise.intensity, cfg.seed)})
-    adversarial = dict(alpha=cfg.noise.adv_init_mag, adv_steps=cfg.noise.adv_steps, adv_lr=cfg.noise.adv_lr,
-                       adv_max_norm=cfg.noise.adv_max_norm) if cfg.noise.kind == "freelb" else dict(
-                           alpha=cfg.noise.alpha, std=cfg.noise.std, tokens=cfg.noise.tokens)
-    hook = noise.attach(model, cfg.noise.kind, length_mode=cfg.noise.length_mode,
-                        seed=cfg.seed + 1_000_003 * rank(), **adversarial)  # each rank its own noise
+    hook = noise.from_config(model, cfg.noise, seed=cfg.seed + 1_000_003 * rank())  # each rank its own noise
     noise_callback = noise.NoiseCallback(hook, cfg.noise, files.log)
     callbacks = [Recorder(files, sources=[noise_callback], causal=cfg.model.causal), noise_callback]
     pruner = pruning.PruningCallback(model, cfg.pruning, files.log) if cfg.pruning.method != "off" else None
