@@ -363,7 +363,8 @@ def test_19_01_a_second_sigterm_while_the_stop_checkpoint_is_written_is_held(tmp
     def impatient_save(trainer):
         os.kill(os.getpid(), signal.SIGTERM)  # the second signal, at the start of the save
         real_save(trainer)
-    monkeypatch.setattr(pipeline, "evaluate", lambda run: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(1))
+    monkeypatch.setattr(pipeline, "evaluate",
+                        lambda run, stopper=None: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(1))
     monkeypatch.setattr(pipeline, "save_checkpoint", impatient_save)
     cfg = compose_cfg(*BASE, "trainer.save_steps=null")
     with pytest.raises(guards.Interrupted) as stop:
