@@ -79,7 +79,7 @@ def plain(overrides: list[str], run_dir: Path) -> dict:
 
 def run_arm(name: str, args, out: Path) -> dict:
     overrides = common(args) + ARMS[name]
-    run_dir = out / name.replace(" ", "_").replace("@", "_")
+    run_dir = out / "".join(c if c.isalnum() else "_" for c in name)
     cmd = ([sys.executable, __file__, "--plain", str(run_dir), "--"] if name == "plain"
            else [sys.executable, "-m", "neftlab", f"hydra.run.dir={run_dir}"])
     proc = subprocess.run([*cmd, *overrides], cwd=ROOT, capture_output=True, text=True,
