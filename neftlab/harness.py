@@ -83,6 +83,8 @@ def _explain(spec: str, manager, error: Exception) -> str:
     key = f"eval.harness.tasks: {spec}"
     if isinstance(error, KeyError) and "not a registered" in str(error):
         return f"{key} is neither an lm-eval task nor a task YAML file (lm-eval {_version()})"
+    if not isinstance(error, ConnectionError) and "Couldn't reach" not in str(error):
+        return f"{key} cannot be loaded: {type(error).__name__}: {first}"
     path, name = _dataset_of(spec, manager, error)
     return (f"{key} cannot be loaded ({type(error).__name__}: {first}): its dataset {path}"
             f"{f' ({name})' if name else ''} is not in the local datasets cache, and the hub cannot be reached from "

@@ -134,6 +134,14 @@ def test_a_hub_task_runs_offline_from_a_copied_datasets_cache(saved_model, tmp_p
     assert ours["harness/neftlab_hub_mc/acc"] == local["harness/neftlab_tiny_mc/acc"]  # the same items
 
 
+def test_a_local_task_whose_file_is_missing_names_the_loaders_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # tiny_mc.yaml's data file is relative to the repository: not found from here
+    with pytest.raises(harness.HarnessError) as e:
+        harness.prepare(HarnessConfig(tasks=[str(ROOT / MC)]))
+    assert str(e.value).startswith(f"eval.harness.tasks: {ROOT / MC} cannot be loaded: ")
+    assert "datasets cache" not in str(e.value)  # not the hub's data: no advice about fetching it
+
+
 def test_an_unknown_task_name_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(harness.HarnessError, match="no_such_task_here is neither an lm-eval task nor a task YAML"):
