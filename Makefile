@@ -1,9 +1,11 @@
 # make run   — set up .venv (first time only) and run the default experiment (ARGS="noise=uniform ..." to override)
 # make test  — set up .venv (first time only) and run the test suite
+# make gpu-check — on a CUDA machine: the GPU lane and the performance targets in 8 minutes (no set-up; PY=python3
+#                  for a staged machine, ARGS="--dry-run --out DIR" for the CPU dry run)
 VENV ?= .venv
-PY := $(VENV)/bin/python
+PY ?= $(VENV)/bin/python
 
-.PHONY: setup run test
+.PHONY: setup run test gpu-check
 
 setup: $(VENV)/.installed
 
@@ -22,3 +24,6 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(ARGS)

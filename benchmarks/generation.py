@@ -6,10 +6,15 @@ the same greedy answers, so their tokens/s compare like with like. Repeats alter
 repeats. On CUDA every timer read waits for the GPU's queued work first.
 
     python benchmarks/generation.py [--prompts 16] [--max-new-tokens 128] [--batch-size 16] [--repeats 2]
-                                    [--max-prompt-tokens N] [--device cuda|cpu]
+                                    [--max-prompt-tokens N] [--device cuda|cpu] [--model llama]
+                                    [--batched-only] [--json FILE]
+
+--batched-only times only the batched mode (what a run does), for prompt counts where one at a time would take
+too long; --json also writes the figures to a file (benchmarks/gpu_check.py reads it).
 """
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -31,12 +36,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="llama", help="a model group: llama (SmolLM2) or llama_tiny")
+    parser.add_argument("--batched-only", action="store_true")
+    parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device(args.device)
     register()
+    pool = max(128, 2 * args.prompts)  # held-out prompts to choose from
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", ["model=llama", "data.max_samples=256",
-                                                     "data.eval_size=128"])).validate()
+        cfg = OmegaConf.to_object(compose("config", [f"model={args.model}", f"data.max_samples={4 * pool}",
+                                                     f"data.eval_size={pool}"])).validate()
     tok = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, tok).to(device).eval()
     held_out = data.prepare(cfg.data, tok, True, seed=0).prompts
@@ -57,24 +66,36 @@ def main():
         return time.perf_counter() - start, samples
 
     generation.generate(model, tok, prompts[:1], EvalConfig(max_new_tokens=2), step=0)  # warm-up
-    modes = {"one at a time": 1, f"batched ({args.batch_size})": args.batch_size}
+    modes = {f"batched ({args.batch_size})": args.batch_size}
+    if not args.batched_only:
+        modes = {"one at a time": 1, **modes}
     seconds = {name: [] for name in modes}
     answers = {}
     for _ in range(args.repeats):
         for name, batch_size in modes.items():
             s, answers[name] = run(batch_size)
             seconds[name].append(s)
-    alone, batched = answers.values()
-    tokens = sum(s["tokens"] for s in alone)
-    same = sum(a["generation"] == b["generation"] for a, b in zip(alone, batched))
-    print(f"{tokens} answer tokens; {same} of {len(prompts)} answers identical in both modes; "
-          f"{sum(s['stop'] == 'max_new_tokens' for s in alone)} hit the cap")
+    batched = list(answers.values())[-1]
+    tokens = sum(s["tokens"] for s in batched)
+    capped = sum(s["stop"] == "max_new_tokens" for s in batched)
+    if args.batched_only:
+        print(f"{tokens} answer tokens; {capped} of {len(prompts)} hit the cap")
+    else:
+        same = sum(a["generation"] == b["generation"] for a, b in zip(*answers.values()))
+        print(f"{tokens} answer tokens; {same} of {len(prompts)} answers identical in both modes; {capped} hit the cap")
     for name, ts in seconds.items():
         print(f"{name:14s} min {min(ts):7.2f} s  median {statistics.median(ts):7.2f} s  "
               f"= {tokens / min(ts):7.1f} / {tokens / statistics.median(ts):7.1f} tokens/s (best / median)")
-    one, many = seconds.values()
-    print(f"batched is {statistics.median(one) / statistics.median(many):.2f}x faster (median), "
-          f"{min(one) / min(many):.2f}x (best)")
+    if not args.batched_only:
+        one, many = seconds.values()
+        print(f"batched is {statistics.median(one) / statistics.median(many):.2f}x faster (median), "
+              f"{min(one) / min(many):.2f}x (best)")
+    if args.json:
+        many = list(seconds.values())[-1]
+        Path(args.json).write_text(json.dumps({
+            "device": str(device), "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+            "batch_size": args.batch_size, "answer_tokens": tokens, "capped": capped,
+            "batched_seconds": min(many), "batched_tokens_per_second": tokens / min(many)}, indent=1))
 
 if __name__ == "__main__":
     main()

@@ -3,12 +3,15 @@
 SmolLM2-135M, batch 4 x 256 ShareGPT tokens, forward + backward + AdamW step, on CUDA when there is a GPU,
 else on the CPU. The three variants are interleaved step by step so that machine drift hits them alike;
 the hooks' own cost is also timed in isolation, since it is far below step-time jitter. On CUDA every
-timer read waits for the GPU's queued work first.
+timer read waits for the GPU's queued work first. `noise=dynamic` is the uniform hook plus the stability
+statistic once every `adjust_interval` steps, so its overhead is the uniform one plus the statistic's share.
 
-    python benchmarks/noise_overhead.py [--steps 6] [--device cuda|cpu]
+    python benchmarks/noise_overhead.py [--steps 6] [--batch 4] [--max-length 256] [--model llama]
+                                        [--device cuda|cpu] [--json FILE]
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -26,7 +29,11 @@ from neftlab.config import register
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--model", default="llama", help="a model group: llama (SmolLM2) or llama_tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", help="also write the figures to this file (benchmarks/gpu_check.py reads it)")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -35,11 +42,12 @@ def main():
             torch.cuda.synchronize()
     register()
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", ["data.max_length=256", "data.max_samples=64"])).validate()
+        cfg = OmegaConf.to_object(compose("config", [f"model={args.model}", f"data.max_length={args.max_length}",
+                                                     f"data.max_samples={max(64, 2 * args.batch + 8)}"])).validate()
     tok = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, tok).to(device)
     prepared = data.prepare(cfg.data, tok, True, seed=0)
-    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([prepared.train[i] for i in range(4)]).to(device)
+    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([prepared.train[i] for i in range(args.batch)]).to(device)
     print(f"device {device}, batch {tuple(batch['input_ids'].shape)}, "
           f"real tokens per sample {batch['attention_mask'].sum(1).tolist()}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -76,6 +84,7 @@ def main():
         for name, fn in variants.items():
             times[name].append(fn())
     base = statistics.median(times["none"])
+    ratios = {name: statistics.median(ts) / base for name, ts in times.items()}
     for name, ts in times.items():
         print(f"{name:16s} median step {statistics.median(ts):7.3f} s  ratio to none {statistics.median(ts) / base:.4f}"
               f"  (steps: {', '.join(f'{t:.2f}' for t in ts)})")
@@ -107,6 +116,13 @@ def main():
     stat = time.perf_counter() - start
     print(f"dynamic statistic on {tuple(emb.weight.shape)}: {stat * 1e3:.1f} ms (= {value:.5f}); at adjust_interval 100 "
           f"that is {100 * stat / (100 * base):.4f}% of training time")
+    figures = {"device": str(device), "batch": list(batch["input_ids"].shape), "steps": args.steps,
+               "step_seconds_none": base, "uniform_overhead_pct": 100 * (ratios["neftlab uniform"] - 1),
+               "trainer_neftune_overhead_pct": 100 * (ratios["trainer neftune"] - 1),
+               "hook_ms": ours * 1e3, "statistic_ms": stat * 1e3,
+               "dynamic_at_100_overhead_pct": 100 * (ratios["neftlab uniform"] - 1) + 100 * stat / (100 * base)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

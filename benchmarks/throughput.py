@@ -5,7 +5,8 @@ Each arm is a process of its own, so that peak memory is its own:
   `Trainer` with the padding collator and no callbacks;
 - the others: `python -m neftlab` with noise none / uniform / dynamic (adjust_interval 100) / l1 pruning (interval
   100) / FreeLB with K = 1, 2, 3 passes / NoisyTune, padded, and none / uniform packed (`data.packing=true`), and
-  none packed into best-fit-decreasing rows.
+  none packed into best-fit-decreasing rows, and none with Liger's fused kernels (`none liger`, CUDA and
+  `pip install liger-kernel` only).
 
 From the Trainer's own figures: `train_runtime` (the training loop only, not loading or evaluation), samples
 per second, real (non-padding) tokens per second; and the process's peak memory (CPU: peak RSS; GPU: peak
@@ -15,7 +16,7 @@ every token equal to the pad token, and SmolLM2 pads with its end token). With -
 and the best run of each is shown.
 
     python benchmarks/throughput.py [--steps 6] [--batch 4] [--max-length 256] [--model llama] [--repeats 1]
-                                    [--arms plain,none,...] [--extra OVERRIDE ...]
+                                    [--arms plain,none,...] [--extra OVERRIDE ...] [--json FILE]
 """
 
 import argparse
@@ -43,6 +44,7 @@ ARMS = {
     # (all of a packed row's tokens are real); its samples/s counts rows.
     "none packed bfd": ["noise=none", "data.packing=true", "data.packing_strategy=bfd",
                         "trainer.args.include_num_input_tokens_seen=all"],
+    "none liger": ["noise=none", "+trainer.args.use_liger_kernel=true"],
 }
 
 
@@ -88,7 +90,8 @@ def run_arm(name: str, args, out: Path) -> dict:
         raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
     m = json.loads((run_dir / "summary.json").read_text())
     return {"runtime": m["train/train_runtime"], "tokens": m["train/num_input_tokens_seen"],
-            "samples": m["train/train_samples_per_second"], "memory": m["efficiency/peak_memory_mb"]}
+            "samples": m["train/train_samples_per_second"], "memory": m["efficiency/peak_memory_mb"],
+            "loss": m.get("train/train_loss")}
 
 
 def main():
@@ -105,6 +108,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every arm, e.g. trainer=study")
+    parser.add_argument("--json", help="also write the figures to this file (benchmarks/gpu_check.py reads it)")
     args = parser.parse_args()
     arms = args.arms.split(",")
     best: dict[str, dict] = {}
@@ -128,6 +132,9 @@ def main():
         vs_plain = f"{rate[name] / rate['plain']:.3f}" if "plain" in rate else ""
         vs_none = f"{rate[name] / rate['none']:.3f}" if "none" in rate else ""
         print(f"| {name} | {rate[name]:.1f} | {r['samples']:.2f} | {r['memory']:.0f} | {vs_plain} | {vs_none} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "arms": {
+            name: {**r, "tokens_per_second": rate[name]} for name, r in best.items()}}, indent=1))
 
 
 if __name__ == "__main__":

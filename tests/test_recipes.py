@@ -133,6 +133,9 @@ def test_the_gpu_recipes_compose():
     assert study.trainer.args["bf16"] and study.eval.max_new_tokens == 512
     torchrun = recipe("torchrun --nproc_per_node=4 -m neftlab trainer=paper noise=dynamic pruning=l1")
     assert compose_cfg(*torchrun[4:]).noise.kind == "dynamic"
+    # Its dry run is tests/test_gpu_check.py's; here, that the recipe reaches it with the default Python.
+    make = subprocess.run([*recipe("make gpu-check"), "-n"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert make.stdout.strip() == ".venv/bin/python benchmarks/gpu_check.py"
 
 
 @pytest.mark.parametrize("command, record, name", [
