@@ -141,7 +141,8 @@ STEPS = [
          [Target("wall time", "≤ 60 s", lambda v: v <= 60, "s")]),
     Step("judge", 40,
          lambda a, out: bench("judge_cost.py", "--json", str(out), *tiny(
-             a, ["--pairs", "256", "--batch-size", "32"], ["--pairs", "2", "--batch-size", "4", "--max-length", "128"])),
+             a, ["--pairs", "256", "--batch-size", "32"],
+             ["--pairs", "2", "--batch-size", "4", "--max-length", "128"])),
          lambda path: {"wall time": read_json(path)["seconds"], "pairs": read_json(path)["pairs"],
                        "loading the judge, s": read_json(path)["load_seconds"]},
          [Target("wall time", "≤ 30 s", lambda v: v <= 30, "s")]),

@@ -47,7 +47,8 @@ def main():
     tok = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, tok).to(device)
     prepared = data.prepare(cfg.data, tok, True, seed=0)
-    batch = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)([prepared.train[i] for i in range(args.batch)]).to(device)
+    collate = DataCollatorForSeq2Seq(tok, label_pad_token_id=-100)
+    batch = collate([prepared.train[i] for i in range(args.batch)]).to(device)
     print(f"device {device}, batch {tuple(batch['input_ids'].shape)}, "
           f"real tokens per sample {batch['attention_mask'].sum(1).tolist()}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -114,8 +115,8 @@ def main():
     start = time.perf_counter()
     value = noise.stability(emb.weight)  # ends in a host read, so it waits for the GPU itself
     stat = time.perf_counter() - start
-    print(f"dynamic statistic on {tuple(emb.weight.shape)}: {stat * 1e3:.1f} ms (= {value:.5f}); at adjust_interval 100 "
-          f"that is {100 * stat / (100 * base):.4f}% of training time")
+    print(f"dynamic statistic on {tuple(emb.weight.shape)}: {stat * 1e3:.1f} ms (= {value:.5f}); "
+          f"at adjust_interval 100 that is {100 * stat / (100 * base):.4f}% of training time")
     figures = {"device": str(device), "batch": list(batch["input_ids"].shape), "steps": args.steps,
                "step_seconds_none": base, "uniform_overhead_pct": 100 * (ratios["neftlab uniform"] - 1),
                "trainer_neftune_overhead_pct": 100 * (ratios["trainer neftune"] - 1),
