@@ -519,6 +519,11 @@ def package_path(package: str, *parts: str) -> str:
 
 
 def rank() -> int:
+    """This process's rank: the process group's once there is one (also when no launcher set $RANK, as under
+    `torch.multiprocessing.spawn`), else the launcher's $RANK, which torchrun and accelerate set before it."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", 0))
 
 

@@ -5,17 +5,21 @@ pruning's targets, the weight check, the dynamic statistic, the unpruned-latency
 each against the same model in one process. With two GPUs the same checks run over NCCL on a CUDA mesh
 (`pytest -m gpu`)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import spawn
-from neftlab import generation, guards, noise, pruning
+from neftlab import generation, guards, noise, pruning, resume
 from neftlab.config import EvalConfig, PruningConfig
 
 SIZE = dict(vocab_size=503, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=256)  # an odd vocabulary: uneven shards
+PRUNINGS = [("l1", "embedding"), ("l2", "embedding"), ("l1", "all_linear"), ("l2", "all_linear")]
+IDS = [[5, 9, 11, 2, 7], [3, 1, 4, 1, 5]]
 PROMPTS = [[5, 9, 11, 2], [7, 3], [8, 8, 1, 4, 6]]  # 3 prompts over 2 ranks: one rank answers 2, the other 1
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs two GPUs")])]  # gloo on a CPU mesh; NCCL on two GPUs
@@ -131,3 +135,71 @@ def generate_worker(model, rank, tied, expected):
 @pytest.mark.parametrize("device", DEVICES)
 def test_synced_generation_with_unequal_prompt_counts_gives_the_single_process_answers(tmp_path, device):
     spawn(lane, tmp_path / "store", device, generate_worker, True, answers(tiny(True, device)))
+
+
+def pruned(model, method: str, scope: str) -> tuple[pruning.PruningCallback, dict]:
+    """The model pruned at 30 % as a run's first step prunes it, and the metrics it logs."""
+    logged = {}
+    pruner = pruning.PruningCallback(model, PruningConfig(method=method, ratio=0.3, scope=scope),
+                                     lambda step, metrics: logged.update(metrics))
+    pruner.on_train_begin(None, SimpleNamespace(global_step=0), None)
+    return pruner, logged
+
+
+def noised_logits(model, seed: int) -> torch.Tensor:
+    """Training-mode logits with uniform noise from its own stream `seed` (no dropout in this LLaMA)."""
+    model.train()
+    with noise.attach(model, "uniform", alpha=5.0, seed=seed) as hook, torch.no_grad():
+        hook._mask = torch.ones(len(IDS), len(IDS[0]), dtype=torch.long, device=model.device)
+        logits = model(input_ids=torch.tensor(IDS, device=model.device)).logits
+    model.eval()
+    return logits
+
+
+def full(w: torch.Tensor) -> torch.Tensor:
+    return (w.full_tensor() if hasattr(w, "full_tensor") else w).detach().cpu()
+
+
+def state_worker(model, rank, tied, expected):
+    """Noise on the sharded model, each pruning method and scope, and the pruning state through a checkpoint: each as
+    the single process has it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
+
+    def sharded():
+        m = tiny(tied, model.device.type)
+        shard_like_accelerate(m, mesh)
+        return m
+    # every rank draws the same noise from the same seed, so the sharded forward is the single one
+    assert torch.allclose(noised_logits(model, 7).cpu(), expected["noised"], atol=1e-5)
+    for (method, scope), (weights, sparsity) in zip(PRUNINGS, expected["pruned"]):
+        m = sharded()
+        pruner, logged = pruned(m, method, scope)
+        assert logged["pruning/sparsity"] == sparsity, (method, scope)
+        assert all([torch.equal(full(w), want) for w, want in zip(pruner.weights, weights)]), (method, scope)
+        # saved at a checkpoint (each rank its masks' shard), restored into a fresh model as a resume does
+        folder = expected["dir"] / f"{method}_{scope}"
+        state = SimpleNamespace(global_step=5, is_world_process_zero=rank == 0)
+        callback = SimpleNamespace(noise=noise.attach(m, "uniform", seed=rank), dynamic=None)
+        resume.StateCheckpoint(callback, pruner, keep=None).on_save(
+            SimpleNamespace(output_dir=str(folder), world_size=dist.get_world_size()), state, None)
+        callback.noise.remove()
+        dist.barrier()
+        again = sharded()
+        restored = pruning.PruningCallback(again, PruningConfig(method=method, ratio=0.3, scope=scope),
+                                           lambda step, metrics: None)
+        callback = SimpleNamespace(noise=noise.attach(again, "uniform", seed=rank), dynamic=None)
+        resume.StateCheckpoint(callback, restored, keep=None).load(folder / "checkpoint-5")
+        callback.noise.remove()
+        restored.on_train_begin(None, state, None)
+        # (every rank gathers every weight: all() must not stop one rank's collectives early)
+        assert all([torch.equal(full(w), want) for w, want in zip(restored.weights, weights)]), (method, scope)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_pruning_and_their_checkpoint_state_under_fsdp2_equal_the_single_process(tmp_path, device):
+    expected = {"noised": noised_logits(tiny(True, device), 7).cpu(), "dir": tmp_path, "pruned": []}
+    for method, scope in PRUNINGS:
+        pruner, logged = pruned(tiny(True, device), method, scope)
+        expected["pruned"].append(([w.detach().cpu().clone() for w in pruner.weights], logged["pruning/sparsity"]))
+    spawn(lane, tmp_path / "store", device, state_worker, True, expected)
