@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from conftest import CONF, ROOT, cli, compose_cfg
 from neftlab import report
 
-SEARCHES = {"neftune_search", "sparse_neft_search"}  # Optuna searches: tests/test_search.py runs them
+SEARCHES = {"neftune_search", "sparse_neft_search", "perturbation_search"}  # Optuna searches: tests/test_search.py runs them
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml") if p.stem not in {"wandb_sweep", *SEARCHES})
 JOBS_AT_ONE_SEED = {"baselines": 5, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
                     "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 7}

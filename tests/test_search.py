@@ -8,12 +8,12 @@ import re
 import pytest
 from hydra import compose, initialize_config_dir
 
-from conftest import CONF, cli, compose_cfg
+from conftest import CONF, ROOT, cli, compose_cfg
 from neftlab import report, search
 from neftlab.config import ConfigError
 
 
-@pytest.mark.parametrize("search_name", ["neftune_search", "sparse_neft_search"])
+@pytest.mark.parametrize("search_name", ["neftune_search", "sparse_neft_search", "perturbation_search"])
 @pytest.mark.parametrize("size, name", [([], "cpu"), (["size=tiny"], "tiny"), (["size=gpu"], "gpu")])
 def test_each_size_has_a_study_of_its_own(search_name, size, name):
     """A tiny dry run must not leave trials in the real study, nor continue one."""
@@ -124,3 +124,27 @@ def test_a_damaged_study_database_stops_in_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: the study database {tmp_path}/study.db is damaged")
     assert not list((tmp_path / "sweep").glob("*/summary.json"))
+
+
+def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude(tmp_path):
+    """Its space holds every noise kind but none; two trials (a seeded random sampler draws freelb and noisytune)
+    train as the kind drawn, each with the magnitude drawn for that kind."""
+    import yaml
+    from neftlab.config import NOISE_KINDS
+    params = yaml.safe_load((ROOT / "experiments" / "perturbation_search.yaml").read_text())["hydra"]["sweeper"]["params"]
+    assert params["noise"] == f"choice({', '.join(k for k in NOISE_KINDS if k != 'none')})"
+    proc, _ = cli("-m", "experiment=perturbation_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=2",
+                  "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
+                  f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
+                  out_dir=tmp_path / "unused")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import optuna
+    trials = optuna.load_study(study_name="perturbation_search_tiny", storage=f"sqlite:///{tmp_path}/study.db").trials
+    assert sorted(t.params["noise"] for t in trials) == ["freelb", "noisytune"]
+    for t in trials:
+        (job,) = [d for d in (tmp_path / "sweep").iterdir() if (d / ".hydra" / "config.yaml").exists()
+                  and yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["noise"]["kind"] == t.params["noise"]]
+        noise = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["noise"]
+        magnitude = "adv_init_mag" if noise["kind"] == "freelb" else "intensity"
+        assert noise[magnitude] == pytest.approx(t.params[f"noise.{magnitude}"])
+        assert json.loads((job / "summary.json").read_text())["eval/loss"] == pytest.approx(t.value)
