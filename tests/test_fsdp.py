@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import spawn
 from neftlab import generation, guards, noise, pruning, resume
+from neftlab.freelb import FreeLB
 from neftlab.config import EvalConfig, PruningConfig
 
 SIZE = dict(vocab_size=503, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -156,13 +157,34 @@ def noised_logits(model, seed: int) -> torch.Tensor:
     return logits
 
 
+def freelb_grads(model, sharded: bool) -> list[torch.Tensor]:
+    """The parameters' gradients after one FreeLB batch of K = 2 passes as FreeLBTrainer takes them: the first
+    without gradient sync (accelerate's `no_sync` under FSDP2), delta ascended between them."""
+    model.train()
+    hook = FreeLB(model, alpha=5.0, seed=7, adv_steps=2, adv_lr=0.1)
+    hook._mask = torch.ones(len(IDS), len(IDS[0]), dtype=torch.long, device=model.device)
+    ids = torch.tensor(IDS, device=model.device)
+    try:
+        for k in range(2):
+            if sharded:
+                model.set_requires_gradient_sync(k == 1)
+            (model(input_ids=ids, labels=ids).loss / 2).backward()
+            if k == 0:
+                hook.ascend()
+    finally:
+        hook.reset()
+        hook.remove()
+        model.eval()
+    return [full(p.grad) for p in model.parameters()]
+
+
 def full(w: torch.Tensor) -> torch.Tensor:
     return (w.full_tensor() if hasattr(w, "full_tensor") else w).detach().cpu()
 
 
 def state_worker(model, rank, tied, expected):
-    """Noise on the sharded model, each pruning method and scope, and the pruning state through a checkpoint: each as
-    the single process has it."""
+    """Noise and FreeLB on the sharded model, each pruning method and scope, and the pruning state through a
+    checkpoint: each as the single process has it."""
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
 
@@ -172,6 +194,10 @@ def state_worker(model, rank, tied, expected):
         return m
     # every rank draws the same noise from the same seed, so the sharded forward is the single one
     assert torch.allclose(noised_logits(model, 7).cpu(), expected["noised"], atol=1e-5)
+    # FreeLB's K passes, the first unsynced: every rank saw the same batch, so the gradients are the single one's
+    grads = freelb_grads(sharded(), sharded=True)
+    assert len(grads) == len(expected["freelb"])
+    assert all([torch.allclose(g, want, atol=1e-6, rtol=1e-4) for g, want in zip(grads, expected["freelb"])])
     for (method, scope), (weights, sparsity) in zip(PRUNINGS, expected["pruned"]):
         m = sharded()
         pruner, logged = pruned(m, method, scope)
@@ -197,8 +223,9 @@ def state_worker(model, rank, tied, expected):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_noise_pruning_and_their_checkpoint_state_under_fsdp2_equal_the_single_process(tmp_path, device):
-    expected = {"noised": noised_logits(tiny(True, device), 7).cpu(), "dir": tmp_path, "pruned": []}
+def test_noise_freelb_pruning_and_their_checkpoint_state_under_fsdp2_equal_the_single_process(tmp_path, device):
+    expected = {"noised": noised_logits(tiny(True, device), 7).cpu(), "dir": tmp_path, "pruned": [],
+                "freelb": freelb_grads(tiny(True, device), sharded=False)}
     for method, scope in PRUNINGS:
         pruner, logged = pruned(tiny(True, device), method, scope)
         expected["pruned"].append(([w.detach().cpu().clone() for w in pruner.weights], logged["pruning/sparsity"]))
