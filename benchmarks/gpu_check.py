@@ -7,7 +7,8 @@ and with Liger's kernels when liger-kernel is installed) and packed at 2,048 tok
 up to 512 new tokens; the judge on 256 pairs; then the whole suite with the time that is left. Writes
 DIR/gpu-check.md and DIR/gpu-check.json (each figure against its target, pass or fail, with the GPU, torch and
 CUDA versions and each step's command) and each step's output under DIR/logs/. Exit 0 when every step ran and
-every target was met (with --dry-run: when every step ran).
+every target was met (with --dry-run: when every step ran); the suite, run with whatever time is left, need not
+finish, but when it does, its failures count.
 
 --dry-run runs the same steps on the CPU at tiny sizes (a 2-layer random LLaMA, a few steps and prompts) in under
 3 minutes, so that the script is tested where no GPU is at hand; its figures say nothing about the targets, and
@@ -55,6 +56,7 @@ class Step:
     targets: list[Target] = field(default_factory=list)
     skip: Callable[[argparse.Namespace], str | None] = lambda args: None  # a reason not to run it
     suffix: str = ".json"
+    optional: bool = False  # run only with the time left; not having finished does not fail the check
 
 
 def bench(script: str, *options: str) -> list[str]:
@@ -63,6 +65,12 @@ def bench(script: str, *options: str) -> list[str]:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def picked(path: Path, names: dict[str, str]) -> dict[str, float]:
+    """The benchmark's JSON figures under the report's names ({report name: JSON key})."""
+    figures = read_json(path)
+    return {name: figures[key] for name, key in names.items()}
 
 
 def pytest_counts(path: Path) -> dict[str, float]:
@@ -100,16 +108,16 @@ STEPS = [
          lambda a, out: bench("noise_overhead.py", "--json", str(out), *tiny(
              a, ["--device", "cuda", "--batch", "32", "--max-length", "512", "--steps", "20"],
              ["--device", "cpu", "--model", "llama_tiny", "--batch", "2", "--max-length", "64", "--steps", "3"])),
-         lambda path: {"noise=uniform over noise=none": read_json(path)["uniform_overhead_pct"],
-                             "noise=dynamic, adjust_interval=100, over noise=none":
-                                 read_json(path)["dynamic_at_100_overhead_pct"]},
+         lambda path: picked(path, {"noise=uniform over noise=none": "uniform_overhead_pct",
+                                    "noise=dynamic, adjust_interval=100, over noise=none":
+                                        "dynamic_at_100_overhead_pct"}),
          [Target("noise=uniform over noise=none", "≤ 1%", lambda v: v <= 1, "%"),
           Target("noise=dynamic, adjust_interval=100, over noise=none", "≤ 1%", lambda v: v <= 1, "%")]),
     Step("pruning overhead", 35,
          lambda a, out: bench("pruning_cost.py", "--json", str(out), "--step-seconds",
                               str(a.step_seconds), *tiny(a, ["--device", "cuda"], [
                                   "--device", "cpu", "--model", "llama_tiny", "--large-shape", "2000", "256"])),
-         lambda path: {"pruning=l1, interval=100, over noise=none": read_json(path)["l1_at_100_overhead_pct"]},
+         lambda path: picked(path, {"pruning=l1, interval=100, over noise=none": "l1_at_100_overhead_pct"}),
          [Target("pruning=l1, interval=100, over noise=none", "≤ 2%", lambda v: v <= 2, "%")],
          lambda a: None if a.step_seconds else "needs the noise step's step time, which it did not measure"),
     Step("throughput, study shape", 110,
@@ -135,22 +143,20 @@ STEPS = [
              a, ["--device", "cuda", "--prompts", "256", "--max-new-tokens", "512", "--batch-size", "64"],
              ["--device", "cpu", "--model", "llama_tiny", "--prompts", "4", "--max-new-tokens", "8",
               "--batch-size", "4"])),
-         lambda path: {"wall time": read_json(path)["batched_seconds"], "prompts": read_json(path)["prompts"],
-                       "max new tokens": read_json(path)["max_new_tokens"],
-                       "answer tokens": read_json(path)["answer_tokens"]},
+         lambda path: picked(path, {"wall time": "batched_seconds", "prompts": "prompts",
+                                    "max new tokens": "max_new_tokens", "answer tokens": "answer_tokens"}),
          [Target("wall time", "≤ 60 s", lambda v: v <= 60, "s")]),
     Step("judge", 40,
          lambda a, out: bench("judge_cost.py", "--json", str(out), *tiny(
              a, ["--pairs", "256", "--batch-size", "32"],
              ["--pairs", "2", "--batch-size", "4", "--max-length", "128"])),
-         lambda path: {"wall time": read_json(path)["seconds"], "pairs": read_json(path)["pairs"],
-                       "loading the judge, s": read_json(path)["load_seconds"]},
+         lambda path: picked(path, {"wall time": "seconds", "pairs": "pairs", "loading the judge, s": "load_seconds"}),
          [Target("wall time", "≤ 30 s", lambda v: v <= 30, "s")]),
     Step("whole suite", 0,  # whatever time is left
          lambda a, out: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out}",
                          *(["--collect-only"] if a.dry_run else
                            ["-n", "4"] if importlib.util.find_spec("xdist") else []), str(ROOT / "tests")],
-         pytest_counts, [Target("failed", "0 failed", lambda v: v == 0)], suffix=".xml"),
+         pytest_counts, [Target("failed", "0 failed", lambda v: v == 0)], suffix=".xml", optional=True),
 ]
 
 
@@ -244,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu-check: no CUDA device here; --dry-run runs the same steps on the CPU", file=sys.stderr)
             return 2
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    scale = args.budget / sum(s.box for s in STEPS)
+    scale = args.budget / max(1, sum(s.box for s in STEPS))
     start, steps, args.step_seconds = time.monotonic(), [], None
     for step in STEPS:
         left = args.budget - (time.monotonic() - start)
@@ -254,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         if step.name == "noise overhead" and record["status"] == "ok":
             args.step_seconds = read_json(Path(record["result"]))["step_seconds_none"]
         steps.append(record)
-    ran = all(s["status"] == "ok" for s in steps)
+    ran = all(s["status"] == "ok" for s, step in zip(steps, STEPS) if not step.optional)
     met = all(f["passed"] is not False for s in steps for f in s["figures"])
     report = {"machine": machine(), "dry_run": args.dry_run, "budget_seconds": args.budget,
               "seconds": round(time.monotonic() - start, 1), "passed": ran and (args.dry_run or met), "steps": steps}

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT, cli, compose_cfg
-from neftlab import data, models, report, resume, rundir
+from neftlab import data, guards, models, report, resume, rundir
 from neftlab.config import ConfigError
 
 BASE = ["size=tiny", "logger=none", "trainer.save_steps=1", "trainer.save_total_limit=null"]
@@ -223,9 +223,28 @@ def _wait_for(proc, condition, what):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1], ids=["SIGTERM", "SIGHUP", "SIGUSR1"])
+def test_10_every_stop_signal_takes_the_same_path():
+    """SIGTERM (preemption), Ctrl-C, SIGHUP (a closed terminal, a dropped ssh), SIGUSR1/2 (a cluster's early
+    warning): each is noted during training and stops the run outside it, and the previous handlers come back.
+    The whole path, run to the end and resumed, is the next test's, with SIGHUP."""
+    import os
+    before = {signum: signal.getsignal(signum) for signum in guards.STOP_SIGNALS}
+    assert set(guards.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    for signum in guards.STOP_SIGNALS:
+        stopper = guards.GracefulStop()
+        with stopper:
+            assert signal.getsignal(signum) == stopper._handle  # else the kill below would end the test process
+            stopper.training = True
+            os.kill(os.getpid(), signum)
+            assert stopper.pending == signum  # noted: the step finishes and a checkpoint is saved
+            stopper.training, stopper.pending = False, None
+            with pytest.raises(guards.Interrupted):
+                os.kill(os.getpid(), signum)
+        assert {s: signal.getsignal(s) for s in guards.STOP_SIGNALS} == before
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP], ids=["SIGHUP"])
 def test_10_a_signal_at_the_last_step_ends_there(completed, tmp_path, signum):
-    """SIGTERM (preemption), SIGHUP (a closed terminal, a dropped ssh), SIGUSR1 (a cluster's early warning)."""
     proc = _start(tmp_path)
     _wait_for(proc, lambda: list(tmp_path.glob("runs/*/checkpoints/checkpoint-3")), "checkpoint-3")
     proc.send_signal(signum)

@@ -67,3 +67,16 @@ def test_without_cuda_the_real_check_refuses_in_one_line(tmp_path, capsys):
     pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is here")
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == "gpu-check: no CUDA device here; --dry-run runs the same steps on the CPU"
+
+
+def test_the_suite_may_run_out_of_the_time_left(tmp_path, monkeypatch):
+    """The last step, the whole suite, gets what time is left: stopping it there does not fail the check."""
+    leftover = gpu_check.Step("suite", 0, lambda a, out: [sys.executable, "-c", "import time; time.sleep(60)"],
+                              lambda path: {}, [gpu_check.Target("failed", "0 failed", lambda v: v == 0)],
+                              optional=True)
+    monkeypatch.setattr(gpu_check, "STEPS", [leftover])
+    monkeypatch.setattr(gpu_check, "machine", lambda: {"gpu": None, "torch": "t", "cuda": None, "python": "3",
+                                                       "cpus": 2, "date": "today"})
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget", "2"]) == 0
+    (step,) = json.loads((tmp_path / "gpu-check.json").read_text())["steps"]
+    assert step["status"].startswith("ran out of its") and step["figures"][0]["passed"] is None
