@@ -197,13 +197,13 @@ def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
 
 
 def from_config(model: torch.nn.Module, cfg: NoiseConfig, seed: int) -> Noise:
-    """The hook the `noise` group asks for, with its own random stream from `seed`."""
+    """The hook the `noise` group asks for, with its own random stream from `seed` (FreeLB's delta_0 is NEFTune's
+    noise at alpha = adv_init_mag)."""
     if cfg.kind == "freelb":
-        from .freelb import FreeLB
-        return FreeLB(model, alpha=cfg.adv_init_mag, seed=seed, length_mode=cfg.length_mode,
+        return attach(model, "freelb", alpha=cfg.adv_init_mag, seed=seed, length_mode=cfg.length_mode,
                       adv_steps=cfg.adv_steps, adv_lr=cfg.adv_lr, adv_max_norm=cfg.adv_max_norm)
-    return Noise(model, cfg.kind, alpha=cfg.alpha, length_mode=cfg.length_mode, std=cfg.std, seed=seed,
-                 tokens=cfg.tokens)
+    return attach(model, cfg.kind, alpha=cfg.alpha, length_mode=cfg.length_mode, std=cfg.std, seed=seed,
+                  tokens=cfg.tokens)
 
 
 def schedule_factor(schedule: str, step: int, total: int, warmup_ratio: float = 0.1) -> float:

@@ -41,7 +41,14 @@ def test_the_dry_run_writes_every_step_and_target_under_three_minutes(tmp_path):
         assert f"`{s['command']}`" in md and (tmp_path / "logs" / s["log"].rsplit("/", 1)[1]).exists()
 
 
-def test_a_step_past_its_time_box_is_stopped_and_the_next_still_runs(tmp_path, monkeypatch):
+@pytest.fixture
+def any_machine(monkeypatch):
+    """The report's machine line without importing torch's CUDA state."""
+    monkeypatch.setattr(gpu_check, "machine", lambda: {"gpu": None, "torch": "t", "cuda": None, "python": "3",
+                                                       "cpus": 2, "date": "today"})
+
+
+def test_a_step_past_its_time_box_is_stopped_and_the_next_still_runs(tmp_path, monkeypatch, any_machine):
     (tmp_path / "logs").mkdir()
     slow = gpu_check.Step("slow", 1, lambda a, out: [sys.executable, "-c", "import time; time.sleep(60)"],
                           lambda path: {}, [gpu_check.Target("wall time", "≤ 30 s", lambda v: v <= 30, "s")])
@@ -49,8 +56,6 @@ def test_a_step_past_its_time_box_is_stopped_and_the_next_still_runs(tmp_path, m
                           lambda path: {"wall time": 1.0},
                           [gpu_check.Target("wall time", "≤ 30 s", lambda v: v <= 30, "s")])
     monkeypatch.setattr(gpu_check, "STEPS", [slow, fast])
-    monkeypatch.setattr(gpu_check, "machine", lambda: {"gpu": None, "torch": "t", "cuda": None, "python": "3",
-                                                       "cpus": 2, "date": "today"})
     start = time.monotonic()
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget", "31"]) == 1
     assert time.monotonic() - start < 20
@@ -69,14 +74,12 @@ def test_without_cuda_the_real_check_refuses_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "gpu-check: no CUDA device here; --dry-run runs the same steps on the CPU"
 
 
-def test_the_suite_may_run_out_of_the_time_left(tmp_path, monkeypatch):
+def test_the_suite_may_run_out_of_the_time_left(tmp_path, monkeypatch, any_machine):
     """The last step, the whole suite, gets what time is left: stopping it there does not fail the check."""
     leftover = gpu_check.Step("suite", 0, lambda a, out: [sys.executable, "-c", "import time; time.sleep(60)"],
                               lambda path: {}, [gpu_check.Target("failed", "0 failed", lambda v: v == 0)],
                               optional=True)
     monkeypatch.setattr(gpu_check, "STEPS", [leftover])
-    monkeypatch.setattr(gpu_check, "machine", lambda: {"gpu": None, "torch": "t", "cuda": None, "python": "3",
-                                                       "cpus": 2, "date": "today"})
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path), "--budget", "2"]) == 0
     (step,) = json.loads((tmp_path / "gpu-check.json").read_text())["steps"]
     assert step["status"].startswith("ran out of its") and step["figures"][0]["passed"] is None
