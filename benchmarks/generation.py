@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from neftlab import data, generation, models
-from neftlab.config import EvalConfig, register
+from neftlab.config import EvalConfig, compose
 
 
 def main():
@@ -41,11 +39,8 @@ def main():
     parser.add_argument("--json")
     args = parser.parse_args()
     device = torch.device(args.device)
-    register()
     pool = max(128, 2 * args.prompts)  # held-out prompts to choose from
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", [f"model={args.model}", f"data.max_samples={4 * pool}",
-                                                     f"data.eval_size={pool}"])).validate()
+    cfg = compose(f"model={args.model}", f"data.max_samples={4 * pool}", f"data.eval_size={pool}")
     tok = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, tok).to(device).eval()
     held_out = data.prepare(cfg.data, tok, True, seed=0).prompts

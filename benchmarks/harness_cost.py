@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from neftlab import data, harness, models
-from neftlab.config import HarnessConfig, register
+from neftlab.config import HarnessConfig, compose
 
 # name: (words in the question, choices, words per choice, lettered options in the prompt, items in the real task)
 SHAPES = {
@@ -64,9 +62,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", ["model=llama", "data.max_samples=200"])).validate()
+    cfg = compose("model=llama", "data.max_samples=200")
     tok = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, tok).to(args.device).eval()
     words = " ".join(reference for _, reference in data.prepare(cfg.data, tok, True, seed=0).prompts).split()

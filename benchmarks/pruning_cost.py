@@ -90,14 +90,10 @@ def main():
     # What the runner pays on SmolLM2 itself: a prune event (prune, sparsity, parameter counts, the log line)
     # and, on every other step, re-applying the masks. Measured after the large cases, whose subprocesses
     # would otherwise compete with this process's idle worker threads.
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from neftlab import models
-    from neftlab.config import PruningConfig, register
-    register()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", [f"model={args.model}"])).validate()
+    from neftlab.config import PruningConfig, compose
+    cfg = compose(f"model={args.model}")
     model = models.load_model(cfg.model, models.load_tokenizer(cfg.model)).to(device)
     original = model.get_input_embeddings().weight.detach().clone()
     for method in ("l1", "l2"):

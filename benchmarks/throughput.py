@@ -60,12 +60,11 @@ def plain(overrides: list[str], run_dir: Path) -> dict:
     the summary keys a neftlab run writes for the same figures."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import compose_cfg
     from neftlab import data, measures, models
+    from neftlab.config import compose
     from neftlab.pipeline import training_arguments
 
-    cfg = compose_cfg(*overrides)
+    cfg = compose(*overrides)
     set_seed(cfg.seed)
     args = training_arguments(cfg, run_dir)
     tokenizer = models.load_tokenizer(cfg.model)

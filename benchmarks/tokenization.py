@@ -10,16 +10,14 @@ its seed's rows and cuts them at --max-length. The file read and the config are 
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from conftest import compose_cfg  # noqa: E402
 from neftlab import data, models  # noqa: E402
+from neftlab.config import compose  # noqa: E402
 
 
 def main():
@@ -28,7 +26,7 @@ def main():
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    cfg = compose_cfg(f"data.max_samples={args.max_samples}", f"data.max_length={args.max_length}")
+    cfg = compose(f"data.max_samples={args.max_samples}", f"data.max_length={args.max_length}")
     tokenizer = models.load_tokenizer(cfg.model)
     with tempfile.TemporaryDirectory() as cache:
         os.environ["NEFTLAB_CACHE"] = cache

@@ -518,15 +518,6 @@ def package_path(package: str, *parts: str) -> str:
     return str(Path(spec.submodule_search_locations[0], *parts))
 
 
-def rank() -> int:
-    """This process's rank: the process group's once there is one (also when no launcher set $RANK, as under
-    `torch.multiprocessing.spawn`), else the launcher's $RANK, which torchrun and accelerate set before it."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return int(os.environ.get("RANK", 0))
-
-
 @functools.lru_cache(maxsize=None)
 def run_id() -> str:
     """`${run_id:}`: <date>_<time>_<pid> naming a run directory. Two runs started in the same second differ
@@ -556,13 +547,18 @@ def size_name(*, _root_: Any) -> str:
     return OmegaConf.select(_root_, "hydra.runtime.choices.size", default=None) or "cpu"
 
 
+def _rank_suffix() -> str:
+    from .sharding import rank  # sharding imports torch, which composing a config does not need
+    return f"-rank{rank()}" if rank() else ""
+
+
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore; conf/*/*.yaml extend them via their defaults list."""
     if not OmegaConf.has_resolver("pkg"):
         OmegaConf.register_new_resolver("pkg", package_path)
         OmegaConf.register_new_resolver("run_id", run_id)
         # Rank 0 logs to neftlab.log, other ranks to neftlab-rank<N>.log in the same run directory.
-        OmegaConf.register_new_resolver("rank_suffix", lambda: f"-rank{rank()}" if rank() else "")
+        OmegaConf.register_new_resolver("rank_suffix", _rank_suffix)
         OmegaConf.register_new_resolver("search_directions", search.directions)
         OmegaConf.register_new_resolver("size", size_name)
     cs = ConfigStore.instance()
@@ -570,3 +566,15 @@ def register() -> None:
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),
                         ("pruning", PruningConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
         cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def compose(*overrides: str) -> Config:
+    """The checked config `python -m neftlab *overrides` would run with, without running anything: for the
+    benchmarks and the tests, which must not drift from the command line's composition."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    check_keys(cfg, Config)
+    return OmegaConf.to_object(cfg).validate()

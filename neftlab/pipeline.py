@@ -19,8 +19,9 @@ from transformers import TrainerCallback
 from . import data as data_mod
 from . import generation, guards, harness, judge, measures, models, noise, pruning, rundir
 from . import resume as resume_mod
-from .config import Config, ConfigError, check, rank
+from .config import Config, ConfigError, check
 from .rundir import RunFiles
+from .sharding import rank
 from .tracking import Recorder
 
 log = logging.getLogger(__name__)

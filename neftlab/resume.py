@@ -40,8 +40,9 @@ from transformers import TrainerCallback
 
 from . import rundir
 from .cache import file_sha256
-from .config import ConfigError, rank
+from .config import ConfigError
 from .rundir import FINGERPRINT, LOCK, MARKER, STATE_FILE
+from .sharding import rank
 
 log = logging.getLogger(__name__)
 

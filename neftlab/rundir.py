@@ -212,7 +212,7 @@ class RunFiles:
         """`keep` (resume, re-evaluation) picks the rows of the existing metrics.jsonl and samples.jsonl to keep;
         the kept events are replayed into the summary, and both files go on after them. Without it both start
         empty."""
-        from .config import rank
+        from .sharding import rank  # imports torch, which reading a run directory does not need
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.writes = rank() == 0

@@ -39,8 +39,9 @@ from omegaconf.errors import OmegaConfBaseException
 from . import data as data_mod
 from . import errors, guards, pipeline, rundir, search
 from . import resume as resume_mod
-from .config import Config, ConfigError, check_keys, rank, run_id
+from .config import Config, ConfigError, check_keys, run_id
 from .rundir import RunFiles
+from .sharding import rank
 from .tracking import WandbRun
 
 log = logging.getLogger(__name__)

@@ -1,10 +1,11 @@
-"""The rows a process holds of a weight that FSDP2 shards, and the collectives that turn per-shard sums into
-whole-matrix answers, so statistics and thresholds are the same on every rank as in one process. Every
-collective in neftlab goes through here, on the device its backend needs. Without torch.distributed
-everything here is the identity."""
+"""Rank, device and collectives, in one place: this process's rank, the rows a process holds of a weight that
+FSDP2 shards, and the collectives that turn per-shard sums into whole-matrix answers, so statistics and thresholds
+are the same on every rank as in one process. Every collective in neftlab goes through here, on the device its
+backend needs. Without torch.distributed everything here is the identity."""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import torch
@@ -94,6 +95,14 @@ def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work: a timer read before it times the launch, not the work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def rank() -> int:
+    """This process's rank: the process group's once there is one (also when no launcher set $RANK, as under
+    `torch.multiprocessing.spawn`), else the launcher's $RANK, which torchrun and accelerate set before it."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", 0))
 
 
 def world() -> tuple[int, int]:

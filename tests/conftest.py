@@ -7,8 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -16,21 +14,14 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
-from neftlab.config import Config, check_keys, register  # noqa: E402
+from neftlab.config import compose as compose_cfg  # noqa: E402,F401  (the config `python -m neftlab` runs with)
+from neftlab.config import register  # noqa: E402
 
 register()
 
 # Small enough for seconds per run on 2 cores.
 TINY = ["data.max_samples=48", "data.eval_size=8", "data.max_length=64", "trainer.max_steps=2",
         "trainer.per_device_train_batch_size=2", "eval.num_generations=2", "eval.max_new_tokens=8"]
-
-
-def compose_cfg(*overrides: str) -> Config:
-    """The config `python -m neftlab *overrides` would run with, validated."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    check_keys(cfg, Config)
-    return OmegaConf.to_object(cfg).validate()
 
 
 def cli(*overrides: str, out_dir: Path, env: dict | None = None, timeout: int = 600):
