@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +150,24 @@ def save_checkpoint(trainer) -> None:
         trainer.control = trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
 
 
+def checkpoint_trained(run: Built, stopper: guards.GracefulStop) -> None:
+    """The last step's checkpoint before the final evaluation, so that a kill there (the OOM killer while
+    generating; torchrun, which SIGKILLs its ranks 30 s after passing a SIGTERM on, maybe in the middle of a
+    generation batch) loses no training: the rerun only evaluates. With `trainer.save_steps` the Trainer has
+    saved it already; without, it is written here and removed when the run completes (`run`). A signal during
+    the save stops the run as in the evaluation (under torchrun, once every rank has saved)."""
+    trainer = run.trainer
+    if run.cfg.trainer.save_steps or not trainer.state.global_step:
+        return
+    start = time.perf_counter()
+    with stopper.deferring(trainer.args.world_size > 1):
+        save_checkpoint(trainer)
+        stopper.agree(trainer.state.global_step)
+    log.info("Saved checkpoint-%d before the final evaluation in %.1f s, so that a kill there loses no training; "
+             "it is removed when the run completes (trainer.save_steps=null)", trainer.state.global_step,
+             time.perf_counter() - start)
+
+
 def train(run: Built, stopper: guards.GracefulStop, resume: resume_mod.Resume | None) -> None:
     """Train with the noise attached; a signal ends it with a checkpoint at the step where every rank stopped."""
     from transformers import TrainerState
@@ -246,11 +266,13 @@ def save_model(trainer, folder: Path, step: int) -> None:
 def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -> None:
     """Build, train, evaluate. A stop signal at any point ends in `guards.Interrupted` with a checkpoint of the
     step reached (during the final evaluation: of the trained model, so the rerun only evaluates); signals that
-    come while that checkpoint is written are held until it is complete."""
+    come while that checkpoint is written are held until it is complete. Without `trainer.save_steps` a completed
+    run keeps no checkpoint."""
     with guards.GracefulStop() as stopper:
         built = build(cfg, files, stopper, resume)
         try:
             train(built, stopper, resume)
+            checkpoint_trained(built, stopper)
             evaluate(built, stopper)
         except guards.Interrupted as e:
             step = built.trainer.state.global_step
@@ -258,3 +280,6 @@ def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -
                 with stopper.finishing():
                     save_checkpoint(built.trainer)
             raise guards.Interrupted(e.signum, step, saved=bool(step)) from None
+        if cfg.trainer.save_steps is None and files.writes:  # complete: no checkpoint was asked for, none is kept
+            for checkpoint in resume_mod.checkpoints(files.dir):
+                shutil.rmtree(checkpoint)

@@ -290,6 +290,23 @@ def test_11b_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert "stopped at once by Ctrl-C; the last complete checkpoint, if any, is kept" in stderr
 
 
+def test_11c_a_kill_9_during_the_final_evaluation_keeps_the_training_without_save_steps(completed, tmp_path):
+    """The OOM killer while generating, or torchrun's SIGKILL 30 s after a SIGTERM in a long generation batch:
+    the last step's checkpoint is written before the final evaluation, so the rerun only evaluates, and it is
+    removed when the run completes, as no checkpoint was asked for."""
+    slow_eval = ["trainer.save_steps=null", "eval.num_generations=4", "eval.max_new_tokens=400"]
+    proc = _start(tmp_path, *slow_eval)
+    _wait_for(proc, lambda: list(tmp_path.glob(f"runs/*/checkpoints/checkpoint-4/{rundir.MARKER}")),
+              "the checkpoint of the trained model")
+    proc.kill()
+    proc.communicate(timeout=60)
+    (run,) = (tmp_path / "runs").iterdir()
+    proc = rerun(tmp_path, *slow_eval)
+    assert proc.returncode == 0 and "evaluating only" in proc.stderr, proc.stderr[-3000:]
+    assert_resumed_to_reference(run, completed, proc.stderr, from_step=4)
+    assert not (run / rundir.CHECKPOINTS).exists()
+
+
 # ------------------------------------------------------------ bad input that passes or misleads
 
 def test_12_report_names_corrupt_files_and_goes_on(completed, tmp_path):

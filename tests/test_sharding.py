@@ -219,10 +219,12 @@ def test_a_mixed_backend_takes_cuda_tensors_on_nccl(monkeypatch):
 
 def test_ddp_sigterm_during_the_final_generation_stops_every_rank_together(tmp_path):
     """Each rank answers its own prompts, and the answers are then gathered: a rank that raised at once, as one
-    process does, would leave the other in the gather while it saved. The ranks now agree on the signal after
-    generating, checkpoint together, and the rerun only evaluates."""
+    process does, would leave the other in the gather while it saved. The ranks agree on the signal between
+    batches (or after the checkpoint of the trained model, if it came before), checkpoint together, and the rerun
+    only evaluates; complete, the run keeps no checkpoint, as trainer.save_steps asked for none."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab", "size=tiny",
-               "eval.num_generations=8", "eval.max_new_tokens=1500", "logger=none", f"output_root={tmp_path}"]
+               "eval.num_generations=8", "eval.max_new_tokens=1000", "eval.batch_size=1", "logger=none",
+               f"output_root={tmp_path}"]  # a batch well within the 30 s torchrun waits before its SIGKILL
     env = {**os.environ, **CPU_ONLY}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not any("train/train_runtime" in p.read_text() for p in tmp_path.glob("runs/*/metrics.jsonl")):
@@ -240,3 +242,4 @@ def test_ddp_sigterm_during_the_final_generation_stops_every_rank_together(tmp_p
     rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "evaluating only" in rerun.stderr, rerun.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    assert not (run_dir / "checkpoints").exists()
