@@ -155,7 +155,8 @@ STEPS = [
     Step("whole suite", 0,  # whatever time is left
          lambda a, out: [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={out}",
                          *(["--collect-only"] if a.dry_run else
-                           ["-n", "4"] if importlib.util.find_spec("xdist") else []), str(ROOT / "tests")],
+                           ["-n", "4", "--dist", "loadgroup"] if importlib.util.find_spec("xdist") else []),
+                         str(ROOT / "tests")],
          pytest_counts, [Target("failed", "0 failed", lambda v: v == 0)], suffix=".xml", optional=True),
 ]
 

@@ -55,12 +55,15 @@ def spawn(fn, *args, nprocs: int = 2, timeout: float = 240):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu run where CUDA is, and are skipped elsewhere (CI has no GPU)."""
+    """Tests marked gpu run where CUDA is, and are skipped elsewhere (CI has no GPU). Under pytest-xdist
+    (`--dist loadgroup`, as gpu-check runs the suite) the torchrun tests run one after another on one worker: every
+    torchrun job listens on its default port."""
     import torch
-    if torch.cuda.is_available():
-        return
+    cuda = torch.cuda.is_available()
     for item in items:
-        if item.get_closest_marker("gpu"):
+        if item.module.__name__.rsplit(".", 1)[-1] in ("test_sharding", "test_gpu"):
+            item.add_marker(pytest.mark.xdist_group("torchrun"))
+        if item.get_closest_marker("gpu") and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 

@@ -1,6 +1,7 @@
 """Reads an offline W&B run file (run-*.wandb: a LevelDB-style log of protobuf records) for assertions."""
 
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2 as pb
@@ -31,13 +32,30 @@ def records(path: Path) -> list:
     return out
 
 
-def offline_run(run_dir: Path, session: int | None = None) -> dict:
+def offline_run(run_dir: Path, session: int | None = None, wait: float = 30) -> dict:
     """The run record, logged history rows, summary keys and exit code of the one offline run under run_dir, or
-    of its `session`-th offline session (a W&B run resumed later, e.g. to add judge results, has several)."""
+    of its `session`-th offline session (a W&B run resumed later, e.g. to add judge results, has several).
+    W&B's service process writes the file: read at once after `finish()` on a loaded machine (the suite under
+    pytest-xdist), it once had no run record yet. So it is read again for up to `wait` seconds until its exit
+    record is there."""
     paths = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
     (path,) = paths if session is None else [paths[session]]
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            parsed = _parse(records(path))
+        except Exception:  # noqa: BLE001 - a record still being written
+            if time.monotonic() > deadline:
+                raise
+        else:
+            if parsed["exit_code"] is not None or time.monotonic() > deadline:
+                return parsed
+        time.sleep(0.2)
+
+
+def _parse(recs: list) -> dict:
     run, history, summary, exit_code = None, [], {}, None
-    for r in records(path):
+    for r in recs:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             run = r.run
