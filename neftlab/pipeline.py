@@ -154,10 +154,11 @@ def checkpoint_trained(run: Built, stopper: guards.GracefulStop) -> None:
     """The last step's checkpoint before the final evaluation, so that a kill there (the OOM killer while
     generating; torchrun, which SIGKILLs its ranks 30 s after passing a SIGTERM on, maybe in the middle of a
     generation batch) loses no training: the rerun only evaluates. With `trainer.save_steps` the Trainer has
-    saved it already; without, it is written here and removed when the run completes (`run`). A signal during
-    the save stops the run as in the evaluation (under torchrun, once every rank has saved)."""
+    saved it already; without, it is written here and removed when the run completes
+    (`drop_unasked_checkpoints`). A signal during the save stops the run as in the evaluation (under torchrun,
+    once every rank has saved)."""
     trainer = run.trainer
-    if run.cfg.trainer.save_steps or not trainer.state.global_step:
+    if run.cfg.trainer.save_steps is not None or not trainer.state.global_step:
         return
     start = time.perf_counter()
     with stopper.deferring(trainer.args.world_size > 1):
@@ -266,8 +267,7 @@ def save_model(trainer, folder: Path, step: int) -> None:
 def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -> None:
     """Build, train, evaluate. A stop signal at any point ends in `guards.Interrupted` with a checkpoint of the
     step reached (during the final evaluation: of the trained model, so the rerun only evaluates); signals that
-    come while that checkpoint is written are held until it is complete. Without `trainer.save_steps` a completed
-    run keeps no checkpoint."""
+    come while that checkpoint is written are held until it is complete."""
     with guards.GracefulStop() as stopper:
         built = build(cfg, files, stopper, resume)
         try:
@@ -280,6 +280,12 @@ def run(cfg: Config, files: RunFiles, resume: resume_mod.Resume | None = None) -
                 with stopper.finishing():
                     save_checkpoint(built.trainer)
             raise guards.Interrupted(e.signum, step, saved=bool(step)) from None
-        if cfg.trainer.save_steps is None and files.writes:  # complete: no checkpoint was asked for, none is kept
-            for checkpoint in resume_mod.checkpoints(files.dir):
-                shutil.rmtree(checkpoint)
+
+
+def drop_unasked_checkpoints(cfg: Config, files: RunFiles) -> None:
+    """Without `trainer.save_steps` a completed run keeps no checkpoint: those written for a rerun (the trained
+    model's before the final evaluation, a stop's) go, but only once summary.json says `completed`, so that a
+    kill or a full disk before that still finds them."""
+    if cfg.trainer.save_steps is None and files.writes and rundir.status(files.dir) == "completed":
+        for checkpoint in resume_mod.checkpoints(files.dir):
+            shutil.rmtree(checkpoint)

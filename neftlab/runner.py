@@ -172,6 +172,7 @@ def _job(dict_cfg: DictConfig, hydra_cfg, out_dir: Path, held: HeldLog) -> Outco
             files.tracker = start_wandb(cfg, dict_cfg, hydra_cfg, files.dir)
         pipeline.run(cfg, files, resume)
         summary = files.finish("completed")
+        pipeline.drop_unasked_checkpoints(cfg, files)
         return Outcome("completed", "", run_dir, summary, _objective(cfg, summary))
     except guards.Interrupted as e:
         return _ended(files, out_dir, writable, held, claim, "interrupted", str(e), 128 + e.signum, step=e.step)

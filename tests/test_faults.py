@@ -307,6 +307,21 @@ def test_11c_a_kill_9_during_the_final_evaluation_keeps_the_training_without_sav
     assert not (run / rundir.CHECKPOINTS).exists()
 
 
+def test_11d_checkpoints_kept_for_a_rerun_go_only_once_the_summary_says_completed(tmp_path):
+    """A kill, or a full disk that stops summary.json, after the final evaluation still finds the checkpoint."""
+    from neftlab import pipeline
+    checkpoint = tmp_path / rundir.CHECKPOINTS / "checkpoint-4"
+    checkpoint.mkdir(parents=True)
+    files = rundir.RunFiles(tmp_path)
+    pipeline.drop_unasked_checkpoints(compose_cfg("size=tiny"), files)  # no summary yet
+    assert checkpoint.exists()
+    files.finish("completed")
+    pipeline.drop_unasked_checkpoints(compose_cfg("size=tiny", "trainer.save_steps=2"), files)  # asked for: kept
+    assert checkpoint.exists()
+    pipeline.drop_unasked_checkpoints(compose_cfg("size=tiny"), files)
+    assert not checkpoint.exists()
+
+
 # ------------------------------------------------------------ bad input that passes or misleads
 
 def test_12_report_names_corrupt_files_and_goes_on(completed, tmp_path):
