@@ -43,7 +43,7 @@ ARMS = {
     # Rows packed best-fit decreasing: other batches than the padded arms', so its own count of real tokens
     # (all of a packed row's tokens are real); its samples/s counts rows.
     "none packed bfd": ["noise=none", "data.packing=true", "data.packing_strategy=bfd",
-                        "trainer.args.include_num_input_tokens_seen=all"],
+                        "+trainer.args.include_num_input_tokens_seen=all"],
     "none liger": ["noise=none", "+trainer.args.use_liger_kernel=true"],
 }
 

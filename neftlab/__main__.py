@@ -1,30 +1,85 @@
-"""`python -m neftlab [overrides]` — the Hydra app. `--help` lists the config groups and their options."""
+"""`python -m neftlab [overrides]`: one fine-tuning run, or a sweep of them with -m (the Hydra app). `--help` lists
+the groups a user picks and their options.
+
+A command line that names an option that does not exist, or spells a run the old way (`arm=uniform_5`, now
+`noise=uniform`), stops in one line before Hydra reads it. Each job decides and claims its run's directory and runs
+the pipeline there (`run.job`); the run ends with a few lines: how it ended, its headline numbers, what next.
+"""
 
 import logging
+import os
 import sys
+from typing import Any
 
 import hydra
+from omegaconf import DictConfig
 
-from .config import moved_training_arg, register
+from .config import register
+from .config.compose import check_command_line
+from .run.job import JobContext, Outcome, run_job
+from .run.launch import LAUNCHER_PID_ENV
 
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def _app(cfg):
-    from . import runner  # imported here so --help and --cfg stay fast
+def task(dict_cfg: DictConfig) -> Any:
+    """Hydra's task function: one job of a run or a sweep. Returns the job's objective (`search.objectives`) for an
+    optimizing sweeper, None when the run did not complete. Outside a sweep, and for a stop in a sweep's own
+    process, it exits with the run's exit code."""
+    ctx = JobContext.from_hydra()
+    outcome = run_job(dict_cfg, ctx)
+    if ctx.multirun:
+        if outcome.status == "interrupted" and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):
+            raise SystemExit(outcome.exit_code)  # a stop of the sweep's own process ends the sweep
+        return outcome.objective  # None for a failed job: an optimizing sweeper records a failed trial, and goes on
+    if text := closing(outcome):
+        print(text, file=sys.stderr)
+    if outcome.exit_code:
+        raise SystemExit(outcome.exit_code)
+    return outcome.objective
 
-    return runner.main(cfg)
+
+def closing(outcome: Outcome) -> str:
+    """The few lines that end a run on the terminal: how it ended, its headline numbers, where it is, what next."""
+    run, s = outcome.run_dir, outcome.summary
+    if outcome.status in ("refused", "failed") or run is None:
+        return ""  # its one line is logged already; the traceback, if any, is in the run's log
+    head = []
+    if isinstance(s.get("eval/loss"), (int, float)):
+        head.append(f"eval loss {s['eval/loss']:.4f}")
+    if isinstance(s.get("eval/accuracy"), (int, float)):
+        head.append(f"accuracy {s['eval/accuracy']:.4f}")
+    if isinstance(s.get("eval/response_length"), (int, float)):
+        cut = s.get("eval/hit_max_new_tokens")
+        head.append(f"answers {s['eval/response_length']:.1f} tokens on average" +
+                    (f" ({cut:.0%} cut at eval.max_new_tokens)" if isinstance(cut, (int, float)) else ""))
+    if isinstance(s.get("judge/win_rate"), (int, float)):
+        head.append(f"judge win rate {s['judge/win_rate']:.3f}" +
+                    ("" if s.get("judge/reliable") else " (the judge failed its controls: no evidence)"))
+    lines = [f"neftlab: {outcome.status}" + (f" ({outcome.message})" if outcome.status == "interrupted" else "") +
+             f": {run}"]
+    if head:
+        lines.append("  " + ", ".join(head))
+    if outcome.status == "interrupted":
+        lines.append("  next: rerun the same command to resume it")
+    else:
+        lines += ["  next: python -m neftlab.report " + str(run),
+                  f"        python -m neftlab.judge {run} --baseline reference",
+                  f"        python -m neftlab.evaluate {run} eval.max_new_tokens=512"]
+    return "\n".join(lines)
+
+
+_app = hydra.main(version_base="1.3", config_path="../conf", config_name="config")(task)
 
 
 def main() -> None:
     logging.raiseExceptions = False  # a full disk must not turn each log line into a traceback
-    moved = moved_training_arg(sys.argv[1:])
+    moved = check_command_line([a for a in sys.argv[1:] if not a.startswith("-")])
     if moved:
-        print(moved, file=sys.stderr)
+        print(f"Error: {moved}", file=sys.stderr)
         sys.exit(2)
     try:
-        _app()  # a failed run, or a sweep with failed jobs, exits non-zero from within (runner)
+        _app()  # a failed run, or a sweep with failed jobs, exits non-zero from within (task)
     except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (startup, between sweep jobs)
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, compose_cfg
+from tests.helpers import ROOT, TINY, compose_cfg
 
 README = (ROOT / "README.md").read_text()
 RECIPES = README.split("## Recipes")[1].split("## Documentation")[0]
@@ -86,7 +86,7 @@ def test_an_offline_wandb_run_names_its_sync_command(tmp_path):
 
 
 def test_judging_reevaluating_and_exporting_a_run(headline_run, tmp_path):
-    from test_judge import TINY as JUDGE_SIZE
+    from tests.evaluation.test_judge import TINY as JUDGE_SIZE
     from transformers import LlamaConfig, LlamaForCausalLM
     from neftlab import models
     tokenizer = models.load_tokenizer(compose_cfg("model=llama_tiny").model)
@@ -110,8 +110,8 @@ def test_capabilities(headline_run, tmp_path):
     openllm = compose_cfg(*recipe("python -m neftlab harness=openllm eval.harness.limit=100")[3:]).eval.harness
     assert openllm.tasks == ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"] and openllm.limit == 100
     task = tmp_path / "my_task.yaml"
-    task.write_text((ROOT / "tests/harness/tiny_mc.yaml").read_text().replace(
-        "tests/harness/tiny_mc.jsonl", str(ROOT / "tests/harness/tiny_mc.jsonl")))
+    task.write_text((ROOT / "tests/fixtures/harness/tiny_mc.yaml").read_text().replace(
+        "tests/fixtures/harness/tiny_mc.jsonl", str(ROOT / "tests/fixtures/harness/tiny_mc.jsonl")))
     evaluate = recipe("python -m neftlab.evaluate outputs/runs/<run> 'eval.harness.tasks=[my_task.yaml]'")
     proc = run([*evaluate[:3], str(headline_run), evaluate[4].replace("my_task.yaml", str(task))])
     assert "harness/neftlab_tiny_mc/acc:" in proc.stdout

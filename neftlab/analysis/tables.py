@@ -1,0 +1,99 @@
+"""The report's tables: one row per run, runs that differ only by seed folded into mean ± std, and the judges
+with their controls."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from ..evaluation.judge import CONTROLS
+from .runs import JUDGE, Run, _number
+
+COLUMNS = [  # (summary key, column title, format)
+    ("eval/loss", "eval loss", "{:.4f}"), ("eval/perplexity", "ppl", "{:.2f}"), ("eval/accuracy", "acc", "{:.4f}"),
+    ("eval/macro_f1", "macro-F1", "{:.4f}"), ("eval/train_loss_noise_off", "train loss noise-off", "{:.4f}"),
+    ("eval/response_length", "resp len", "{:.1f}"), ("eval/response_words", "resp words", "{:.1f}"),
+    ("eval/hit_max_new_tokens", "hit max", "{:.2f}"), ("eval/diversity", "diversity", "{:.3f}"),
+    ("eval/distinct_2", "dist-2", "{:.3f}"), ("eval/distinct_4", "dist-4", "{:.3f}"),
+    ("pruning/sparsity", "sparsity", "{:.3f}"), ("efficiency/param_reduction", "param red.", "{:.3f}"),
+    ("efficiency/latency_ms_per_token", "ms/token", "{:.2f}"),
+    ("efficiency/unpruned_latency_ms_per_token", "ms/token unpruned", "{:.2f}"),
+    ("efficiency/latency_ms_per_sample", "ms/sample", "{:.2f}"),
+    ("convergence/loss_std", "loss std", "{:.4f}"), ("convergence/half_drop_step", "half-drop step", "{:.0f}"),
+]
+
+
+# Paired against the baseline arm: (summary key, measure, format).
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None:
+        return ""
+    return fmt.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _used_columns(runs: list[Run]):
+    judged = sorted({title for r in runs for title in r.extra})
+    return ([c for c in COLUMNS if any(isinstance(r.summary.get(c[0]), (int, float)) for r in runs)]
+            + [(title, title, "{:.3f}") for title in judged])
+
+
+def runs_table(runs: list[Run]) -> str:
+    cols = _used_columns(runs)
+    rows = [[r.label, str(r.dir.name), *(_cell(r.value(k), f) for k, _, f in cols), r.summary.get("status", "")]
+            for r in runs]
+    return _table(["run", "dir", *(t for _, t, _ in cols), "status"], rows)
+
+
+def seeds_table(runs: list[Run]) -> str | None:
+    """Runs that differ only by seed, folded into mean ± std over their completed runs."""
+    groups = defaultdict(list)
+    for r in runs:
+        if r.summary.get("status") == "completed":
+            groups[r.label_without_seed].append(r)
+    groups = {k: v for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return None
+    cols = _used_columns(runs)
+    rows = []
+    for label, members in groups.items():
+        cells = []
+        for key, _, fmt in cols:
+            values = [m.value(key) for m in members if isinstance(m.value(key), (int, float))]
+            cells.append("" if not values else
+                         f"{_cell(statistics.fmean(values), fmt)} ± {_cell(statistics.pstdev(values), fmt)}")
+        rows.append([label, str(len(members)), *cells])
+    return _table(["config", "seeds", *(t for _, t, _ in cols)], rows)
+
+
+def judges_section(runs: list[Run]) -> list[str]:
+    """Each judge used, with its controls averaged over the runs it judged and its verdict."""
+    used = defaultdict(list)
+    for r in runs:
+        for source, judged in r.judges.items():
+            for summary in judged.values():
+                if source == JUDGE:
+                    used[f"`{Path(str(summary.get('judge/model'))).name}` ({summary.get('judge/template')} prompt)"
+                         ].append(summary)
+    if not used:
+        return []
+    rows = []
+    for name, summaries in used.items():
+        cells = []
+        for control in CONTROLS:
+            values = [s[f"judge/control_{control}"] for s in summaries if _number(s.get(f"judge/control_{control}"))]
+            cells.append(f"{statistics.fmean(values):.3f}" if values else "—")
+        verdicts = {s.get("judge/reliable") for s in summaries}
+        verdict = ("reliable" if verdicts == {True} else
+                   "**unreliable**: failed its controls; no conclusion is drawn from its win rates")
+        rows.append([name, str(len(summaries)), *cells, verdict])
+    what = "; ".join(f"{name}: {a} against {b} (needs {rule})" for name, (a, b, _, rule) in CONTROLS.items())
+    return ["## Judges", "", f"Controls, built from the judged prompts and averaged over the judgings: {what}.", "",
+            _table(["judge", "judgings", *CONTROLS, "verdict"], rows), ""]

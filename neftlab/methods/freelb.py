@@ -1,0 +1,93 @@
+"""FreeLB (Zhu et al., ICLR 2020): adversarial perturbations of the input embeddings, `noise=freelb`.
+
+Each training batch starts from NEFTune's noise as the perturbation, delta_0 = U(-1, 1) * adv_init_mag /
+sqrt(L_i * d) on real tokens (FreeLB's own initialisation, which NEFTune later adopted), then takes K =
+`adv_steps` forward and backward passes: the k-th on the embeddings plus delta_{k-1}, with the loss divided by K,
+so that the parameters' gradients are the mean over the K passes (FreeLB's "free" accumulation); between passes
+delta climbs the loss, delta_k = delta_{k-1} + adv_lr * g / ||g|| with g its gradient and the norm per example
+over its tokens and dimensions, and is scaled back into the ball ||delta|| <= adv_max_norm when that is > 0.
+The optimizer then steps once. With K = 1 it is NEFTune's uniform noise at alpha = adv_init_mag.
+
+The passes go through the Trainer's own `training_step` (`FreeLBTrainer`), so gradient accumulation, mixed
+precision, LoRA, DDP (one gradient all-reduce per batch: the first K - 1 passes run under `no_sync`) and the
+non-finite guard (a hook on the model's output) act as on any step; the perturbation is a forward hook on the
+embedding, and its random stream is the noise's, saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from transformers import Trainer
+
+from .noise import Noise
+
+
+class FreeLB(Noise):
+    """The perturbation: drawn at the first pass of a batch, then moved by `ascend()` until `reset()`."""
+
+    def __init__(self, model: torch.nn.Module, alpha: float = 5.0, seed: Optional[int] = None,
+                 adv_steps: int = 2, adv_lr: float = 0.1, adv_max_norm: float = 0.0, **params):
+        super().__init__(model, "freelb", alpha=alpha, seed=seed, **params)
+        self.adv_steps, self.adv_lr, self.adv_max_norm = adv_steps, adv_lr, adv_max_norm
+        self.delta: Optional[torch.Tensor] = None
+
+    def _add_noise(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return None
+        if self.delta is None:
+            self.delta = self.draw(output)
+        self.delta.requires_grad_(True)
+        return (output.float() + self.delta).to(output.dtype)
+
+    @torch.no_grad()
+    def ascend(self) -> None:
+        """delta += adv_lr * g / ||g|| per example, then back into the adv_max_norm ball; a leaf again."""
+        grad = self.delta.grad
+        if grad is None:  # no pass used it (a batch without an embedding forward): nothing to climb
+            return
+        batch = grad.shape[0]
+        norm = torch.linalg.vector_norm(grad.reshape(batch, -1), dim=1).clamp(min=1e-8)
+        delta = self.delta + self.adv_lr * grad / norm.view(-1, 1, 1)
+        if self.adv_max_norm > 0:
+            size = torch.linalg.vector_norm(delta.reshape(batch, -1), dim=1)
+            delta = delta * torch.where(size > self.adv_max_norm, self.adv_max_norm / size, 1.0).view(-1, 1, 1)
+        self.delta = delta.detach()
+
+    def reset(self) -> None:
+        self.delta = None
+
+
+class FreeLBTrainer(Trainer):
+    """The Trainer with FreeLB's K passes per batch when it is built with `freelb`; otherwise the plain Trainer."""
+
+    def __init__(self, *args, freelb: Optional[FreeLB] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.freelb = freelb
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.freelb is None or not model.training:
+            return out
+        if isinstance(out, tuple):
+            return (out[0] / self.freelb.adv_steps, *out[1:])
+        return out / self.freelb.adv_steps
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.freelb is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        steps = self.freelb.adv_steps
+        total = None
+        try:
+            for k in range(steps):
+                last = k == steps - 1
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, dict(inputs), num_items_in_batch)
+                total = loss if total is None else total + loss
+                if not last:
+                    self.freelb.ascend()
+        finally:
+            self.freelb.reset()
+        return total

@@ -1,0 +1,26 @@
+"""NoisyTune (Wu et al., ACL 2022): the pretrained weights perturbed once, before fine-tuning; no noise during it."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def noisytune(model: torch.nn.Module, intensity: float, seed: int) -> int:
+    """NoisyTune (Wu et al., ACL 2022): each parameter tensor W of the pretrained model gets, once before
+    fine-tuning, U(-intensity/2, intensity/2) * std(W), as the authors' code does it (every named parameter,
+    biases and norms too; a constant one, std 0, stays as it is). Tied weights are one parameter and get noise
+    once; LoRA's adapters (`lora_` parameters) are left as PEFT initialised them, the frozen base is perturbed.
+    Drawn on the CPU from `seed`, so every rank perturbs alike. Returns the number of tensors perturbed."""
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    for name, weight in model.named_parameters():
+        if "lora_" in name or weight.numel() < 2:
+            continue
+        std = weight.float().std()
+        if std == 0:
+            continue
+        draw = torch.rand(weight.shape, generator=generator, dtype=torch.float32) - 0.5
+        weight.add_((draw.to(weight.device) * (intensity * std)).to(weight.dtype))
+        count += 1
+    return count

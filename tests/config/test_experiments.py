@@ -1,0 +1,100 @@
+"""The Sparse-NEFT plan as experiment configs: each composes, and its tiny variant runs end to end."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import itertools
+
+from neftlab.analysis.report import write_report
+from tests.helpers import CONF, ROOT, compose_cfg, run
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+JOBS_AT_ONE_SEED = {"baselines": 5, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
+                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 7}
+
+
+def test_the_plan_is_all_there():
+    assert set(EXPERIMENTS) == set(JOBS_AT_ONE_SEED)
+
+
+@pytest.mark.parametrize("method, noise, pruning, steps", [
+    ("original", "none", "off", 0), ("finetune", "none", "off", 8), ("neftune", "uniform", "off", 8),
+    ("pruning", "none", "l1", 8), ("sparse_neft", "uniform", "l1", 8)])
+def test_plan_arms(method, noise, pruning, steps):
+    cfg = compose_cfg(f"method={method}")
+    assert (cfg.noise.kind, cfg.pruning.method, cfg.trainer.max_steps) == (noise, pruning, steps)
+
+
+def test_tiny_size_keeps_the_original_model_untrained():
+    assert compose_cfg("method=original", "size=tiny").trainer.max_steps == 0
+    assert compose_cfg("experiment=pruning_ratio", "size=tiny").model.arch_config["hidden_size"] == 64
+
+
+@pytest.mark.parametrize("launcher, target", [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launchers_compose(launcher, target):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", [f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 720
+
+
+def sweep_jobs(experiment: str, *overrides: str) -> list[list[str]]:
+    """The jobs the basic sweeper makes of an experiment: its params' grid, each point a list of overrides."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", [f"experiment={experiment}", *overrides], return_hydra_config=True)
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items() if k not in dict(
+        o.split("=", 1) for o in overrides)}
+    return [[f"{k}={v}" for k, v in zip(params, point)] for point in itertools.product(*params.values())]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_tiny_variant_runs_end_to_end(tmp_path, experiment):
+    """Each job of the experiment's sweep, in this process (the sweep machinery itself: tests/run/test_search.py,
+    tests/run/test_faults.py)."""
+    jobs = sweep_jobs(experiment, "size=tiny", "seed=1")
+    assert len(jobs) == JOBS_AT_ONE_SEED[experiment]
+    for n, job in enumerate(jobs):
+        outcome, summary = run(f"experiment={experiment}", "size=tiny", "seed=1", "logger=none", *job,
+                               out_dir=tmp_path / str(n), root=tmp_path)
+        assert summary["status"] == "completed", outcome.message
+        if experiment == "baselines" and n == 0:
+            assert "train/loss" not in summary  # original is eval only
+    if experiment == "baselines":
+        assert write_report(tmp_path).read_text().count("| completed |") == 5
+
+
+def test_the_tiny_size_shows_each_feature_act(tmp_path):
+    """The headline command at size=tiny: dynamic alpha moves at every step, pruning re-prunes at every step, a
+    gradual schedule ramps; at full size's intervals (100) none of it would happen within 4 steps."""
+    outcome, summary = run("noise=dynamic", "pruning=l1", "pruning.schedule=gradual", "size=tiny", "logger=none",
+                           out_dir=tmp_path)
+    assert outcome.status == "completed", outcome.message
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    alphas = [e["noise/alpha"] for e in events if "noise/alpha" in e]
+    assert [e["step"] for e in events if "noise/stability" in e] == [1, 2, 3, 4] and len(set(alphas)) >= 3
+    sparsity = [(e["step"], e["pruning/sparsity"]) for e in events if "pruning/sparsity" in e]
+    assert [step for step, _ in sparsity] == [0, 1, 2, 3, 4]
+    assert [s for _, s in sparsity] == sorted(s for _, s in sparsity) and sparsity[-1][1] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_wandb_sweep_file_parses_and_every_command_composes():
+    """The W&B agent runs `command` with ${args_no_hyphens} replaced by `key=value` for each grid point."""
+    import itertools
+
+    import yaml
+    sweep = yaml.safe_load((ROOT / "sweeps" / "wandb_grid.yaml").read_text())
+    assert sweep["method"] == "grid" and sweep["metric"] == {"name": "eval/loss", "goal": "minimize"}
+    command = sweep["command"]
+    assert command[:4] == ["${env}", "python", "-m", "neftlab"] and command[-1] == "${args_no_hyphens}"
+    names = list(sweep["parameters"])
+    grid = list(itertools.product(*(sweep["parameters"][n]["values"] for n in names)))
+    assert len(grid) == 12
+    for point in grid:
+        args = [f"{n}={v}" for n, v in zip(names, point)]
+        cfg = compose_cfg(*command[4:-1], *args)
+        assert (cfg.noise.alpha, cfg.pruning.ratio) == point
+        assert cfg.noise.kind == "uniform" and cfg.pruning.method == "l1" and cfg.logger.kind == "wandb"

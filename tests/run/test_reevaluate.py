@@ -1,0 +1,84 @@
+"""`python -m neftlab.evaluate`: a finished run evaluated again from its saved weights, its training files untouched."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import ROOT, TINY, cli
+from neftlab import evaluate, rundir
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    proc, summary = cli(*TINY, "model=llama_tiny", "logger=wandb", "logger.mode=offline", out_dir=run)  # model/ kept
+    assert (run / "model").is_dir()  # by default
+    assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-2000:]
+    return run
+
+
+def test_reevaluation_appends_events_and_leaves_the_training_files(finished, capsys):
+    training_files = {p: p.read_bytes() for p in [finished / "summary.json", *(finished / "model").iterdir()]}
+    events = rundir.read_jsonl(finished / "metrics.jsonl")
+    samples = (finished / "samples.jsonl").read_text().splitlines()
+    assert evaluate.main([str(finished), "eval.max_new_tokens=3", "eval.num_generations=1"]) == 0
+    assert {p: p.read_bytes() for p in training_files} == training_files
+    after = rundir.read_jsonl(finished / "metrics.jsonl")
+    assert after[: len(events)] == events
+    assert len({e["stage"] for e in after[len(events):]}) == 1  # its own stage: told apart from any other
+    assert after[-1]["stage"].startswith("reeval-") and events[-1]["stage"] == "final"
+    new = {k: v for e in after[len(events):] for k, v in e.items()}
+    summary = json.loads((finished / "summary.json").read_text())
+    assert new["step"] == 2 and new["eval/loss"] == pytest.approx(summary["eval/loss"], rel=1e-6)  # the same weights
+    assert (finished / "samples.jsonl").read_text().splitlines()[: len(samples)] == samples
+    assert f"eval/loss: {new['eval/loss']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["noise.alpha=3"], "noise.alpha=3: only eval.* keys can change on re-evaluation"),
+    (["eval.max_new_tokens=0"], "eval.max_new_tokens=0 is not allowed"),
+])
+def test_reevaluation_refuses_other_keys_and_bad_values(finished, capsys, args, message):
+    assert evaluate.main([str(finished), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+MINIMAL = ("model: {arch: llama, name_or_path: x}\ndata: {format: alpaca, path: data.jsonl}\nnoise: {}\npruning: {}\n"
+           "trainer: {}\nlogger: {}\n")
+
+
+def test_a_run_without_saved_weights_is_named(tmp_path, capsys):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(MINIMAL)
+    assert evaluate.main([str(tmp_path)]) == 2
+    assert "no trained model to evaluate" in capsys.readouterr().err
+
+
+def test_a_relative_data_path_is_the_file_the_run_read(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(MINIMAL)
+    read = tmp_path / "started_here" / "data.jsonl"
+    (run / rundir.FINGERPRINT).write_text(json.dumps({"data": {"path": str(read), "size": 1, "sha256": "x"}}))
+    monkeypatch.chdir(tmp_path)  # another directory than the run's
+    assert evaluate.load_config(run, []).data.path == str(read)
+
+
+def test_a_default_run_is_evaluated_again_from_the_command_line_without_wandb(finished, tmp_path):
+    """The README's own example on a default run: no W&B run is started (no key configured here), no stray
+    ./wandb in the working folder, and a tied output layer loads without a missing-keys warning."""
+    offline_runs = sorted(finished.glob("wandb/offline-run-*"))
+    from neftlab import cache
+    env = {**os.environ, "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
+           "NEFTLAB_CACHE": str(cache.cache_root())}  # no W&B settings, the converted tokenizer still cached
+    env.pop("WANDB_MODE", None)
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-m", "neftlab.evaluate", str(finished), "eval.max_new_tokens=3"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "missing keys" not in proc.stderr
+    assert "eval/loss:" in proc.stdout
+    assert sorted(finished.glob("wandb/offline-run-*")) == offline_runs and not (tmp_path / "wandb").exists()

@@ -1,0 +1,150 @@
+"""Hyperparameter search: the job's objective, Optuna's directions from the same keys, failed trials, resuming
+a study, and the report's trials and Pareto front."""
+
+import json
+import math
+import re
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.helpers import CONF, ROOT, cli, compose_cfg
+from neftlab import report, search
+from neftlab.config import ConfigError
+
+
+@pytest.mark.parametrize("search_name", ["neftune_search", "sparse_neft_search", "perturbation_search"])
+@pytest.mark.parametrize("size, name", [([], "cpu"), (["size=tiny"], "tiny"), (["size=gpu"], "gpu")])
+def test_each_size_has_a_study_of_its_own(search_name, size, name):
+    """A tiny dry run must not leave trials in the real study, nor continue one."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", [f"experiment={search_name}", *size], return_hydra_config=True)
+    assert cfg.hydra.sweeper.study_name == f"{search_name}_{name}"
+    assert cfg.hydra.sweeper.storage == f"sqlite:///outputs/experiments/{search_name}_{name}/study.db"
+
+
+def test_objective_is_one_float_a_list_or_none():
+    summary = {"status": "completed", "eval/loss": 2.5, "pruning/sparsity": 0.3}
+    assert search.objective(summary, ["eval/loss"]) == 2.5
+    assert search.objective(summary, ["eval/loss", "pruning/sparsity"]) == [2.5, 0.3]
+    assert search.objective({**summary, "status": "failed"}, ["eval/loss"]) is None
+    assert search.objective(summary, ["judge/win_rate"]) is None  # no judge ran: not a zero
+    assert search.objective({**summary, "eval/loss": math.nan}, ["eval/loss"]) is None
+
+
+def test_quality_is_the_win_rate_with_a_judge_else_the_loss():
+    assert search.objective_keys(["quality", "pruning/sparsity"], judged=False) == ["eval/loss", "pruning/sparsity"]
+    assert search.objective_keys(["quality"], judged=True) == ["judge/win_rate"]
+
+
+@pytest.mark.parametrize("overrides, directions", [
+    (["experiment=neftune_search"], ["minimize"]),
+    (["experiment=neftune_search", "eval.judge.model=judge"], ["maximize"]),
+    (["experiment=sparse_neft_search"], ["minimize", "maximize"]),
+    (["experiment=sparse_neft_search", "eval.judge.model=judge"], ["maximize", "maximize"]),
+])
+def test_sweeper_directions_follow_the_objectives(overrides, directions):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides, return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert list(cfg.hydra.sweeper.direction) == directions
+
+
+@pytest.mark.parametrize("objectives, message", [
+    ("[eval/los]", "search.objectives[0]='eval/los' is not allowed: one of quality, eval/loss"),
+    ("[]", "search.objectives=[] is not allowed: at least one of quality"),
+    ("[quality,quality]", "is not allowed: each objective once"),
+])
+def test_bad_objectives_name_the_key(objectives, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_cfg(f"search.objectives={objectives}")
+
+
+def test_pareto_front():
+    points = [[1.0, 0.1], [2.0, 0.5], [1.5, 0.05], [3.0, 0.5]]  # loss (min), sparsity (max)
+    assert search.pareto_front(points, ["minimize", "maximize"]) == [True, True, False, False]
+    assert search.pareto_front([[2.0], [1.0], [1.0]], ["minimize"]) == [False, True, True]
+
+
+def _study(storage: str):
+    import optuna
+    return optuna.load_study(study_name="neftune_search_tiny", storage=storage)
+
+
+def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
+    """Three trials, one of which fails its config check (the seeded random sampler draws alpha 5, 1, -1), then
+    the same study continued by one more (a sampler seeded to draw 5)."""
+    storage = f"sqlite:///{tmp_path}/study.db"
+    common = ["-m", "experiment=neftune_search", "size=tiny", "logger=none", f"hydra.sweeper.storage={storage}",
+              "noise=uniform", "noise.alpha=choice(1,5,-1)"]
+    proc, _ = cli(*common, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=1", "hydra.sweeper.n_trials=3",
+                  f"hydra.sweep.dir={tmp_path}/first", out_dir=tmp_path / "unused")
+    assert proc.returncode == 1 and "1 job(s) failed" in proc.stderr, proc.stderr[-3000:]
+    assert "noise.alpha=-1" in proc.stderr
+    trials = _study(storage).trials
+    assert sorted((t.params["noise.alpha"], t.state.name) for t in trials) == [
+        (-1, "FAIL"), (1, "COMPLETE"), (5, "COMPLETE")]
+    loss = {t.params["noise.alpha"]: t.value for t in trials if t.value is not None}
+    for run in (tmp_path / "first").glob("*/summary.json"):
+        summary = json.loads(run.read_text())
+        if summary["status"] == "completed":
+            assert summary["eval/loss"] in loss.values()  # the objective is the run's own held-out loss
+
+    proc, _ = cli(*common, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=1",
+                  f"hydra.sweep.dir={tmp_path}/second", out_dir=tmp_path / "unused")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = _study(storage).trials
+    assert len(trials) == 4  # continued, not started over
+
+    text = report.write_report(tmp_path).read_text()
+    assert "## Search: eval/loss" in text and "4 trials, 3 with values" in text
+    values = [t.value for t in trials if t.value is not None]
+    assert text.count("| ✓ |") == values.count(min(values))  # the best trial, and any other with its value
+
+
+def test_multi_objective_search_gives_a_pareto_front(tmp_path):
+    proc, _ = cli("-m", "experiment=sparse_neft_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=3",
+                  f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
+                  out_dir=tmp_path / "unused")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+    solutions = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["solutions"]
+    assert solutions and all(len(s["values"]) == 2 for s in solutions)
+    text = report.write_report(tmp_path / "sweep").read_text()
+    assert "## Search: eval/loss, pruning/sparsity" in text and "3 trials, 3 with values" in text
+    assert text.count("| ✓ |") == len(solutions)  # the report's front is Optuna's
+    assert (tmp_path / "sweep" / "search_front.png").is_file()
+
+
+def test_a_damaged_study_database_stops_in_one_line(tmp_path):
+    (tmp_path / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)  # a header, then nothing
+    proc, _ = cli("-m", "experiment=neftune_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=1",
+                  f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
+                  out_dir=tmp_path / "unused")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"Error: the study database {tmp_path}/study.db is damaged")
+    assert not list((tmp_path / "sweep").glob("*/summary.json"))
+
+
+def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude(tmp_path):
+    """Its space holds every noise kind but none; two trials (a seeded random sampler draws freelb and noisytune)
+    train as the kind drawn, each with the magnitude drawn for that kind."""
+    import yaml
+    from neftlab.config import NOISE_KINDS
+    params = yaml.safe_load((ROOT / "experiments" / "perturbation_search.yaml").read_text())["hydra"]["sweeper"]["params"]
+    assert params["noise"] == f"choice({', '.join(k for k in NOISE_KINDS if k != 'none')})"
+    proc, _ = cli("-m", "experiment=perturbation_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=2",
+                  "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
+                  f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
+                  out_dir=tmp_path / "unused")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import optuna
+    trials = optuna.load_study(study_name="perturbation_search_tiny", storage=f"sqlite:///{tmp_path}/study.db").trials
+    assert sorted(t.params["noise"] for t in trials) == ["freelb", "noisytune"]
+    for t in trials:
+        (job,) = [d for d in (tmp_path / "sweep").iterdir() if (d / ".hydra" / "config.yaml").exists()
+                  and yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["noise"]["kind"] == t.params["noise"]]
+        noise = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["noise"]
+        magnitude = "adv_init_mag" if noise["kind"] == "freelb" else "intensity"
+        assert noise[magnitude] == pytest.approx(t.params[f"noise.{magnitude}"])
+        assert json.loads((job / "summary.json").read_text())["eval/loss"] == pytest.approx(t.value)
