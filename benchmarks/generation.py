@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from neftlab import data, generation, models
+from neftlab import data, models
+from neftlab.evaluation import generation
 from neftlab.config import EvalConfig, compose
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from neftlab import data, harness, models
+from neftlab import data, models
+from neftlab.evaluation import harness
 from neftlab.config import HarnessConfig, compose
 
 # name: (words in the question, choices, words per choice, lettered options in the prompt, items in the real task)

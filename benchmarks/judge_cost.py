@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-from neftlab import data, judge, models
+from neftlab import data, models
+from neftlab.evaluation import judge
+from neftlab.evaluation.judge.scoring import pairwise_preferences
 from neftlab.config import compose, package_path
 
 
@@ -33,12 +35,12 @@ def main():
     held_out = data.prepare(cfg.data, models.load_tokenizer(cfg.model), True, seed=0).prompts
     texts = [(i, judge.instruction_text(messages), reference) for i, (messages, reference) in enumerate(held_out)]
     pairs = judge.control_pairs(texts)["first_sentence"][: args.pairs]
-    judge.pairwise_preferences(model, tokenizer, pairs[:2], args.max_length, args.batch_size)  # warm-up
+    pairwise_preferences(model, tokenizer, pairs[:2], args.max_length, args.batch_size)  # warm-up
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    orders, truncated = judge.pairwise_preferences(model, tokenizer, pairs, args.max_length, args.batch_size)
+    orders, truncated = pairwise_preferences(model, tokenizer, pairs, args.max_length, args.batch_size)
     seconds = time.perf_counter() - start  # ends in a host read of the probabilities, so the GPU is done
     print(f"device {device}: judge loaded in {load:.1f} s; {len(pairs)} pairs ({2 * len(pairs)} judge prompts, "
           f"{truncated} cut to {args.max_length} tokens) judged in {seconds:.1f} s, batch {args.batch_size}; "

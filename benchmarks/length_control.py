@@ -19,7 +19,7 @@ import argparse
 import numpy as np
 from scipy.special import expit
 
-from neftlab import stats
+from neftlab.core import stats
 
 
 def former(prefs, words, resamples, rng):

@@ -20,7 +20,9 @@ from transformers import DataCollatorForSeq2Seq
 from transformers.integrations.neftune import neftune_post_forward_hook
 
 from pathlib import Path
-from neftlab import data, models, noise
+from neftlab import data, models
+from neftlab.methods import noise
+from neftlab.methods.dynamic import stability
 from neftlab.config import compose
 
 
@@ -109,7 +111,7 @@ def main():
 
     sync()
     start = time.perf_counter()
-    value = noise.stability(emb.weight)  # ends in a host read, so it waits for the GPU itself
+    value = stability(emb.weight)  # ends in a host read, so it waits for the GPU itself
     stat = time.perf_counter() - start
     print(f"dynamic statistic on {tuple(emb.weight.shape)}: {stat * 1e3:.1f} ms (= {value:.5f}); "
           f"at adjust_interval 100 that is {100 * stat / (100 * base):.4f}% of training time")

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from neftlab import pruning
-from neftlab.measures import peak_rss
+from neftlab.evaluation.measures import peak_rss
+from neftlab.methods import pruning
+from neftlab.methods.pruner import PruningCallback
 
 
 def sync(device: torch.device) -> None:
@@ -97,7 +98,7 @@ def main():
     model = models.load_model(cfg.model, models.load_tokenizer(cfg.model)).to(device)
     original = model.get_input_embeddings().weight.detach().clone()
     for method in ("l1", "l2"):
-        callback = pruning.PruningCallback(model, PruningConfig(method=method, ratio=0.3), lambda step, m: None)
+        callback = PruningCallback(model, PruningConfig(method=method, ratio=0.3), lambda step, m: None)
         callback.weights = pruning.targets(model, "embedding")
 
         def prune_event():

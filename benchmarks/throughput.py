@@ -1,7 +1,7 @@
 """Training throughput: a plain Hugging Face Trainer script against neftlab's runner, same model, data and arguments.
 
 Each arm is a process of its own, so that peak memory is its own:
-- `plain`: data and model from neftlab's loaders, `TrainingArguments` from `pipeline.training_arguments`, a bare
+- `plain`: data and model from neftlab's loaders, `TrainingArguments` from `run.arguments.training_arguments`, a bare
   `Trainer` with the padding collator and no callbacks;
 - the others: `python -m neftlab` with noise none / uniform / dynamic (adjust_interval 100) / l1 pruning (interval
   100) / FreeLB with K = 1, 2, 3 passes / NoisyTune, padded, and none / uniform packed (`data.packing=true`), and
@@ -60,9 +60,10 @@ def plain(overrides: list[str], run_dir: Path) -> dict:
     the summary keys a neftlab run writes for the same figures."""
     from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-    from neftlab import data, measures, models
+    from neftlab import data, models
+    from neftlab.evaluation import measures
     from neftlab.config import compose
-    from neftlab.pipeline import training_arguments
+    from neftlab.run.arguments import training_arguments
 
     cfg = compose(*overrides)
     set_seed(cfg.seed)
@@ -106,7 +107,7 @@ def main():
     parser.add_argument("--model", default="llama")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--arms", default=",".join(ARMS))
-    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every arm, e.g. trainer=study")
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every arm, e.g. size=gpu")
     parser.add_argument("--json", help="also write the figures to this file (benchmarks/gpu_check.py reads it)")
     args = parser.parse_args()
     arms = args.arms.split(",")

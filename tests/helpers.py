@@ -14,11 +14,12 @@ import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
-from neftlab.config import compose as compose_cfg  # noqa: F401  (the config `python -m neftlab` runs with)
+from neftlab.config import compose as compose_cfg  # noqa: F401 - the config `python -m neftlab` runs with
 from neftlab.config import register
 from neftlab.config.compose import CONF as CONF_DIR
 from neftlab.run.job import JobContext, Outcome, run_job
 
+__all__ = ["CONF", "ROOT", "TINY", "Ran", "cli", "compose_cfg", "run", "spawn", "subprocess_run", "sweep"]
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(CONF_DIR)
 # Small enough for seconds per run on 2 cores.
@@ -75,3 +76,30 @@ def sweep(*overrides: str, grid: dict[str, list], out_dir: Path) -> list[tuple[O
     points = list(itertools.product(*grid.values()))
     return [run(*overrides, *(f"{k}={v}" for k, v in zip(grid, point)), out_dir=Path(out_dir) / str(n),
                 root=out_dir, number=n) for n, point in enumerate(points)]
+
+
+class Ran:
+    """A job run in this process, read as a finished command line: its exit code, and its log lines with its one
+    closing line as `stderr`."""
+
+    def __init__(self, outcome: Outcome, log: str):
+        self.outcome, self.returncode = outcome, outcome.exit_code
+        self.stderr = log + ("\n" + outcome.message if outcome.message else "")
+
+
+def subprocess_run(*overrides: str, out_dir: Path, root: Optional[Path] = None) -> Ran:
+    """`run`, with every log line of neftlab's at INFO and above captured, as the command line's terminal shows."""
+    import io
+    import logging
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("neftlab")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        outcome, _ = run(*overrides, out_dir=out_dir, root=root)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return Ran(outcome, stream.getvalue())

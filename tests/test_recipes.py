@@ -21,6 +21,8 @@ import pytest
 
 from tests.helpers import ROOT, TINY, compose_cfg
 
+pytestmark = pytest.mark.slow  # the README's commands as a user types them: each a command line of its own
+
 README = (ROOT / "README.md").read_text()
 RECIPES = README.split("## Recipes")[1].split("## Documentation")[0]
 COMMANDS = [line.split("  #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", RECIPES, re.S)
@@ -118,7 +120,7 @@ def test_capabilities(headline_run, tmp_path):
 
 
 def test_a_search(tmp_path):
-    run(recipe("python -m neftlab -m hydra/sweeper=optuna experiment=neftune_search hydra.sweeper.n_trials=20"),
+    run(recipe("python -m neftlab hparams_search=neftune hydra.sweeper.n_trials=20"),
         "size=tiny", "hydra.sweeper.n_trials=2", *tiny(tmp_path))
     report = recipe("python -m neftlab.report outputs/experiments/neftune_search_cpu")
     run([*report[:3], str(tmp_path / "experiments" / "neftune_search_tiny")])  # size=tiny keeps its own study
@@ -127,12 +129,13 @@ def test_a_search(tmp_path):
 
 def test_the_gpu_recipes_compose():
     """No GPU here: the commands' configs are composed and checked, not run."""
-    paper = compose_cfg(*recipe("python -m neftlab trainer=paper noise=uniform noise.alpha=5")[3:])
+    paper = compose_cfg(*recipe("python -m neftlab size=paper noise=uniform noise.alpha=5")[3:])
     assert paper.trainer.args["bf16"] and paper.eval.num_generations is None
     study = compose_cfg(*recipe("python -m neftlab -m experiment=neftune_repro size=gpu")[4:])
     assert study.trainer.args["bf16"] and study.eval.max_new_tokens == 512
-    torchrun = recipe("torchrun --nproc_per_node=4 -m neftlab trainer=paper noise=dynamic pruning=l1")
-    assert compose_cfg(*torchrun[4:]).noise.kind == "dynamic"
+    torchrun = recipe("torchrun --nproc_per_node=4 -m neftlab size=paper trainer=fsdp noise=dynamic pruning=l1")
+    sharded = compose_cfg(*torchrun[4:])  # composed as it is, except trainer.fsdp, which needs CUDA to check
+    assert sharded.noise.kind == "dynamic" and sharded.trainer.fsdp and sharded.trainer.args["bf16"]
     # Its dry run is tests/test_gpu_check.py's; here, that the recipe reaches it with the default Python.
     make = subprocess.run([*recipe("make gpu-check"), "-n", "--no-print-directory"], cwd=ROOT, capture_output=True,
                           text=True, check=True)  # (under `make test`, a make inside make names its directory)

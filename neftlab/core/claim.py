@@ -77,7 +77,8 @@ def alive(holder: dict, seconds: float) -> bool:
     this namespace (a pid reused after kill -9 or a container restart is another process), else told by its
     heartbeat."""
     me = owner()
-    if (holder.get("host"), holder.get("boot"), holder.get("ns", me["ns"])) == (me["host"], me["boot"], me["ns"]):
+    here = (holder.get("host"), holder.get("boot", me["boot"]), holder.get("ns", me["ns"]))  # older locks lack some
+    if here == (me["host"], me["boot"], me["ns"]):
         start = started(int(holder.get("pid") or -1))
         return start is not None and (holder.get("started") is None or abs(start - holder["started"]) < 1.0)
     return seconds < STALE_AFTER_S
@@ -113,9 +114,10 @@ class RunLock:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def acquire(self, take_over: bool = False) -> Optional[tuple[dict, float]]:
-        """Claim the run; None on success, else the holder that may still be alive and its lock's age."""
-        me = owner()
+    def acquire(self, take_over: bool = False, purpose: str = "run") -> Optional[tuple[dict, float]]:
+        """Claim the run; None on success, else the holder that may still be alive and its lock's age. `purpose`
+        (run, resume, evaluate) is recorded for whoever finds the lock held."""
+        me = {**owner(), "purpose": purpose}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):
             if self._create(me):

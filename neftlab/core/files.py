@@ -98,7 +98,7 @@ def _clear_stale(path: Path) -> None:
 def atomic_write(path: Path, write: Callable[[Path], None], *, root: Path) -> None:
     """Call `write(tmp)` for a temporary path beside `path`, then rename it into place (same filesystem). The rename
     replaces a link at `path` itself rather than writing through it; a link above it is refused."""
-    path = confined(path, root)
+    path = Path(os.path.abspath(path))
     make_dirs(path.parent, root=root)
     _clear_stale(path)
     tmp = _temporary(path)
@@ -133,11 +133,11 @@ def append_line(path: Path, line: str, *, root: Path) -> None:
 
 
 def remove_tree(path: Path, *, root: Path) -> None:
-    """Delete a folder below `root`; a link there is unlinked, never followed."""
+    """Delete a folder (or a file) below `root`; a link there is unlinked, never followed."""
     path = Path(os.path.abspath(path))
     if link_below(path.parent, root) is not None:
         raise UnsafePath(f"{path}: a symbolic link on its way from {root}: not removed")
-    if path.is_symlink():
+    if path.is_symlink() or path.is_file():
         path.unlink()
     elif path.exists():
         shutil.rmtree(path)
@@ -252,10 +252,25 @@ def load_torch(path: Path, *, root: Optional[Path] = None) -> Any:
         raise UnreadableFile(f"{path} cannot be loaded safely ({first_line(e, 160)})") from None
 
 
+# numpy's arrays and dtypes in the Trainer's rng_state.pth, which it loads with weights_only and these allowed
+SAFE_GLOBALS = ("numpy.ndarray", "numpy.dtype", "numpy._core.multiarray._reconstruct",
+                "numpy.core.multiarray._reconstruct", "numpy.dtypes.")
+NEVER_LOADED = ("training_args.bin",)  # a checkpoint's pickled TrainingArguments: nothing of neftlab's reads it
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """The objects a `torch.save` file would build that `weights_only` loading refuses, read from its pickle
+    without loading it (torch's own scan)."""
+    import torch
+    found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    return [name for name in found if not name.startswith(SAFE_GLOBALS)]
+
+
 def problem_with(path: Path) -> Optional[str]:
     """Why a saved file cannot be read, from its structure alone (cheap: no tensor is loaded), or None. A
-    `torch.save` file's zip directory, a safetensors file's header, a JSON file's text. A file whose size is right
-    but whose bytes were damaged (a zeroed zip directory) fails here."""
+    `torch.save` file's zip directory and the objects its pickle would build, a safetensors file's header, a JSON
+    file's text. A file whose size is right but whose bytes were damaged (a zeroed zip directory) fails here, and
+    so does a pickle that would run code."""
     path = Path(path)
     try:
         mode = path.lstat().st_mode
@@ -268,6 +283,8 @@ def problem_with(path: Path) -> Optional[str]:
             with zipfile.ZipFile(path) as archive:
                 if not archive.namelist():
                     return f"{path} is corrupt (an empty archive)"
+            if path.name not in NEVER_LOADED and (unsafe := unsafe_globals(path)):
+                return f"{path} holds objects that would run code when loaded ({', '.join(unsafe[:3])}): refused"
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
             with safe_open(str(path), framework="pt"):

@@ -30,6 +30,11 @@ def world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist is not None else (0, 1)
 
 
+def launched_ranks() -> int:
+    """How many ranks the launcher started for this job ($WORLD_SIZE), known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def job_pid() -> int:
     """The job's process: torchrun's for each of its ranks (they share it), else this one."""
     return os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()

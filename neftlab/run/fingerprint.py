@@ -101,7 +101,7 @@ class Identity:
         if recorded.get("data", self.data) != self.data:
             found.append(data_change(recorded["data"], self.data))
         if recorded.get("model", self.model) != self.model:
-            found.append(f"the base model's weights changed since that run started ({self.model.get('path')})")
+            found.append(f"the base model's weights changed ({self.model.get('path')})")
         return found
 
     def differences(self, run_dir: Path) -> Optional[list[str]]:
@@ -112,5 +112,5 @@ class Identity:
 
 def data_change(old: dict, new: dict) -> str:
     if old.get("path") != new.get("path"):
-        return f"data file {old.get('path') or old.get('hub')} then, {new.get('path') or new.get('hub')} now"
-    return f"{new['path']} has other contents ({old.get('size')} bytes then, {new.get('size')} now)"
+        return f"the data changed (data file {old.get('path') or old.get('hub')} then, {new.get('path') or new.get('hub')} now)"
+    return f"the data changed ({new['path']} has other contents: {old.get('size')} bytes then, {new.get('size')} now)"

@@ -19,10 +19,13 @@ traceback goes to the run's log. A job that never claimed a directory writes not
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
+import resource
 import signal
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,17 +36,18 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .. import data as data_mod
 from .. import models
-from ..config import Config, to_config
+from ..config import Config, run_id, to_config
 from ..config.objectives import objective, objective_keys
 from ..core import rundir
 from ..core.claim import RunLock, describe
 from ..core.errors import ConfigError, NeftlabError, disk_full, first_line
-from ..core.rank import rank
+from ..core.files import read_json, write_json
+from ..core.rank import launched_ranks, rank
 from ..core.rundir import RunFiles
 from . import launch, pipeline
 from .checkpoint import training_done, usable_checkpoint
 from .fingerprint import Identity, config_differences, saved_config
-from .resume import Refused, Resume, claim, clear, find_resume, occupant
+from .resume import Busy, Refused, Resume, claim, clear, find_resume, occupant
 from .signals import Interrupted
 
 log = logging.getLogger(__name__)
@@ -114,7 +118,7 @@ class HeldLog:
 @dataclass
 class Outcome:
     """How a job ended: its status, one line, the run's directory, its summary and its return to the sweeper."""
-    status: str  # completed | reused | failed | refused | interrupted
+    status: str  # completed | reused | failed | refused | busy (another process's) | interrupted
     message: str = ""
     run_dir: Optional[Path] = None
     summary: dict = field(default_factory=dict)
@@ -141,6 +145,10 @@ def _message(e: BaseException, out_dir: Path) -> tuple[str, str]:
     if disk_full(e, out_dir):
         return "interrupted", (f"no space left on device ({out_dir}): free some and rerun the same command to resume "
                                "from the last complete checkpoint")
+    if isinstance(e, OSError) and e.errno == errno.EMFILE:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return "failed", (f"too many open files: this process may open {limit} (ulimit -n); raise it, e.g. "
+                          f"`ulimit -n 1024`, and rerun the same command")
     return "failed", first_line(e, 1000)
 
 
@@ -152,6 +160,33 @@ def _late(message: str, run_dir: Path) -> str:
     return f"{message} (training is saved in {checkpoint.name}: once the cause is fixed, the same command only evaluates)"
 
 
+DECISIONS = ".jobs"  # under the output root: what rank 0 of a torchrun job decided, for its other ranks
+DECISION_TIMEOUT_S = 1800
+
+
+class Decision:
+    """Rank 0 of a torchrun job decides which directory the run uses, and the other ranks do as it does: they cannot
+    look for themselves, since rank 0's own writes (its claim, .hydra/) change what they would see. Rank 0 writes
+    its decision to <output_root>/.jobs/<run id>.json, the other ranks wait for it; a job of one process needs
+    none of this."""
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / DECISIONS / f"{run_id()}.json"
+        self.published = False
+
+    def publish(self, decision: dict) -> None:
+        write_json(self.path, decision, root=self.path.parent.parent)
+        self.published = True
+
+    def wait(self) -> dict:
+        deadline = time.monotonic() + DECISION_TIMEOUT_S
+        while (found := read_json(self.path)) is None:
+            if time.monotonic() > deadline:
+                raise NeftlabError(f"rank {rank()}: rank 0 decided nothing within {DECISION_TIMEOUT_S} s ({self.path})")
+            time.sleep(0.2)
+        return found
+
+
 class Job:
     """One job: decide and claim its run's directory, run the pipeline there, end with an `Outcome`."""
 
@@ -159,6 +194,9 @@ class Job:
         self.dict_cfg, self.ctx, self.held = dict_cfg, ctx, held
         self.files: Optional[RunFiles] = None
         self.lock: Optional[RunLock] = None
+        self.resume: Optional[Resume] = None
+        root = Path(str(dict_cfg.get("output_root", "outputs")))
+        self.decision = Decision(root) if launched_ranks() > 1 else None
 
     def _claimed(self, run_dir: Path, cfg: Optional[Config], keep=None) -> None:
         """The run's directory is decided and held: its .hydra/ and the held log go there, and its files are
@@ -175,6 +213,13 @@ class Job:
         return objective(summary, objective_keys(cfg.search.objectives, cfg.eval.judge.model is not None))
 
     def run(self) -> Outcome:
+        outcome = self._run()
+        if self.decision is not None and rank() == 0 and not self.decision.published:
+            self.decision.publish({"action": "ended", "status": outcome.status, "message": outcome.message,
+                                   "exit_code": outcome.exit_code})
+        return outcome
+
+    def _run(self) -> Outcome:
         out_dir = self.ctx.out_dir
         try:
             if stopped := launch.sweep_stopped(self.ctx.sweep_dir):
@@ -183,9 +228,12 @@ class Job:
             cfg = to_config(self.dict_cfg)
             source, model_files = data_mod.locate(cfg.data), models.locate(cfg.model)
             identity = Identity(self.dict_cfg, source.fingerprint(), model_files.fingerprint())
-            outcome = self._decide(cfg, identity)
+            outcome = self._follow(cfg) if self.decision is not None and rank() != 0 else self._decide(cfg, identity)
             if outcome is not None:
                 return outcome
+            if self.decision is not None and rank() == 0:
+                self.decision.publish({"action": "run", "run_dir": str(self.files.dir),
+                                       "checkpoint": str(self.resume.checkpoint) if self.resume else None})
             pipeline.run(cfg, self.files, self.resume, source, model_files)
             summary = self.files.finish("completed")
             pipeline.drop_unasked_checkpoints(cfg, self.files)
@@ -198,7 +246,7 @@ class Job:
         except Exception as e:
             status, message = _message(e, out_dir)
             log.debug("Traceback:\n%s", traceback.format_exc())
-            return self._ended(status, message, 1, refused=isinstance(e, Refused))
+            return self._ended(status, message, 1, refused=isinstance(e, Refused), busy=isinstance(e, Busy))
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -206,7 +254,6 @@ class Job:
     def _decide(self, cfg: Config, identity: Identity) -> Optional[Outcome]:
         """Claim the run's directory, or end here: reused, or refused having written nothing."""
         out_dir = self.ctx.out_dir
-        self.resume: Optional[Resume] = None
         for _ in range(2):  # decided, claimed, decided again under the claim
             occupied = occupant(out_dir, identity)
             if occupied is not None and occupied.action == "refuse":
@@ -229,7 +276,7 @@ class Job:
             self.lock, held = claim(out_dir, cfg.trainer.take_over)
             if held is not None:
                 self.lock = None
-                raise Refused(f"output directory {out_dir} is in use by {describe(*held)}: choose another "
+                raise Busy(f"output directory {out_dir} is in use by {describe(*held)}: choose another "
                                   "hydra.run.dir, or, if that process is gone, take the run over with "
                                   "trainer.take_over=true")
             again = occupant(out_dir, identity)
@@ -246,18 +293,36 @@ class Job:
         identity.record(out_dir)
         return None
 
-    def _ended(self, status: str, message: str, exit_code: int, refused: bool = False, **extra) -> Outcome:
+    def _follow(self, cfg: Config) -> Optional[Outcome]:
+        """A rank other than 0: the directory rank 0 claimed, or the end rank 0 came to."""
+        decided = self.decision.wait()
+        if decided["action"] == "ended":
+            self.held.drop()
+            return Outcome(decided["status"], decided["message"], exit_code=decided["exit_code"])
+        run_dir = Path(decided["run_dir"])
+        self.lock = RunLock(run_dir)
+        if self.lock.acquire() is not None:  # rank 0's claim is this job's own: another job holds it
+            raise Refused(f"{run_dir}: rank 0's claim was lost")
+        if decided["checkpoint"]:
+            self.resume = Resume(run_dir, Path(decided["checkpoint"]), self.lock)
+        self._claimed(run_dir, cfg, keep=self.resume.keeps if self.resume else None)
+        return None
+
+    def _ended(self, status: str, message: str, exit_code: int, refused: bool = False, busy: bool = False,
+               **extra) -> Outcome:
         """A run that ends early: summary.json and the log where the run's files are. A job that has claimed no
         directory writes a failure only into its own output directory, when it holds nothing, claiming it first;
         otherwise it only says so."""
-        if self.files is None and self.lock is None and not refused and rundir.status(self.ctx.out_dir) == "absent":
+        if self.files is None and self.lock is None and not refused and rank() == 0 and \
+                rundir.status(self.ctx.out_dir) == "absent":
             lock, held = claim(self.ctx.out_dir)
             if held is None:
                 self.lock = lock
                 self._claimed(self.ctx.out_dir, None)
         if self.files is None:
             self.held.drop()
-            return Outcome("refused" if status == "failed" else status, message, exit_code=exit_code)
+            return Outcome("busy" if busy else "refused" if status == "failed" else status, message,
+                           exit_code=exit_code)
         if status == "failed":
             message = _late(message, self.files.dir)
         summary = self.files.finish(status, message, **extra)

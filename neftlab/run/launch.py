@@ -170,19 +170,23 @@ class RunGuard(Callback):
         stop = next((r["stop"] for r in rows if "stop" in r), None)
         jobs = {r["job"]: r for r in rows if "job" in r}  # the last line of each job
         failed = [r for r in jobs.values() if r["status"] in ("failed", "refused")]
+        busy = [r for r in jobs.values() if r["status"] == "busy"]
         interrupted = [r for r in jobs.values() if r["status"] == "interrupted"]
         reused = [r for r in jobs.values() if r["status"] == "reused"]
-        append(self.ledger, {"sweep": self.sweep, "end": True, "failed": len(failed),
-                                          "interrupted": len(interrupted) + (stop is not None)})
+        append(self.ledger, {"sweep": self.sweep, "end": True, "failed": len(failed) + len(busy),
+                             "interrupted": len(interrupted) + (stop is not None)})
         if reused:
             print(f"{len(reused)} job(s) were already completed: their results are reused", file=sys.stderr)
-        for what, rows_ in (("failed", failed), ("were interrupted", interrupted)):
+        for what, rows_ in (("failed", failed), ("were interrupted", interrupted),
+                            ("were being run by another process", busy)):
             if rows_:
                 print(f"{len(rows_)} job(s) {what}:", file=sys.stderr)
                 for r in sorted(rows_, key=lambda r: r["job"]):
                     print(f"  {r['run'] or r['dir']}: {r['error']}", file=sys.stderr)
+        if busy:
+            print("rerun the same command once it has ended: their results are then reused", file=sys.stderr)
         if stop is not None or interrupted:
             print("rerun the same command to resume them", file=sys.stderr)
             raise SystemExit(128 + (stop or signal.SIGTERM))
-        if failed:
+        if failed or busy:
             raise SystemExit(1)

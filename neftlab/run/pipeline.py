@@ -69,6 +69,8 @@ def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | 
     args = training_arguments(cfg, files.dir)  # a bad trainer.args value ends here, before anything loads
     if cfg.eval.harness.tasks:  # a task whose data cannot be had here stops the run now, not after training
         harness.prepare(cfg.eval.harness)
+    if cfg.eval.judge.model and cfg.model.causal:  # so does a judge that cannot be had (a typo in its path)
+        models.resolve(cfg.eval.judge.model, "llama", key="eval.judge.model")
     model_files = model_files or models.locate(cfg.model)
     tokenizer = models.load_tokenizer(cfg.model, model_files)
     cfg.validate_context(models.context_length(cfg.model, model_files))

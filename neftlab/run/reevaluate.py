@@ -66,7 +66,7 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
     """Evaluate the run again; returns the summary of this evaluation's metrics."""
     cfg = load_config(run_dir, overrides)  # a key that cannot change is named before anything else
     weights, last = trained_weights(run_dir)
-    lock, held = claim(run_dir)
+    lock, held = claim(run_dir, purpose="evaluate")
     if held is not None:
         raise ConfigError(f"{run_dir} is in use by {describe(*held)}")
     try:

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from omegaconf import OmegaConf
+
 from ..core import rundir
 from ..core.claim import RunLock, describe
 from ..core.errors import ConfigError
 from ..core.files import link_below, read_json, remove_tree
 from .checkpoint import checkpoints, problem, step_of, usable_checkpoint
-from .fingerprint import Identity
+from .fingerprint import Identity, config_differences, saved_config
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +52,21 @@ class Refused(ConfigError):
     """The job's directory is another run's, or in use: said in one line, and nothing is written."""
 
 
+class Busy(Refused):
+    """The run is another live process's (training it, resuming it): this job leaves it to that one."""
+
+
 class ReadOnlyRun(Refused):
     """A run whose directory cannot be written: archived, snapshotted, mounted read-only."""
 
 
-def claim(run_dir: Path, take_over: bool = False) -> tuple[RunLock, Optional[tuple[dict, float]]]:
+def claim(run_dir: Path, take_over: bool = False, purpose: str = "run"
+          ) -> tuple[RunLock, Optional[tuple[dict, float]]]:
     """(the lock, None when it was acquired, else its holder and age): `RunLock(run_dir).acquire`, with a
     read-only directory told as such (`ReadOnlyRun`)."""
     lock = RunLock(run_dir)
     try:
-        return lock, lock.acquire(take_over)
+        return lock, lock.acquire(take_over, purpose)
     except OSError as e:
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise ReadOnlyRun(f"{run_dir} is read-only ({e.strerror}): a run there cannot be resumed in place; copy it "
@@ -106,11 +113,14 @@ def _explicit(setting: str, identity: Identity, take_over: bool) -> Resume:
                           "start a new run (trainer.resume=false)")
     if (other := owner_name(run_dir)) is not None:
         raise ConfigError(f"{key}: that run belongs to the user {other}; a run is never taken over from another user")
-    differences = identity.differences(run_dir) or []
+    differences = identity.config_differences(run_dir) or []
     if differences:
-        raise ConfigError(f"{key}: that run differs in {'; '.join(differences)}; resume it with its own config, or "
-                          "start a new run (trainer.resume=false)")
-    lock, held = claim(run_dir, take_over)
+        raise ConfigError(f"{key}: that run's config differs in {'; '.join(differences)}; resume it with its own "
+                          "config, or start a new run (trainer.resume=false)")
+    if changes := identity.content_changes(run_dir):
+        raise ConfigError(f"{key}: {'; '.join(changes)} since that run started; restore them, or start a new run "
+                          "(trainer.resume=false)")
+    lock, held = claim(run_dir, take_over, purpose="resume")
     if held is not None:
         raise ConfigError(f"{key}: that run is in use by {describe(*held)}; if that process is gone (a node that "
                           f"died, a container that was replaced), take the run over with trainer.resume={run_dir} "
@@ -147,7 +157,7 @@ def find_resume(setting: Any, identity: Identity, out_dir: Path, root: Path, tak
         return _explicit(str(setting), identity, take_over)
     for candidate, checkpoint in _candidates(identity, out_dir, root):
         try:
-            lock, held = claim(candidate, take_over and candidate == Path(out_dir))
+            lock, held = claim(candidate, take_over and candidate == Path(out_dir), purpose="resume")
         except ReadOnlyRun as e:
             if candidate == Path(out_dir):
                 raise
@@ -158,8 +168,8 @@ def find_resume(setting: Any, identity: Identity, out_dir: Path, root: Path, tak
                 lock.release()
                 continue
             return Resume(candidate, checkpoint, lock)
-        if rundir.status(candidate) == "interrupted":  # an interrupted run whose lock is alive: being resumed
-            raise Refused(f"{candidate}, this config's interrupted run, is being resumed by {describe(*held)}: "
+        if held[0].get("purpose") == "resume":  # another rerun of the same command got there first
+            raise Busy(f"{candidate}, this config's interrupted run, is being resumed by {describe(*held)}: "
                               "nothing to do here (trainer.resume=false starts another run of the same config)")
         if candidate != Path(out_dir):  # the job's own directory in use: the job itself says so
             log.warning("Not resuming %s: it is in use by %s; starting a new run in %s (if that process is gone, "
@@ -199,7 +209,8 @@ def occupant(run_dir: Path, identity: Identity) -> Optional[Occupied]:
     differences = identity.differences(run_dir)
     if differences is None:
         differences = ["it has no readable .hydra/config.yaml"]
-    what = "a completed run" if status == "completed" else f"a {status or 'unfinished'} run"
+    state = status or "unfinished"
+    what = f"{'an' if state[0] in 'aeiou' else 'a'} {state} run"
     if differences:
         if status == "failed" and not kept_something(run_dir):
             return Occupied("replace", f"{run_dir} holds a failed run of another config that kept no checkpoint or "
@@ -209,10 +220,15 @@ def occupant(run_dir: Path, identity: Identity) -> Optional[Occupied]:
                                   f"({'; '.join(differences)}); a run's files are never overwritten: {how}choose "
                                   "another hydra.run.dir")
     if status == "completed":
+        changed = config_differences((saved_config(run_dir) or {}).get("eval", {}),
+                                     OmegaConf.to_container(OmegaConf.create(identity.config), resolve=True).get("eval", {}))
+        hint = (f" (its eval.* keys differ: {'; '.join(changed)}; evaluate it again with python -m neftlab.evaluate "
+                f"{run_dir} eval.KEY=VALUE)") if changed else ""
         return Occupied("reuse", f"{run_dir} is already completed with this config: its result is reused, nothing is "
-                                 "trained", read_json(Path(run_dir) / rundir.SUMMARY, root=run_dir))
-    return Occupied("retrain", f"{run_dir} was stopped before its first complete checkpoint: training it again from "
-                               "step 0")
+                                 f"trained{hint}", read_json(Path(run_dir) / rundir.SUMMARY, root=run_dir))
+    why = "failed before its training was checkpointed" if status == "failed" else \
+        "was stopped before its first complete checkpoint"
+    return Occupied("retrain", f"{run_dir} {why}: training it again from step 0")
 
 
 def clear(run_dir: Path) -> None:

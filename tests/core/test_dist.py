@@ -16,8 +16,13 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers import ROOT, TINY, spawn
-from neftlab import measures, noise, pruning, sharding
 from neftlab.config import NoiseConfig, PruningConfig
+from neftlab.core import dist as sharding
+from neftlab.methods import noise, pruning
+from neftlab.methods.dynamic import DynamicAlpha, stability
+from neftlab.methods.noise_callback import NoiseCallback
+from neftlab.methods.pruner import PruningCallback
+from neftlab.models import parameter_counts
 
 ROWS, COLS = 1001, 48  # an odd row count: the shards are uneven
 CPU_ONLY = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # gloo tests: ranks must not share one GPU
@@ -32,14 +37,15 @@ def weights(step: int) -> torch.Tensor:
 
 
 def alpha_trajectory(make_weight) -> list[float]:
-    class Handle:
-        alpha = 5.0
-    rule = noise.DynamicAlpha(Handle, NoiseConfig(kind="dynamic", alpha_step=0.5, stability_threshold="auto"))
-    return [rule.update(noise.stability(make_weight(step)))["noise/alpha"] for step in range(6)]
+    rule, alpha, trajectory = DynamicAlpha(NoiseConfig(kind="dynamic", alpha_step=0.5, stability_threshold="auto")), 5.0, []
+    for step in range(6):
+        alpha, _ = rule.next_alpha(alpha, stability(make_weight(step)))
+        trajectory.append(alpha)
+    return trajectory
 
 
 def single_process_results():
-    results = {"alpha": alpha_trajectory(weights), "stability": noise.stability(weights(3))}
+    results = {"alpha": alpha_trajectory(weights), "stability": stability(weights(3))}
     for method, ratio in (("l1", 0.3), ("l1", 0.8), ("l2", 0.4)):
         w = weights(1)
         results[f"{method}-{ratio}"] = pruning.prune_(w, ratio, method).clone()
@@ -75,7 +81,7 @@ def worker(rank, world, store, expected, like_nccl):
         mesh = init_device_mesh("cpu", (world,))
         shard = lambda w: distribute_tensor(w, mesh, [Shard(0)])  # noqa: E731
         assert alpha_trajectory(lambda step: shard(weights(step))) == expected["alpha"]
-        assert noise.stability(shard(weights(3))) == pytest.approx(expected["stability"], rel=1e-12)
+        assert stability(shard(weights(3))) == pytest.approx(expected["stability"], rel=1e-12)
         for method, ratio in (("l1", 0.3), ("l1", 0.8), ("l2", 0.4)):
             w = shard(weights(1))
             local_mask = pruning.prune_(w, ratio, method)
@@ -89,7 +95,7 @@ def worker(rank, world, store, expected, like_nccl):
             assert zeros == exact
             model = torch.nn.Module()
             model.weight = torch.nn.Parameter(w)
-            counts = measures.parameter_counts(model)
+            counts = parameter_counts(model)
             assert counts["efficiency/nonzero_params"] == int(torch.count_nonzero(w.full_tensor()))
         if like_nccl:  # the statistic, both pruning methods' histograms and the counts all went through it
             assert len(reduced_on) > 10 and set(reduced_on) == {torch.device("lazy", 0)}
@@ -138,16 +144,16 @@ def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_r
     refused = r"placements \(Replicate\(\),\): neftlab supports FSDP2's row sharding \(Shard\(dim=0\),\) only"
     for method in ("l1", "l2"):
         with pytest.raises(sharding.UnsupportedLayoutError, match=refused):
-            pruning.PruningCallback(model, PruningConfig(method=method), lambda step, m: None).on_train_begin(*begin)
+            PruningCallback(model, PruningConfig(method=method), lambda step, m: None).on_train_begin(*begin)
     for threshold in ("auto", 0.1):
-        callback = noise.NoiseCallback(noise.attach(model, "dynamic"),
+        callback = NoiseCallback(noise.attach(model, "dynamic"),
                                        NoiseConfig(kind="dynamic", stability_threshold=threshold), lambda s, m: None)
         with pytest.raises(sharding.UnsupportedLayoutError, match="no hybrid sharding"):
             callback.on_train_begin(*begin)
         callback.noise.remove()
     assert torch.equal(model.embed.weight.full_tensor(), weights(1))  # nothing pruned a copy
     # Counting only reads, so it takes any layout: the end of a run never fails on it.
-    assert measures.parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))
+    assert parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))
 
 
 @pytest.mark.parametrize("kind", ["uniform", "freelb"])  # freelb: K passes, the first K - 1 under no_sync

@@ -301,14 +301,14 @@ def test_a_sweep_is_judged_against_its_baseline_arm_seed_by_seed(tmp_path, tiny_
     plain = [sweep_run(tmp_path, f"plain_{s}", "none", s, ANSWERS_B, wandb_id=f"base{s}") for s in (1, 2)]
     noisy = [sweep_run(tmp_path, f"noisy_{s}", "uniform", s, ANSWERS_A, wandb_id=f"run{s}") for s in (1, 2)]
     assert judge_cli.main([str(tmp_path), "--baseline", "arm", "--judge", tiny_judges.causal, "--bootstrap", "100",
-                       "--wandb"]) == 0
-    for seed, run in enumerate(noisy, 1):
-        saved = json.loads((run / f"judge_plain_{seed}.json").read_text())
+                           "--wandb"]) == 0
+    for seed, judged in enumerate(noisy, 1):
+        saved = json.loads((judged / f"judge_plain_{seed}.json").read_text())
         assert saved["baseline"] == str(plain[seed - 1].resolve())  # its own seed's baseline run
         # two runs judged on the same prompts: AlpacaEval's instruction terms in their LC, estimated from both
         assert saved["summary"]["judge/lc_instruction_terms"] is True and saved["instruction_difficulty_from"] == 2
         assert saved["pairs"][0]["instruction_difficulty"] == 0.0
-        logged = offline_run(run)
+        logged = offline_run(judged)
         assert logged["run"].run_id == f"run{seed}"
         assert float(logged["summary"]["judge_vs_baseline/win_rate"]) == pytest.approx(
             saved["summary"]["judge/win_rate"])

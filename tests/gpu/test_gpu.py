@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers import ROOT, TINY, cli
-from neftlab import noise, pruning, rundir
+from neftlab.core import rundir
+from neftlab.methods import pruning
+from neftlab.methods.dynamic import stability
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +32,7 @@ RANKS = [1, pytest.param(2, marks=pytest.mark.skipif(torch.cuda.device_count() <
 
 def fsdp(method: str, scope: str = "embedding") -> list[str]:
     """The issue's FSDP2 command, with NCCL collectives."""
-    return ["trainer=fsdp", "model=llama_tiny", "noise=dynamic", "noise.adjust_interval=1",
+    return ["size=paper", "trainer=fsdp", "model=llama_tiny", "noise=dynamic", "noise.adjust_interval=1",
             "noise.stability_threshold=auto", f"pruning={method}", f"pruning.scope={scope}", "pruning.interval=2",
             "trainer.max_steps=6", "trainer.save_steps=3", "data.max_samples=64", "data.max_length=64", "logger=none"]
 
@@ -60,7 +62,7 @@ def test_sharded_statistic_and_pruning_over_nccl_equal_the_unsharded_ones(tmp_pa
         mesh = init_device_mesh("cuda", (1,))
         w = torch.randn(1001, 48, generator=torch.Generator().manual_seed(0)).cuda()
         w[::7] = 0.5  # ties at the threshold
-        assert noise.stability(distribute_tensor(w, mesh, [Shard(0)])) == pytest.approx(noise.stability(w), rel=1e-6)
+        assert stability(distribute_tensor(w, mesh, [Shard(0)])) == pytest.approx(stability(w), rel=1e-6)
         for method in ("l1", "l2"):  # on copies: a one-rank shard may share w's storage, and pruning is in place
             expected = pruning.prune_(w.clone(), 0.3, method)
             assert torch.equal(pruning.prune_(distribute_tensor(w.clone(), mesh, [Shard(0)]), 0.3, method), expected)
@@ -72,7 +74,7 @@ def test_sharded_statistic_and_pruning_over_nccl_equal_the_unsharded_ones(tmp_pa
 def test_paper_preset_trains_in_bf16(tmp_path):
     """The paper's recipe in bf16 against the same run in fp32: the same first loss to bf16's precision (same
     weights, data and noise stream), but not bit for bit (autocast is on)."""
-    common = ["model=llama", "trainer=paper", "noise=uniform", "trainer.max_steps=3", "trainer.args.logging_steps=1",
+    common = ["model=llama", "size=paper", "noise=uniform", "trainer.max_steps=3", "trainer.args.logging_steps=1",
               "data.max_samples=64", "data.max_length=128", *SHORT_EVAL]
     losses, summaries = {}, {}
     for name, extra in (("bf16", []), ("fp32", ["trainer.args.bf16=false"])):
@@ -128,7 +130,7 @@ def test_fsdp2_sigterm_saves_a_sharded_checkpoint_and_the_rerun_ends_as_an_unint
     # Eager attention: the fused attention kernels' backward may accumulate in a varying order, and the runs
     # must be comparable to the last bit. The design's fixed threshold (0.1) lies far below this width's
     # statistic (1/sqrt(64)), so every alpha decision is clear-cut.
-    overrides = ["trainer=fsdp", "model=llama_tiny", "+model.arch_config.attn_implementation=eager", "noise=dynamic",
+    overrides = ["size=paper", "trainer=fsdp", "model=llama_tiny", "+model.arch_config.attn_implementation=eager", "noise=dynamic",
                  "noise.adjust_interval=2", "pruning=l1", "pruning.interval=3", "trainer.max_steps=40",
                  "trainer.save_steps=5", "trainer.args.logging_steps=1", "data.max_samples=64", "data.max_length=64",
                  *SHORT_EVAL]

@@ -12,12 +12,17 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, cli, compose_cfg
-from neftlab import data, guards, models, report, resume, rundir
-from neftlab.config import ConfigError
+from neftlab import data, models, report
+from neftlab.config import ConfigError, DataConfig
+from neftlab.core import rundir
+from neftlab.core.files import read_jsonl
+from neftlab.run import checkpoint as checkpoints
+from neftlab.run import pipeline, signals
+from tests.helpers import ROOT, compose_cfg, run, subprocess_run
 
 BASE = ["size=tiny", "logger=none", "trainer.save_steps=1", "trainer.save_total_limit=null"]
 # Numbers that do not depend on the clock (the Trainer's train_loss is a per-session mean).
@@ -30,18 +35,24 @@ def command(tmp_path, *extra, multirun=False):
 
 
 def rerun(tmp_path, *extra, multirun=False):
-    proc = subprocess.run(command(tmp_path, *extra, multirun=multirun), cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc
+    """The same command again: in this process (its log lines as the `stderr` to read), or, for a sweep, as the
+    command line (the launcher is the subject)."""
+    if multirun:
+        proc = subprocess.run(command(tmp_path, *extra, multirun=True), cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        return proc
+    given = [e for e in extra if e.startswith("hydra.run.dir=")]
+    out_dir = Path(given[0].split("=", 1)[1]) if given else tmp_path / "runs" / f"rerun-{time.time_ns()}"
+    return subprocess_run(*BASE, *(e for e in extra if e not in given), out_dir=out_dir, root=tmp_path)
 
 
 @pytest.fixture(scope="module")
 def completed(tmp_path_factory):
     """One uninterrupted 4-step run that keeps every checkpoint: the reference and the source of crash states."""
     tmp = tmp_path_factory.mktemp("reference")
-    proc, summary = cli(*BASE, out_dir=tmp / "run")
-    assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-3000:]
+    outcome, summary = run(*BASE, out_dir=tmp / "run")
+    assert summary["status"] == "completed", outcome.message
     return tmp / "run"
 
 
@@ -51,10 +62,10 @@ def crashed(completed, tmp_path, at: int, where: str = "runs/2026-01-01_00-00-00
     run = tmp_path / where
     shutil.copytree(completed, run)
     (run / "summary.json").unlink()
-    for checkpoint in resume.checkpoints(run):
-        if resume._step(checkpoint) > at:
+    for checkpoint in checkpoints.checkpoints(run):
+        if checkpoints.step_of(checkpoint) > at:
             shutil.rmtree(checkpoint)
-    events = rundir.read_jsonl(run / "metrics.jsonl")
+    events = read_jsonl(run / "metrics.jsonl")
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events if e["step"] <= at + 1))
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -68,7 +79,7 @@ def assert_resumed_to_reference(run, completed, stderr, from_step):
     reference = json.loads((completed / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert {k: summary[k] for k in EXACT} == pytest.approx({k: reference[k] for k in EXACT}, rel=1e-5)
-    events = rundir.read_jsonl(run / "metrics.jsonl")
+    events = read_jsonl(run / "metrics.jsonl")
     assert [e["step"] for e in events if "train/loss" in e] == [1, 2, 3, 4]
     assert [e["step"] for e in events if "eval/loss" in e] == [4]
     assert not (run / "run.lock").exists()
@@ -78,7 +89,7 @@ def assert_resumed_to_reference(run, completed, stderr, from_step):
 
 def test_01_kill_during_a_save_resumes_from_the_previous_complete_checkpoint(completed, tmp_path):
     run = crashed(completed, tmp_path, at=3)
-    (run / "checkpoints/checkpoint-3" / rundir.STATE_FILE).unlink()  # killed after the Trainer's part
+    (run / "checkpoints/checkpoint-3" / rundir.rank_state(0)).unlink()  # killed after the Trainer's part
     (run / "checkpoints/checkpoint-3" / rundir.MARKER).unlink()
     proc = rerun(tmp_path)
     assert proc.returncode == 0
@@ -91,14 +102,14 @@ def test_01b_rotation_keeps_the_last_complete_checkpoint_until_a_newer_one_is(tm
     for step in (2, 3, 4):
         (folder / f"checkpoint-{step}").mkdir(parents=True)
         (folder / f"checkpoint-{step}" / "weights").write_text("w" * step)
-    resume.mark_complete(folder / "checkpoint-2", keep=1)
+    checkpoints.mark_complete(folder / "checkpoint-2", keep=1)
     # checkpoint-3 is a save still in progress (or cut off): 2 stays, the only complete one
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
-    resume.mark_complete(folder / "checkpoint-4", keep=1)
+    checkpoints.mark_complete(folder / "checkpoint-4", keep=1)
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-4"]
 
 
-@pytest.mark.parametrize("name", [rundir.STATE_FILE, "model.safetensors"])
+@pytest.mark.parametrize("name", [rundir.rank_state(0), "model.safetensors"])
 def test_02_a_truncated_file_names_itself_and_resume_falls_back(completed, tmp_path, name):
     run = crashed(completed, tmp_path, at=3)
     path = run / "checkpoints/checkpoint-3" / name
@@ -146,13 +157,13 @@ def test_05_disk_full_ends_in_one_line_and_the_rerun_resumes(small_disk):
     assert "no space left on device" in proc.stderr and "rerun the same command to resume" in proc.stderr
     (run,) = (small_disk / "runs").iterdir()
     assert not (run / "summary.json").exists() or json.loads((run / "summary.json").read_text())
-    complete = [c for c in resume.checkpoints(run) if resume.problem(c) is None]
+    complete = [c for c in checkpoints.checkpoints(run) if checkpoints.problem(c) is None]
     assert complete, "no complete checkpoint was kept"
     subprocess.run(["mount", "-o", "remount,size=2g", str(small_disk)], check=True)  # space freed
     proc = rerun(small_disk, "trainer.max_steps=12")
     assert proc.returncode == 0
     assert f"Resuming {run} from {complete[0].name}" in proc.stderr
-    events = rundir.read_jsonl(run / "metrics.jsonl")
+    events = read_jsonl(run / "metrics.jsonl")
     assert [e["step"] for e in events if "train/loss" in e] == list(range(1, 13))
 
 
@@ -170,11 +181,14 @@ def test_07_two_reruns_started_together_resume_the_run_once(completed, tmp_path)
     procs = [subprocess.Popen(command(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     resumed = [o for o in outputs if f"Resuming {run}" in o]
-    assert len(resumed) == 1
+    assert len(resumed) == 1, outputs[0][-2000:] + outputs[1][-2000:]
+    loser = procs[1 - outputs.index(resumed[0])]
     other = outputs[1 - outputs.index(resumed[0])]
-    assert f"Not resuming {run}: it is in use by pid" in other or "Resuming" not in other
+    assert procs[outputs.index(resumed[0])].returncode == 0
+    # issue 32, case 6: the other says in one line that the run is being resumed, and starts nothing of its own
+    assert loser.returncode == 1 and f"{run}, this config's interrupted run, is being resumed by pid" in other
+    assert "Traceback" not in other and len(list((tmp_path / "runs").iterdir())) == 1
     assert_resumed_to_reference(run, completed, resumed[0], from_step=2)
     for path in (tmp_path / "runs").glob("*/metrics.jsonl"):  # every line whole, in both runs
         assert all(json.loads(line) for line in path.read_text().splitlines())
@@ -207,7 +221,7 @@ def test_09_changed_data_is_never_resumed(tmp_path):
     assert proc.returncode == 1 and f"{path} has other contents" in proc.stderr
     proc = rerun(tmp_path, *extra)
     assert proc.returncode == 0
-    assert f"Not resuming {run}: it has this config, but {path} has other contents" in proc.stderr
+    assert f"Not resuming {run}: it has this config, but the data changed ({path} has other contents" in proc.stderr
     assert "Resuming" not in proc.stderr
 
 
@@ -228,19 +242,19 @@ def test_10_every_stop_signal_takes_the_same_path():
     warning): each is noted during training and stops the run outside it, and the previous handlers come back.
     The whole path, run to the end and resumed, is the next test's, with SIGHUP."""
     import os
-    before = {signum: signal.getsignal(signum) for signum in guards.STOP_SIGNALS}
-    assert set(guards.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
-    for signum in guards.STOP_SIGNALS:
-        stopper = guards.GracefulStop()
+    before = {signum: signal.getsignal(signum) for signum in signals.STOP_SIGNALS}
+    assert set(signals.STOP_SIGNALS) == {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2}
+    for signum in signals.STOP_SIGNALS:
+        stopper = signals.GracefulStop()
         with stopper:
             assert signal.getsignal(signum) == stopper._handle  # else the kill below would end the test process
             stopper.training = True
             os.kill(os.getpid(), signum)
             assert stopper.pending == signum  # noted: the step finishes and a checkpoint is saved
             stopper.training, stopper.pending = False, None
-            with pytest.raises(guards.Interrupted):
+            with pytest.raises(signals.Interrupted):
                 os.kill(os.getpid(), signum)
-        assert {s: signal.getsignal(s) for s in guards.STOP_SIGNALS} == before
+        assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == before
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP], ids=["SIGHUP"])
@@ -272,7 +286,7 @@ def test_11_a_signal_during_the_final_evaluation_keeps_the_training(completed, t
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "train/train_runtime" in summary
-    assert resume.problem(run / "checkpoints/checkpoint-4") is None
+    assert checkpoints.problem(run / "checkpoints/checkpoint-4") is None
     if signum == signal.SIGTERM:
         proc = rerun(tmp_path, *slow_eval)
         assert proc.returncode == 0 and "evaluating only" in proc.stderr
@@ -309,7 +323,6 @@ def test_11c_a_kill_9_during_the_final_evaluation_keeps_the_training_without_sav
 
 def test_11d_checkpoints_kept_for_a_rerun_go_only_once_the_summary_says_completed(tmp_path):
     """A kill, or a full disk that stops summary.json, after the final evaluation still finds the checkpoint."""
-    from neftlab import pipeline
     checkpoint = tmp_path / rundir.CHECKPOINTS / "checkpoint-4"
     checkpoint.mkdir(parents=True)
     files = rundir.RunFiles(tmp_path)
@@ -349,13 +362,12 @@ def test_13_lengths_dtype_and_seed_are_checked_before_loading(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="model.dtype='float16' is not allowed: float32 or bfloat16 on a CPU"):
             compose_cfg("model.dtype=float16")
-    proc, _ = cli("size=tiny", "logger=none", "eval.max_new_tokens=100000", out_dir=tmp_path)
-    assert proc.returncode == 1 and "eval.max_new_tokens=100000 is not allowed" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    outcome, _ = run("size=tiny", "logger=none", "eval.max_new_tokens=100000", out_dir=tmp_path)
+    assert outcome.exit_code == 1 and outcome.message.startswith("eval.max_new_tokens=100000 is not allowed")
 
 
 def test_14_degenerate_data_is_named(tmp_path, bert_tokenizer, llama_tokenizer, caplog):
-    cfg = lambda path, fmt: data.DataConfig(path=str(path), format=fmt, max_samples=None, eval_size=2)  # noqa: E731
+    cfg = lambda path, fmt: DataConfig(path=str(path), format=fmt, max_samples=None, eval_size=2)  # noqa: E731
     one_class = tmp_path / "one.csv"
     one_class.write_text("text,label\n" + "".join(f"text {i},pos\n" for i in range(8)) + " ,pos\n\t,pos\n")
     data.prepare(cfg(one_class, "classification"), bert_tokenizer, False, seed=0)
@@ -373,13 +385,13 @@ def test_15_byte_order_marks_are_read_and_bad_bytes_are_placed(tmp_path, bert_to
     (tmp_path / "a.json").write_bytes(bom + json.dumps([{"text": "hi", "label": 1}, {"text": "yo", "label": 0}]).encode())
     (tmp_path / "a.csv").write_bytes(bom + b"text,label\nhi,1\nyo,0\n")
     for name in ("a.json", "a.csv"):
-        _, records = data.read_records(data.DataConfig(path=str(tmp_path / name), format="classification"))
+        records = data.locate(DataConfig(path=str(tmp_path / name), format="classification")).records()
         assert [r["text"] for r in records] == ["hi", "yo"] and "\ufeff" not in json.dumps(records)
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"text": "fine", "label": 1}\n' * 3000 + b'{"text": "\xff", "label": 1}\n')
     offset = 29 * 3000 + len(b'{"text": "')
     with pytest.raises(data.DataError, match=rf"bad.jsonl: not UTF-8 text \(invalid start byte at byte {offset} of"):
-        data.read_records(data.DataConfig(path=str(bad), format="classification"))
+        data.locate(DataConfig(path=str(bad), format="classification")).records()
 
 
 # ---------------------------------------------------------------- issue 19: nothing lost, round two
@@ -391,14 +403,14 @@ def test_16b_the_later_perturbations_resume_exactly(tmp_path, extra):
     """A schedule's position comes from the step, NoisyTune's perturbation from the checkpoint's weights, FreeLB's
     delta_0 from the noise stream in the checkpoint: killed after step 2 and rerun, each run ends as its
     uninterrupted reference, alpha step for step."""
-    proc, summary = cli(*BASE, *extra, out_dir=tmp_path / "reference")
-    assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-3000:]
-    run = crashed(tmp_path / "reference", tmp_path, at=2)
+    outcome, summary = run(*BASE, *extra, out_dir=tmp_path / "reference")
+    assert summary["status"] == "completed", outcome.message
+    crash = crashed(tmp_path / "reference", tmp_path, at=2)
     proc = rerun(tmp_path, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_resumed_to_reference(run, tmp_path / "reference", proc.stderr, from_step=2)
-    alphas = [[(e["step"], e["noise/alpha"]) for e in rundir.read_jsonl(r / "metrics.jsonl") if "noise/alpha" in e]
-              for r in (run, tmp_path / "reference")]
+    assert_resumed_to_reference(crash, tmp_path / "reference", proc.stderr, from_step=2)
+    alphas = [[(e["step"], e["noise/alpha"]) for e in read_jsonl(r / "metrics.jsonl") if "noise/alpha" in e]
+              for r in (crash, tmp_path / "reference")]
     assert alphas[0] == alphas[1]
     if "noise.schedule=linear" in extra:  # set before each step from the steps done: 5 (1 - (step - 1) / 4)
         assert alphas[0] == [(step, pytest.approx(5.0 * (1 - (step - 1) / 4))) for step in (1, 2, 3, 4)]
@@ -407,8 +419,6 @@ def test_16b_the_later_perturbations_resume_exactly(tmp_path, extra):
 def test_19_01_a_second_sigterm_while_the_stop_checkpoint_is_written_is_held(tmp_path, monkeypatch, caplog):
     """SIGTERM during the final evaluation, then SIGTERM again while the checkpoint for that stop is written
     (an impatient kill, a supervisor repeating its signal): the checkpoint completes, the rerun only evaluates."""
-    from neftlab import guards, pipeline
-    from neftlab.rundir import RunFiles
     real_save = pipeline.save_checkpoint
 
     def impatient_save(trainer):
@@ -418,12 +428,12 @@ def test_19_01_a_second_sigterm_while_the_stop_checkpoint_is_written_is_held(tmp
                         lambda run, stopper=None: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(1))
     monkeypatch.setattr(pipeline, "save_checkpoint", impatient_save)
     cfg = compose_cfg(*BASE, "trainer.save_steps=null")
-    with pytest.raises(guards.Interrupted) as stop:
-        pipeline.run(cfg, RunFiles(tmp_path))
+    with pytest.raises(signals.Interrupted) as stop:
+        pipeline.run(cfg, rundir.RunFiles(tmp_path))
     assert str(stop.value) == "stopped by SIGTERM at step 4; a checkpoint was saved, rerun the same command to resume"
     assert "SIGTERM received while the stop's checkpoint is written: finishing it first" in caplog.text
-    assert resume.problem(tmp_path / "checkpoints" / "checkpoint-4") is None
-    assert resume.training_done(tmp_path / "checkpoints" / "checkpoint-4")
+    assert checkpoints.problem(tmp_path / "checkpoints" / "checkpoint-4") is None
+    assert checkpoints.training_done(tmp_path / "checkpoints" / "checkpoint-4")
 
 
 def _tree(run):
@@ -465,7 +475,7 @@ def test_19_04_an_interrupted_runs_directory_keeps_its_run_resumable(completed, 
 
 
 def _jobs(sweep):
-    return {r["job"]: r for r in rundir.read_jsonl(sweep / rundir.SWEEP_JOBS, required="sweep") if "job" in r}
+    return {r["job"]: r for r in read_jsonl(sweep / rundir.SWEEP_JOBS, required="sweep") if "job" in r}
 
 
 def test_19_05_a_stop_to_a_parallel_sweep_reaches_its_jobs(completed, tmp_path):
@@ -480,7 +490,7 @@ def test_19_05_a_stop_to_a_parallel_sweep_reaches_its_jobs(completed, tmp_path):
     for job in (0, 1):
         summary = json.loads((sweep / str(job) / "summary.json").read_text())
         assert summary["status"] == "interrupted" and summary["step"] >= 1
-        assert resume.problem(sweep / str(job) / "checkpoints" / f"checkpoint-{summary['step']}") is None
+        assert checkpoints.problem(sweep / str(job) / "checkpoints" / f"checkpoint-{summary['step']}") is None
     for child in psutil_children():
         assert "neftlab" not in " ".join(child.cmdline())  # no job goes on training as an orphan
 

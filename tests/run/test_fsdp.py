@@ -13,8 +13,13 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tests.helpers import spawn
-from neftlab import generation, guards, noise, pruning, resume
-from neftlab.freelb import FreeLB
+from neftlab.evaluation import generation
+from neftlab.methods import noise, pruning
+from neftlab.methods.dynamic import stability
+from neftlab.methods.freelb import FreeLB
+from neftlab.methods.pruner import PruningCallback
+from neftlab.run import nonfinite
+from neftlab.run.checkpoint import StateCheckpoint
 from neftlab.config import EvalConfig, PruningConfig
 
 SIZE = dict(vocab_size=503, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -98,9 +103,9 @@ def worker(model, rank, tied, expected):
     # pruning's all_linear scope keeps every Linear weight (a DTensor's data_ptr() is 0 for all of them)
     assert len(pruning.targets(model, "all_linear")) == expected["linear"]
     assert pruning.output_tied(model) == expected["tied"]
-    assert noise.stability(model.get_input_embeddings().weight) == pytest.approx(expected["stability"], rel=1e-5)
+    assert stability(model.get_input_embeddings().weight) == pytest.approx(expected["stability"], rel=1e-5)
     # the unpruned-latency refill reaches the forward, although the embedding unit stays unsharded after one
-    pruner = pruning.PruningCallback(model, PruningConfig(method="l1", ratio=0.5), lambda step, m: None)
+    pruner = PruningCallback(model, PruningConfig(method="l1", ratio=0.5), lambda step, m: None)
     pruner.weights = pruning.targets(model, "embedding")
     pruner.prune(0)
     ids = torch.tensor([[5, 9, 11, 2, 7]], device=model.device)
@@ -115,8 +120,8 @@ def worker(model, rank, tied, expected):
     if rank == 1:
         with torch.no_grad():
             q.to_local()[0, 0] = float("nan")
-    with pytest.raises(guards.NonFiniteError, match="layers.0.self_attn.q_proj.weight holds NaN/inf at step 3"):
-        guards.check_finite_weights(model, 3)
+    with pytest.raises(nonfinite.NonFiniteError, match="layers.0.self_attn.q_proj.weight holds NaN/inf at step 3"):
+        nonfinite.check_finite_weights(model, 3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -124,7 +129,7 @@ def worker(model, rank, tied, expected):
 def test_fsdp2_row_shards_give_the_single_process_results(tmp_path, tied, device):
     model = tiny(tied, device)
     expected = {"linear": len(pruning.targets(model, "all_linear")), "tied": pruning.output_tied(model),
-                "stability": noise.stability(model.get_input_embeddings().weight)}
+                "stability": stability(model.get_input_embeddings().weight)}
     assert expected["linear"] == 14 and expected["tied"] == tied
     spawn(lane, tmp_path / "store", device, worker, tied, expected)
 
@@ -138,10 +143,10 @@ def test_synced_generation_with_unequal_prompt_counts_gives_the_single_process_a
     spawn(lane, tmp_path / "store", device, generate_worker, True, answers(tiny(True, device)))
 
 
-def pruned(model, method: str, scope: str) -> tuple[pruning.PruningCallback, dict]:
+def pruned(model, method: str, scope: str) -> tuple[PruningCallback, dict]:
     """The model pruned at 30 % as a run's first step prunes it, and the metrics it logs."""
     logged = {}
-    pruner = pruning.PruningCallback(model, PruningConfig(method=method, ratio=0.3, scope=scope),
+    pruner = PruningCallback(model, PruningConfig(method=method, ratio=0.3, scope=scope),
                                      lambda step, metrics: logged.update(metrics))
     pruner.on_train_begin(None, SimpleNamespace(global_step=0), None)
     return pruner, logged
@@ -206,17 +211,17 @@ def state_worker(model, rank, tied, expected):
         # saved at a checkpoint (each rank its masks' shard), restored into a fresh model as a resume does
         folder = expected["dir"] / f"{method}_{scope}"
         state = SimpleNamespace(global_step=5, is_world_process_zero=rank == 0)
-        callback = SimpleNamespace(noise=noise.attach(m, "uniform", seed=rank), dynamic=None)
-        resume.StateCheckpoint(callback, pruner, keep=None).on_save(
+        hook = noise.attach(m, "uniform", seed=rank)
+        StateCheckpoint([hook, pruner], keep=None).on_save(
             SimpleNamespace(output_dir=str(folder), world_size=dist.get_world_size()), state, None)
-        callback.noise.remove()
+        hook.remove()
         dist.barrier()
         again = sharded()
-        restored = pruning.PruningCallback(again, PruningConfig(method=method, ratio=0.3, scope=scope),
+        restored = PruningCallback(again, PruningConfig(method=method, ratio=0.3, scope=scope),
                                            lambda step, metrics: None)
-        callback = SimpleNamespace(noise=noise.attach(again, "uniform", seed=rank), dynamic=None)
-        resume.StateCheckpoint(callback, restored, keep=None).load(folder / "checkpoint-5")
-        callback.noise.remove()
+        hook = noise.attach(again, "uniform", seed=rank)
+        StateCheckpoint([hook, restored], keep=None).load(folder / "checkpoint-5")
+        hook.remove()
         restored.on_train_begin(None, state, None)
         # (every rank gathers every weight: all() must not stop one rank's collectives early)
         assert all([torch.equal(full(w), want) for w, want in zip(restored.weights, weights)]), (method, scope)

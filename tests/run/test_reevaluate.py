@@ -7,26 +7,28 @@ import sys
 
 import pytest
 
-from tests.helpers import ROOT, TINY, cli
-from neftlab import evaluate, rundir
+from neftlab import evaluate
+from neftlab.core.files import read_jsonl
+from neftlab.run.reevaluate import load_config
+from tests.helpers import ROOT, TINY, run
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    run = tmp_path_factory.mktemp("finished") / "run"
-    proc, summary = cli(*TINY, "model=llama_tiny", "logger=wandb", "logger.mode=offline", out_dir=run)  # model/ kept
-    assert (run / "model").is_dir()  # by default
-    assert proc.returncode == 0 and summary["status"] == "completed", proc.stderr[-2000:]
-    return run
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    outcome, summary = run(*TINY, "model=llama_tiny", "logger=wandb", "logger.mode=offline", out_dir=folder)
+    assert (folder / "model").is_dir()  # kept by default
+    assert summary["status"] == "completed", outcome.message
+    return folder
 
 
 def test_reevaluation_appends_events_and_leaves_the_training_files(finished, capsys):
     training_files = {p: p.read_bytes() for p in [finished / "summary.json", *(finished / "model").iterdir()]}
-    events = rundir.read_jsonl(finished / "metrics.jsonl")
+    events = read_jsonl(finished / "metrics.jsonl")
     samples = (finished / "samples.jsonl").read_text().splitlines()
     assert evaluate.main([str(finished), "eval.max_new_tokens=3", "eval.num_generations=1"]) == 0
     assert {p: p.read_bytes() for p in training_files} == training_files
-    after = rundir.read_jsonl(finished / "metrics.jsonl")
+    after = read_jsonl(finished / "metrics.jsonl")
     assert after[: len(events)] == events
     assert len({e["stage"] for e in after[len(events):]}) == 1  # its own stage: told apart from any other
     assert after[-1]["stage"].startswith("reeval-") and events[-1]["stage"] == "final"
@@ -62,16 +64,16 @@ def test_a_relative_data_path_is_the_file_the_run_read(tmp_path, monkeypatch):
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "config.yaml").write_text(MINIMAL)
     read = tmp_path / "started_here" / "data.jsonl"
-    (run / rundir.FINGERPRINT).write_text(json.dumps({"data": {"path": str(read), "size": 1, "sha256": "x"}}))
+    (run / "fingerprint.json").write_text(json.dumps({"data": {"path": str(read), "size": 1, "sha256": "x"}}))
     monkeypatch.chdir(tmp_path)  # another directory than the run's
-    assert evaluate.load_config(run, []).data.path == str(read)
+    assert load_config(run, []).data.path == str(read)
 
 
 def test_a_default_run_is_evaluated_again_from_the_command_line_without_wandb(finished, tmp_path):
     """The README's own example on a default run: no W&B run is started (no key configured here), no stray
     ./wandb in the working folder, and a tied output layer loads without a missing-keys warning."""
     offline_runs = sorted(finished.glob("wandb/offline-run-*"))
-    from neftlab import cache
+    from neftlab.core import cache
     env = {**os.environ, "HOME": str(tmp_path), "NETRC": str(tmp_path / "none"),
            "NEFTLAB_CACHE": str(cache.cache_root())}  # no W&B settings, the converted tokenizer still cached
     env.pop("WANDB_MODE", None)

@@ -8,17 +8,21 @@ import re
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.helpers import CONF, ROOT, cli, compose_cfg
-from neftlab import report, search
+from neftlab.analysis.report import write_report
+from neftlab.analysis.search import pareto_front
 from neftlab.config import ConfigError
+from neftlab.config import objectives as search
+from tests.helpers import CONF, ROOT, cli, compose_cfg
 
 
-@pytest.mark.parametrize("search_name", ["neftune_search", "sparse_neft_search", "perturbation_search"])
+@pytest.mark.parametrize("search_name, option", [("neftune_search", "neftune"), ("sparse_neft_search", "sparse_neft"),
+                                                 ("perturbation_search", "perturbations")])
 @pytest.mark.parametrize("size, name", [([], "cpu"), (["size=tiny"], "tiny"), (["size=gpu"], "gpu")])
-def test_each_size_has_a_study_of_its_own(search_name, size, name):
-    """A tiny dry run must not leave trials in the real study, nor continue one."""
+def test_each_size_has_a_study_of_its_own(search_name, option, size, name):
+    """A tiny dry run must not leave trials in the real study, nor continue one; a search is a sweep of its own."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", [f"experiment={search_name}", *size], return_hydra_config=True)
+        cfg = compose("config", [f"hparams_search={option}", *size], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.study_name == f"{search_name}_{name}"
     assert cfg.hydra.sweeper.storage == f"sqlite:///outputs/experiments/{search_name}_{name}/study.db"
 
@@ -38,10 +42,10 @@ def test_quality_is_the_win_rate_with_a_judge_else_the_loss():
 
 
 @pytest.mark.parametrize("overrides, directions", [
-    (["experiment=neftune_search"], ["minimize"]),
-    (["experiment=neftune_search", "eval.judge.model=judge"], ["maximize"]),
-    (["experiment=sparse_neft_search"], ["minimize", "maximize"]),
-    (["experiment=sparse_neft_search", "eval.judge.model=judge"], ["maximize", "maximize"]),
+    (["hparams_search=neftune"], ["minimize"]),
+    (["hparams_search=neftune", "eval.judge.model=judge"], ["maximize"]),
+    (["hparams_search=sparse_neft"], ["minimize", "maximize"]),
+    (["hparams_search=sparse_neft", "eval.judge.model=judge"], ["maximize", "maximize"]),
 ])
 def test_sweeper_directions_follow_the_objectives(overrides, directions):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -62,8 +66,8 @@ def test_bad_objectives_name_the_key(objectives, message):
 
 def test_pareto_front():
     points = [[1.0, 0.1], [2.0, 0.5], [1.5, 0.05], [3.0, 0.5]]  # loss (min), sparsity (max)
-    assert search.pareto_front(points, ["minimize", "maximize"]) == [True, True, False, False]
-    assert search.pareto_front([[2.0], [1.0], [1.0]], ["minimize"]) == [False, True, True]
+    assert pareto_front(points, ["minimize", "maximize"]) == [True, True, False, False]
+    assert pareto_front([[2.0], [1.0], [1.0]], ["minimize"]) == [False, True, True]
 
 
 def _study(storage: str):
@@ -75,7 +79,7 @@ def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
     """Three trials, one of which fails its config check (the seeded random sampler draws alpha 5, 1, -1), then
     the same study continued by one more (a sampler seeded to draw 5)."""
     storage = f"sqlite:///{tmp_path}/study.db"
-    common = ["-m", "experiment=neftune_search", "size=tiny", "logger=none", f"hydra.sweeper.storage={storage}",
+    common = ["-m", "hparams_search=neftune", "size=tiny", "logger=none", f"hydra.sweeper.storage={storage}",
               "noise=uniform", "noise.alpha=choice(1,5,-1)"]
     proc, _ = cli(*common, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=1", "hydra.sweeper.n_trials=3",
                   f"hydra.sweep.dir={tmp_path}/first", out_dir=tmp_path / "unused")
@@ -96,21 +100,21 @@ def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
     trials = _study(storage).trials
     assert len(trials) == 4  # continued, not started over
 
-    text = report.write_report(tmp_path).read_text()
+    text = write_report(tmp_path).read_text()
     assert "## Search: eval/loss" in text and "4 trials, 3 with values" in text
     values = [t.value for t in trials if t.value is not None]
     assert text.count("| ✓ |") == values.count(min(values))  # the best trial, and any other with its value
 
 
 def test_multi_objective_search_gives_a_pareto_front(tmp_path):
-    proc, _ = cli("-m", "experiment=sparse_neft_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=3",
+    proc, _ = cli("-m", "hparams_search=sparse_neft", "size=tiny", "logger=none", "hydra.sweeper.n_trials=3",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
                   out_dir=tmp_path / "unused")
     assert proc.returncode == 0, proc.stderr[-3000:]
     import yaml
     solutions = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())["solutions"]
     assert solutions and all(len(s["values"]) == 2 for s in solutions)
-    text = report.write_report(tmp_path / "sweep").read_text()
+    text = write_report(tmp_path / "sweep").read_text()
     assert "## Search: eval/loss, pruning/sparsity" in text and "3 trials, 3 with values" in text
     assert text.count("| ✓ |") == len(solutions)  # the report's front is Optuna's
     assert (tmp_path / "sweep" / "search_front.png").is_file()
@@ -118,7 +122,7 @@ def test_multi_objective_search_gives_a_pareto_front(tmp_path):
 
 def test_a_damaged_study_database_stops_in_one_line(tmp_path):
     (tmp_path / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)  # a header, then nothing
-    proc, _ = cli("-m", "experiment=neftune_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=1",
+    proc, _ = cli("-m", "hparams_search=neftune", "size=tiny", "logger=none", "hydra.sweeper.n_trials=1",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
                   out_dir=tmp_path / "unused")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -130,10 +134,10 @@ def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude
     """Its space holds every noise kind but none; two trials (a seeded random sampler draws freelb and noisytune)
     train as the kind drawn, each with the magnitude drawn for that kind."""
     import yaml
-    from neftlab.config import NOISE_KINDS
-    params = yaml.safe_load((ROOT / "experiments" / "perturbation_search.yaml").read_text())["hydra"]["sweeper"]["params"]
+    from neftlab.config.groups import NOISE_KINDS
+    params = yaml.safe_load((ROOT / "conf" / "hparams_search" / "perturbations.yaml").read_text())["hydra"]["sweeper"]["params"]
     assert params["noise"] == f"choice({', '.join(k for k in NOISE_KINDS if k != 'none')})"
-    proc, _ = cli("-m", "experiment=perturbation_search", "size=tiny", "logger=none", "hydra.sweeper.n_trials=2",
+    proc, _ = cli("-m", "hparams_search=perturbations", "size=tiny", "logger=none", "hydra.sweeper.n_trials=2",
                   "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
                   out_dir=tmp_path / "unused")
