@@ -1,11 +1,12 @@
 # make run   — set up .venv (first time only) and run the default experiment (ARGS="noise=uniform ..." to override)
 # make test  — set up .venv (first time only) and run the test suite
+# make test-fast — the inner loop: every test that runs in this process, in under 5 minutes (-m "not slow")
 # make gpu-check — on a CUDA machine: the GPU lane and the performance targets in 8 minutes (no set-up; PY=python3
 #                  for a staged machine, ARGS="--dry-run --out DIR" for the CPU dry run)
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
 
-.PHONY: setup run test gpu-check
+.PHONY: setup run test test-fast gpu-check
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 gpu-check:
 	$(PY) benchmarks/gpu_check.py $(ARGS)

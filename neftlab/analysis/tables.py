@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from ..evaluation.judge import CONTROLS
+from ..evaluation.judge.controls import CONTROLS
 from .runs import JUDGE, Run, _number
 
 COLUMNS = [  # (summary key, column title, format)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import io
 import json
 import logging
@@ -151,16 +152,27 @@ class Source:
         return self._records
 
     def _read(self) -> list[Any]:
-        if self.hub is not None:
-            from datasets import load_dataset
-            try:
-                return list(load_dataset(self.hub, self.cfg.hub_config, split=self.cfg.hub_split))
-            except Exception as e:  # noqa: BLE001 - whatever datasets raises, in one line
-                raise DataError(f"data.hub_name={self.hub}: could not load it from the hub or the local cache "
-                                f"({first_line(e)})") from None
-        if self.packaged:  # the packaged ShareGPT, cut off as published
-            return read_json_array(self.path, cut_level=logging.DEBUG)
-        return READERS[self.path.suffix.lower()](self.path)
+        if self.path is not None:
+            stat = self.path.stat()
+            return _read_file(str(self.path.resolve()), stat.st_size, stat.st_mtime_ns, self.packaged)
+        return self._read_hub()
+
+    def _read_hub(self) -> list[Any]:
+        from datasets import load_dataset
+        try:
+            return list(load_dataset(self.hub, self.cfg.hub_config, split=self.cfg.hub_split))
+        except Exception as e:  # noqa: BLE001 - whatever datasets raises, in one line
+            raise DataError(f"data.hub_name={self.hub}: could not load it from the hub or the local cache "
+                            f"({first_line(e)})") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _read_file(path: str, size: int, mtime_ns: int, packaged: bool) -> list[Any]:
+    """A file's records, read once per process for a given path, size and modification time: the jobs of a sweep
+    that Hydra runs in one process (its basic launcher) read the data once. Nobody changes the list it returns."""
+    if packaged:  # the packaged ShareGPT, cut off as published
+        return read_json_array(Path(path), cut_level=logging.DEBUG)
+    return READERS[Path(path).suffix.lower()](Path(path))
 
 
 def locate(cfg: DataConfig) -> Source:

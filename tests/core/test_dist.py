@@ -103,6 +103,7 @@ def worker(rank, world, store, expected, like_nccl):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("like_nccl", [False, True], ids=["gloo", "like-nccl"])
 def test_alpha_and_pruning_are_identical_in_one_and_two_processes(tmp_path, like_nccl):
     expected = single_process_results()
@@ -156,6 +157,7 @@ def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_r
     assert parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["uniform", "freelb"])  # freelb: K passes, the first K - 1 under no_sync
 def test_ddp_with_two_processes_writes_one_set_of_run_files(tmp_path, kind):
     run_dir = tmp_path / "run"
@@ -190,6 +192,7 @@ def test_each_rank_draws_its_own_noise():
     assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_stops_every_rank_at_one_step_and_the_rerun_resumes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab", "size=tiny",
                "trainer.max_steps=120", "trainer.save_steps=5", "noise=dynamic", "noise.adjust_interval=2",
@@ -223,6 +226,7 @@ def test_a_mixed_backend_takes_cuda_tensors_on_nccl(monkeypatch):
     assert sharding.collective_device(object()) == torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_during_the_final_generation_stops_every_rank_together(tmp_path):
     """Each rank answers its own prompts, and the answers are then gathered: a rank that raised at once, as one
     process does, would leave the other in the gather while it saved. The ranks agree on the signal between

@@ -11,7 +11,7 @@ import torch
 from neftlab import data
 from neftlab.config import DataConfig
 from neftlab.data import chat, packing, records, tokens
-from neftlab.data.read import READERS
+from neftlab.data.read import READERS, _read_file
 from tests.helpers import TINY, compose_cfg
 
 
@@ -29,6 +29,7 @@ def test_packaged_sharegpt_keeps_every_complete_conversation(caplog):
     """It is cut off inside its last record as published: said at DEBUG level, not as a warning at every run
     (the tokenized cache's build says it once)."""
     caplog.set_level(logging.DEBUG, logger="neftlab.data")
+    _read_file.cache_clear()  # read once per process: here, read it now
     found = data.locate(cfg()).records()
     assert len(found) == 17671
     assert "cut off" in caplog.text and "dropped the incomplete last one" in caplog.text

@@ -32,6 +32,7 @@ def saved_model(tmp_path_factory):
     return model, tokenizer, folder
 
 
+@pytest.mark.slow
 def test_the_stage_agrees_with_lm_evals_own_command_line(saved_model, tmp_path, monkeypatch):
     model, tokenizer, folder = saved_model
     monkeypatch.chdir(ROOT)  # the tasks' data files are relative to the repository
@@ -71,6 +72,7 @@ def test_a_run_measures_the_tasks_during_and_after_training_and_again_on_reevalu
     assert {r["doc_id"]: r["acc"] for r in again} == {d: final[d] for d in (0, 1)}  # the same weights, the same scores
 
 
+@pytest.mark.slow
 def test_a_tiny_study_reports_the_harness_paired_with_intervals(tmp_path):
     jobs = sweep("size=tiny", "logger=none", f"eval.harness.tasks=[{MC}]",
                  grid={"method": ["finetune", "neftune", "sparse_neft"], "seed": [1, 2]}, out_dir=tmp_path)
@@ -145,6 +147,7 @@ def test_a_local_task_whose_file_is_missing_names_the_loaders_error(tmp_path, mo
     assert "datasets cache" not in str(e.value)  # not the hub's data: no advice about fetching it
 
 
+@pytest.mark.slow
 def test_an_unknown_task_name_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(harness.HarnessError, match="no_such_task_here is neither an lm-eval task nor a task YAML"):
@@ -160,6 +163,7 @@ def test_without_lm_eval_a_harness_key_says_how_to_install_it(monkeypatch):
         compose_cfg(f"eval.harness.tasks=[{MC}]")
 
 
+@pytest.mark.slow
 def test_the_gpu_studies_measure_the_openllm_tasks_that_lm_eval_knows():
     openllm = ["arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc2"]
     for study in ("baselines", "pruning_ratio", "neftune_repro"):
@@ -168,6 +172,7 @@ def test_the_gpu_studies_measure_the_openllm_tasks_that_lm_eval_knows():
     assert set(openllm) <= set(harness.task_manager(HarnessConfig(tasks=openllm)).all_tasks)
 
 
+@pytest.mark.slow
 def test_a_task_that_needs_nltk_data_names_it_before_its_scorer_tries_to_download_it(monkeypatch):
     import nltk
 

@@ -14,8 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from neftlab import judge as judge_cli
 from neftlab.config import JudgeConfig
 from neftlab.core import stats
-from neftlab.evaluation import judge
-from neftlab.evaluation.judge import controls, judging
+from neftlab.evaluation.judge import answers, controls, judging, prompts
 from neftlab.evaluation.judge.prompts import _fit
 from neftlab.evaluation.judge.scoring import pairwise_preferences
 from tests.helpers import ROOT, run
@@ -78,7 +77,7 @@ class FakeJudge(torch.nn.Module):
         super().__init__()
         self.tokenizer, self.template = tokenizer, template
         self.rule = rule or (lambda first, second: word is None or word in first)
-        self.ids = [tokenizer.encode(label, add_special_tokens=False)[-1] for label in judge.TEMPLATES[template][1]]
+        self.ids = [tokenizer.encode(label, add_special_tokens=False)[-1] for label in prompts.TEMPLATES[template][1]]
         self.lengths = []
         self.anchor = torch.nn.Parameter(torch.zeros(1))
 
@@ -92,7 +91,7 @@ class FakeJudge(torch.nn.Module):
 
 
 def test_both_orders_are_asked_and_averaged(llama_tokenizer):
-    pairs = [judge.Pair(i, f"q{i}", a, b) for i, (a, b) in enumerate(zip(ANSWERS_A, ANSWERS_B))]
+    pairs = [answers.Pair(i, f"q{i}", a, b) for i, (a, b) in enumerate(zip(ANSWERS_A, ANSWERS_B))]
     biased, _ = pairwise_preferences(FakeJudge(llama_tokenizer), llama_tokenizer, pairs, 2048, batch_size=3)
     assert biased[:, 0] == pytest.approx(1, abs=1e-2) and biased[:, 1] == pytest.approx(0, abs=1e-2)
     assert biased.mean(1) == pytest.approx(0.5)  # a judge that only ever says "1" prefers neither answer
@@ -104,20 +103,20 @@ def test_both_orders_are_asked_and_averaged(llama_tokenizer):
 
 def test_answers_are_cut_from_the_right_to_fit(llama_tokenizer):
     long = " ".join(["word"] * 3000)
-    pairs = [judge.Pair(0, "q", long, "Short answer."), judge.Pair(1, "q", "a", "b")]
+    pairs = [answers.Pair(0, "q", long, "Short answer."), answers.Pair(1, "q", "a", "b")]
     fake = FakeJudge(llama_tokenizer)
     _, truncated = pairwise_preferences(fake, llama_tokenizer, pairs, 256)
     assert truncated == 1 and max(fake.lengths) <= 256
     texts, cut = _fit(llama_tokenizer, [("start middle end", "left"), (long, "right"), ("b", "right")], 12)
     assert cut and texts[0] == "start middle end" and texts[2] == "b" and texts[1].startswith("word word")
-    with pytest.raises(judge.JudgeError, match="leaves no room for the answers"):
+    with pytest.raises(prompts.JudgeError, match="leaves no room for the answers"):
         pairwise_preferences(fake, llama_tokenizer, pairs, 64)
 
 
 def test_pairwise_judge_against_another_run_is_symmetric_and_batch_invariant(tmp_path, tiny_judges):
     a, b = write_samples(tmp_path / "a", ANSWERS_A), write_samples(tmp_path / "b", ANSWERS_B)
     cfg = JudgeConfig(model=tiny_judges.causal, baseline=str(b), bootstrap=200)
-    summary = judge.judge_run(a, cfg, seed=0, batch_size=3)
+    summary = judging.judge_run(a, cfg, seed=0, batch_size=3)
     saved = json.loads((a / "judge_b.json").read_text())
     assert saved["summary"] == summary and summary["judge/n_pairs"] == 4 and saved["length_unit"] == "characters"
     assert saved["baseline"] == str(b.resolve()) and saved["step"] == 8 and saved["kind"] == "pairwise"
@@ -125,7 +124,7 @@ def test_pairwise_judge_against_another_run_is_symmetric_and_batch_invariant(tmp
     assert prefs == pytest.approx(np.mean([p["orders"] for p in saved["pairs"]], 1))
     assert [p["run_chars"] - p["baseline_chars"] for p in saved["pairs"]] == [
         len(x) - len(y) for x, y in zip(ANSWERS_A, ANSWERS_B)]
-    swapped = judge.judge_run(b, JudgeConfig(model=tiny_judges.causal, baseline=str(a), bootstrap=200), 0, 1)
+    swapped = judging.judge_run(b, JudgeConfig(model=tiny_judges.causal, baseline=str(a), bootstrap=200), 0, 1)
     back = np.array([p["preference"] for p in json.loads((b / "judge_a.json").read_text())["pairs"]])
     assert back == pytest.approx(1 - prefs, abs=1e-5)  # same prompts, one at a time: left padding changes nothing
     assert swapped["judge/win_rate"] == pytest.approx(1 - summary["judge/win_rate"], abs=1e-5)
@@ -134,11 +133,11 @@ def test_pairwise_judge_against_another_run_is_symmetric_and_batch_invariant(tmp
 def test_reward_judge_scores_each_answer(tmp_path, tiny_judges):
     run = write_samples(tmp_path / "run", ANSWERS_A)
     cfg = JudgeConfig(model=tiny_judges.reward, kind="reward", baseline="reference", bootstrap=200)
-    summary = judge.judge_run(run, cfg, seed=0, batch_size=3)
+    summary = judging.judge_run(run, cfg, seed=0, batch_size=3)
     pairs = json.loads((run / "judge_reference.json").read_text())["pairs"]
     for p in pairs:
         assert p["preference"] == pytest.approx(1 / (1 + np.exp(p["scores"][1] - p["scores"][0])))
-    judge.judge_run(run, cfg, seed=0, batch_size=1)
+    judging.judge_run(run, cfg, seed=0, batch_size=1)
     again = json.loads((run / "judge_reference.json").read_text())["pairs"]
     assert np.array([p["scores"] for p in again]) == pytest.approx(np.array([p["scores"] for p in pairs]), abs=1e-5)
     assert summary["judge/n_pairs"] == 4
@@ -147,7 +146,7 @@ def test_reward_judge_scores_each_answer(tmp_path, tiny_judges):
 def test_reference_baseline_uses_the_last_step_and_skips_empty_references(tmp_path, caplog):
     run = write_samples(tmp_path / "run", ["old answer"] * 4, step=4)
     write_samples(run, ANSWERS_A, step=8, references={1: "  "})
-    pairs, info = judge.pairs_for(run, "reference")
+    pairs, info = answers.pairs_for(run, "reference")
     assert [p.prompt_id for p in pairs] == [0, 2, 3] and info["skipped"] == 1 and info["step"] == 8
     assert pairs[0].run == ANSWERS_A[0] and pairs[0].baseline == "Pears 0."
     assert "1 of 4 prompts have no reference answer: skipped" in caplog.text
@@ -178,38 +177,37 @@ REFERENCES = {0: "Apples are crisp. They keep for months.", 1: "Bananas. Soft an
 
 def use_judge(monkeypatch, model, tokenizer):
     """`model` as the judge wherever the judge is loaded (the controls and the judging)."""
-    for module in (controls, judging):
-        monkeypatch.setattr(module, "load_judge", lambda name, kind: (model, tokenizer))
+    monkeypatch.setattr(judging, "load_judge", lambda name, kind: (model, tokenizer))
 
 
 def test_controls_measure_the_judge_on_degraded_references(llama_tokenizer, monkeypatch):
     """A judge that prefers the longer answer passes the empty and first-sentence controls, cannot tell the
     reference from another prompt's, and (deciding ties for the second answer) shows its position bias."""
     use_judge(monkeypatch, FakeJudge(llama_tokenizer, rule=longer), llama_tokenizer)
-    judge.judge_controls.cache_clear()
+    judging.judge_controls.cache_clear()
     texts = tuple((i, f"q{i}", r) for i, r in REFERENCES.items())
-    found = judge.judge_controls("fake", "pairwise", "neftlab", 2048, texts, 3)
+    found = judging.judge_controls("fake", "pairwise", "neftlab", 2048, texts, 3)
     assert found["empty"] == {"value": pytest.approx(1, abs=0.01), "n": 4, "passed": True}
     assert found["first_sentence"]["value"] == pytest.approx(1, abs=0.01) and found["first_sentence"]["n"] == 4
     assert found["other_prompt"]["n"] == 4 and found["other_prompt"]["passed"] is False
     assert found["self"]["value"] == pytest.approx(0, abs=0.01) and found["self"]["passed"] is False
-    reliable, why = judge.verdict(found)
+    reliable, why = controls.verdict(found)
     assert not reliable and any("the reference of another prompt" in w for w in why)
-    pairs = judge.control_pairs([(0, "q", "One sentence only."), (1, "q", "  "), (2, "q", "Two. Sentences.")])
+    pairs = controls.control_pairs([(0, "q", "One sentence only."), (1, "q", "  "), (2, "q", "Two. Sentences.")])
     assert [p.baseline for p in pairs["first_sentence"]] == ["Two."] and len(pairs["empty"]) == 2
 
 
 def test_an_unreliable_judge_is_flagged_and_can_be_made_a_stop(tmp_path, llama_tokenizer, monkeypatch):
     use_judge(monkeypatch, FakeJudge(llama_tokenizer), llama_tokenizer)
-    judge.judge_controls.cache_clear()  # a judge that always says "1": every control at 0.5, the self control 1
+    judging.judge_controls.cache_clear()  # a judge that always says "1": every control at 0.5, the self control 1
     run = write_samples(tmp_path / "run", ANSWERS_A, references=REFERENCES)
-    summary = judge.judge_run(run, JudgeConfig(model="fake", bootstrap=200), seed=0)
+    summary = judging.judge_run(run, JudgeConfig(model="fake", bootstrap=200), seed=0)
     saved = json.loads((run / "judge_reference.json").read_text())
     assert summary["judge/reliable"] is False and saved["reliable"] is False
     assert summary["judge/control_empty"] == pytest.approx(0.5, abs=0.01)
     assert saved["controls"]["empty"]["needs"] == ">= 0.90" and saved["unreliable_because"]
-    with pytest.raises(judge.JudgeError, match=r"failed its controls \(.*eval.judge.require_reliable=true"):
-        judge.judge_run(run, JudgeConfig(model="fake", bootstrap=200, require_reliable=True), seed=0)
+    with pytest.raises(prompts.JudgeError, match=r"failed its controls \(.*eval.judge.require_reliable=true"):
+        judging.judge_run(run, JudgeConfig(model="fake", bootstrap=200, require_reliable=True), seed=0)
 
 
 def test_the_alpaca_eval_prompt_is_alpaca_evals_own(llama_tokenizer, monkeypatch, tmp_path):
@@ -219,10 +217,10 @@ def test_the_alpaca_eval_prompt_is_alpaca_evals_own(llama_tokenizer, monkeypatch
     template = (package_files("alpaca_eval") / "evaluators_configs" / "alpaca_eval_clf_gpt4_turbo"
                 / "alpaca_eval_clf.txt").read_text()
     row = dict(instruction="Name a {fruit}.", output_1="An apple {x}.", output_2="A pear.")
-    prompts, _ = utils.make_prompts(pd.DataFrame([row]), template)
-    assert judge.chat_messages("alpaca_eval", **row) == utils.prompt_to_chatml(prompts[0])
+    made, _ = utils.make_prompts(pd.DataFrame([row]), template)
+    assert prompts.chat_messages("alpaca_eval", **row) == utils.prompt_to_chatml(made[0])
     fake = FakeJudge(llama_tokenizer, rule=longer, template="alpaca_eval")
-    pairs = [judge.Pair(i, f"q{i}", a, b) for i, (a, b) in enumerate(zip(ANSWERS_A, ANSWERS_B))]
+    pairs = [answers.Pair(i, f"q{i}", a, b) for i, (a, b) in enumerate(zip(ANSWERS_A, ANSWERS_B))]
     orders, _ = pairwise_preferences(fake, llama_tokenizer, pairs, 2048, 2, template="alpaca_eval")
     wins = [float(len(a) > len(b)) for a, b in zip(ANSWERS_A, ANSWERS_B)]
     assert orders == pytest.approx(np.array([wins, wins]).T, abs=0.01)  # labels m / M read in both orders
@@ -260,6 +258,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys, tiny_judges):
         "0 prompt ids in one run only, 1 with other messages (first: prompt_id 2)")
 
 
+@pytest.mark.slow
 def test_cli_judges_a_run(tmp_path, tiny_judges):
     a, b = write_samples(tmp_path / "a", ANSWERS_A), write_samples(tmp_path / "b", ANSWERS_B)
     proc = subprocess.run([sys.executable, "-m", "neftlab.judge", str(a), "--baseline", str(b), "--judge",
@@ -295,6 +294,7 @@ def sweep_run(root, name, noise, seed, answers, wandb_id=None):
     return run
 
 
+@pytest.mark.slow
 def test_a_sweep_is_judged_against_its_baseline_arm_seed_by_seed(tmp_path, tiny_judges, monkeypatch):
     from tests.wandb_records import offline_run
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -150,6 +150,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)])
 
 
+@pytest.mark.slow
 def test_05_disk_full_ends_in_one_line_and_the_rerun_resumes(small_disk):
     # 300 MiB, 200 of them free at the start check, 41 MiB a checkpoint: full within a few saves.
     proc = rerun(small_disk, "trainer.max_steps=12")
@@ -167,6 +168,7 @@ def test_05_disk_full_ends_in_one_line_and_the_rerun_resumes(small_disk):
     assert [e["step"] for e in events if "train/loss" in e] == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_06_a_killed_sweep_job_is_resumed_by_the_sweeps_rerun(completed, tmp_path):
     job = crashed(completed, tmp_path, at=2, where="multiruns/2026-01-01_00-00-00_1/0")
     proc = rerun(tmp_path, "seed=42", multirun=True)
@@ -176,6 +178,7 @@ def test_06_a_killed_sweep_job_is_resumed_by_the_sweeps_rerun(completed, tmp_pat
 
 # ------------------------------------------------------- resume can corrupt or mislabel results
 
+@pytest.mark.slow
 def test_07_two_reruns_started_together_resume_the_run_once(completed, tmp_path):
     run = crashed(completed, tmp_path, at=2)
     procs = [subprocess.Popen(command(tmp_path), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -257,6 +260,7 @@ def test_10_every_stop_signal_takes_the_same_path():
         assert {s: signal.getsignal(s) for s in signals.STOP_SIGNALS} == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGHUP], ids=["SIGHUP"])
 def test_10_a_signal_at_the_last_step_ends_there(completed, tmp_path, signum):
     proc = _start(tmp_path)
@@ -273,6 +277,7 @@ def test_10_a_signal_at_the_last_step_ends_there(completed, tmp_path, signum):
     assert_resumed_to_reference(run, completed, rerun_proc.stderr, from_step=resumed_from)  # no step 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_11_a_signal_during_the_final_evaluation_keeps_the_training(completed, tmp_path, signum):
     slow_eval = ["eval.num_generations=4", "eval.max_new_tokens=400"]  # seconds of generation to land in
@@ -293,6 +298,7 @@ def test_11_a_signal_during_the_final_evaluation_keeps_the_training(completed, t
         assert_resumed_to_reference(run, completed, proc.stderr, from_step=4)
 
 
+@pytest.mark.slow
 def test_11b_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     proc = _start(tmp_path, "trainer.max_steps=400")
     _wait_for(proc, lambda: list(tmp_path.glob("runs/*/checkpoints/checkpoint-1")), "checkpoint-1")
@@ -304,6 +310,7 @@ def test_11b_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert "stopped at once by Ctrl-C; the last complete checkpoint, if any, is kept" in stderr
 
 
+@pytest.mark.slow
 def test_11c_a_kill_9_during_the_final_evaluation_keeps_the_training_without_save_steps(completed, tmp_path):
     """The OOM killer while generating, or torchrun's SIGKILL 30 s after a SIGTERM in a long generation batch:
     the last step's checkpoint is written before the final evaluation, so the rerun only evaluates, and it is
@@ -399,6 +406,7 @@ def test_15_byte_order_marks_are_read_and_bad_bytes_are_placed(tmp_path, bert_to
 @pytest.mark.parametrize("extra", [["noise=uniform", "noise.schedule=linear", "noise.tokens=response"],
                                    ["noise=noisytune", "pruning=l1"], ["noise=freelb"]],
                          ids=["linear_response", "noisytune_l1", "freelb"])
+@pytest.mark.slow
 def test_16b_the_later_perturbations_resume_exactly(tmp_path, extra):
     """A schedule's position comes from the step, NoisyTune's perturbation from the checkpoint's weights, FreeLB's
     delta_0 from the noise stream in the checkpoint: killed after step 2 and rerun, each run ends as its
@@ -440,6 +448,7 @@ def _tree(run):
     return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_19_03_a_completed_runs_directory_is_reused_or_refused_without_a_write(completed, tmp_path):
     run = tmp_path / "done"
     shutil.copytree(completed, run)
@@ -478,6 +487,7 @@ def _jobs(sweep):
     return {r["job"]: r for r in read_jsonl(sweep / rundir.SWEEP_JOBS, required="sweep") if "job" in r}
 
 
+@pytest.mark.slow
 def test_19_05_a_stop_to_a_parallel_sweep_reaches_its_jobs(completed, tmp_path):
     proc = _start(tmp_path, "hydra/launcher=parallel", "seed=1,2", "trainer.max_steps=400", multirun=True)
     _wait_for(proc, lambda: len(list(tmp_path.glob("multiruns/*/*/checkpoints/checkpoint-1"))) == 2,
@@ -500,6 +510,7 @@ def psutil_children():
     return psutil.Process().children(recursive=True)
 
 
+@pytest.mark.slow
 def test_19_06_a_parallel_sweep_has_one_directory_an_exit_code_and_finishes_on_rerun(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"instruction": f"Say {i}", "output": f"{i} it is"}) + "\n" for i in range(40)))

@@ -24,7 +24,7 @@ from neftlab.config.resolvers import run_id
 from neftlab.core import rundir
 from neftlab.core.files import UnsafePath, read_jsonl
 from neftlab.data import DataError, locate, prepare
-from neftlab.evaluation.judge import final_answers
+from neftlab.evaluation.judge.answers import final_answers
 from neftlab.run import checkpoint as checkpoints
 from neftlab.run import pipeline
 from tests.helpers import ROOT, TINY, compose_cfg, run, subprocess_run

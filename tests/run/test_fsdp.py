@@ -124,6 +124,7 @@ def worker(model, rank, tied, expected):
         nonfinite.check_finite_weights(model, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 def test_fsdp2_row_shards_give_the_single_process_results(tmp_path, tied, device):
@@ -138,6 +139,7 @@ def generate_worker(model, rank, tied, expected):
     assert answers(model) == expected  # every forward a collective: both ranks step until both are done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_synced_generation_with_unequal_prompt_counts_gives_the_single_process_answers(tmp_path, device):
     spawn(lane, tmp_path / "store", device, generate_worker, True, answers(tiny(True, device)))
@@ -227,6 +229,7 @@ def state_worker(model, rank, tied, expected):
         assert all([torch.equal(full(w), want) for w, want in zip(restored.weights, weights)]), (method, scope)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_noise_freelb_pruning_and_their_checkpoint_state_under_fsdp2_equal_the_single_process(tmp_path, device):
     expected = {"noised": noised_logits(tiny(True, device), 7).cpu(), "dir": tmp_path, "pruned": [],

@@ -89,6 +89,7 @@ def three_steps_with_nan_on_rank_1(rank):
     return result
 
 
+@pytest.mark.slow
 def test_a_nan_on_one_rank_skips_or_stops_every_rank_at_the_same_step(tmp_path):
     spawn(nan_on_one_rank, tmp_path / "store", tmp_path)
     for rank in (0, 1):
@@ -124,6 +125,7 @@ def test_one_process_reads_the_nan_flag_only_where_it_decides():
         guard.on_step_end(args, SimpleNamespace(global_step=3), SimpleNamespace(should_save=False, should_log=True))
 
 
+@pytest.mark.slow
 def test_unwritable_output_dir_fails_before_anything_loads(tmp_path):
     (tmp_path / "file").write_text("")
     proc, _ = cli("size=tiny", out_dir=tmp_path / "file" / "run")

@@ -69,6 +69,7 @@ def test_a_relative_data_path_is_the_file_the_run_read(tmp_path, monkeypatch):
     assert load_config(run, []).data.path == str(read)
 
 
+@pytest.mark.slow
 def test_a_default_run_is_evaluated_again_from_the_command_line_without_wandb(finished, tmp_path):
     """The README's own example on a default run: no W&B run is started (no key configured here), no stray
     ./wandb in the working folder, and a tied output layer loads without a missing-keys warning."""

@@ -34,6 +34,7 @@ def neftlab(*overrides):
     return [sys.executable, "-m", "neftlab", *overrides]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_rerunning_the_command_resumes_to_the_uninterrupted_result(tmp_path):
     _, reference = cli(*RESUMABLE, out_dir=tmp_path / "reference")
     assert reference["status"] == "completed"
@@ -84,6 +85,7 @@ def test_explicit_resume_settings(tmp_path):
     assert resume.find_resume(False, identity, tmp_path / "run", tmp_path) is None
 
 
+@pytest.mark.slow
 def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path):
     procs = [subprocess.Popen(neftlab("size=tiny", "method=original", "logger=none", "eval.num_generations=0"),
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]

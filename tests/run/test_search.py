@@ -75,6 +75,7 @@ def _study(storage: str):
     return optuna.load_study(study_name="neftune_search_tiny", storage=storage)
 
 
+@pytest.mark.slow
 def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
     """Three trials, one of which fails its config check (the seeded random sampler draws alpha 5, 1, -1), then
     the same study continued by one more (a sampler seeded to draw 5)."""
@@ -106,6 +107,7 @@ def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
     assert text.count("| ✓ |") == values.count(min(values))  # the best trial, and any other with its value
 
 
+@pytest.mark.slow
 def test_multi_objective_search_gives_a_pareto_front(tmp_path):
     proc, _ = cli("-m", "hparams_search=sparse_neft", "size=tiny", "logger=none", "hydra.sweeper.n_trials=3",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
@@ -120,6 +122,7 @@ def test_multi_objective_search_gives_a_pareto_front(tmp_path):
     assert (tmp_path / "sweep" / "search_front.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_damaged_study_database_stops_in_one_line(tmp_path):
     (tmp_path / "study.db").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)  # a header, then nothing
     proc, _ = cli("-m", "hparams_search=neftune", "size=tiny", "logger=none", "hydra.sweeper.n_trials=1",
@@ -130,6 +133,7 @@ def test_a_damaged_study_database_stops_in_one_line(tmp_path):
     assert not list((tmp_path / "sweep").glob("*/summary.json"))
 
 
+@pytest.mark.slow
 def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude(tmp_path):
     """Its space holds every noise kind but none; two trials (a seeded random sampler draws freelb and noisytune)
     train as the kind drawn, each with the magnitude drawn for that kind."""

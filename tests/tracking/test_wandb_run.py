@@ -31,6 +31,7 @@ def test_auto_mode(monkeypatch, tmp_path, env, mode, expected):
     assert wandb_mode(mode) == expected
 
 
+@pytest.mark.slow
 def test_sweep_makes_one_offline_wandb_run_per_job_in_one_group(tmp_path):
     proc, _ = cli("-m", "model=llama_tiny", "logger=wandb", "logger.mode=offline", "noise=none,uniform",
                   "seed=1,2", *TINY, f"hydra.sweep.dir={tmp_path}/sweep", out_dir=tmp_path)

@@ -3,14 +3,9 @@ right before its win rates count."""
 
 from __future__ import annotations
 
-import functools
 import re
 
-import numpy as np
-
-from ...config import JudgeConfig
 from .answers import Pair
-from .scoring import load_judge, preferences
 
 
 CONTROLS = {
@@ -35,25 +30,6 @@ def control_pairs(texts: list[tuple[int, str, str]]) -> dict[str, list[Pair]]:
         "other_prompt": [Pair(i, q, r, o[2]) for (i, q, r), o in zip(texts, others) if o[2].strip() != r.strip()],
         "self": [Pair(i, q, r, r) for i, q, r in texts],
     }
-
-
-@functools.lru_cache(maxsize=16)  # a sweep judged against its baseline arm shares each seed's references
-def judge_controls(model_name: str, kind: str, template: str, max_length: int, texts: tuple, batch_size: int
-                   ) -> dict:
-    """Each control's value (the mean preference for its first text), n and verdict, for these references."""
-    cfg = JudgeConfig(model=model_name, kind=kind, template=template, max_length=max_length)
-    model, tokenizer = load_judge(model_name, kind)
-    out = {}
-    for name, pairs in control_pairs(list(texts)).items():
-        if not pairs:
-            out[name] = {"value": None, "n": 0, "passed": None}
-            continue
-        prefs, detail, _ = preferences(model, tokenizer, pairs, cfg, batch_size)
-        # self: the preference for the copy shown first (the averaged one is 0.5 by construction)
-        value = float(np.mean(np.asarray(detail["orders"])[:, 0]) if name == "self" and kind == "pairwise"
-                      else np.mean(prefs))
-        out[name] = {"value": value, "n": len(pairs), "passed": bool(CONTROLS[name][2](value))}
-    return out
 
 
 def verdict(controls: dict) -> tuple[bool, list[str]]:

@@ -3,6 +3,7 @@ to the run's judge_<baseline>.json; and AlpacaEval 2's instruction terms, refitt
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -13,11 +14,30 @@ from ...config import JudgeConfig
 from ...core import rundir, stats
 from ...core.files import read_json, write_json
 from .answers import pairs_for
-from .controls import CONTROLS, judge_controls, verdict
+from .controls import CONTROLS, control_pairs, verdict
 from .prompts import JudgeError
 from .scoring import load_judge, preferences
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=16)  # a sweep judged against its baseline arm shares each seed's references
+def judge_controls(model_name: str, kind: str, template: str, max_length: int, texts: tuple, batch_size: int
+                   ) -> dict:
+    """Each control's value (the mean preference for its first text), n and verdict, for these references."""
+    cfg = JudgeConfig(model=model_name, kind=kind, template=template, max_length=max_length)
+    model, tokenizer = load_judge(model_name, kind)
+    out = {}
+    for name, pairs in control_pairs(list(texts)).items():
+        if not pairs:
+            out[name] = {"value": None, "n": 0, "passed": None}
+            continue
+        prefs, detail, _ = preferences(model, tokenizer, pairs, cfg, batch_size)
+        # self: the preference for the copy shown first (the averaged one is 0.5 by construction)
+        value = float(np.mean(np.asarray(detail["orders"])[:, 0]) if name == "self" and kind == "pairwise"
+                      else np.mean(prefs))
+        out[name] = {"value": value, "n": len(pairs), "passed": bool(CONTROLS[name][2](value))}
+    return out
 
 
 def judge_run(run_dir: Path, cfg: JudgeConfig, seed: int, batch_size: int = 8) -> dict:
