@@ -342,17 +342,25 @@ def test_12_the_wandb_key_is_in_no_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env, override", [({"NEFTLAB_RUN_ID": "../../x"}, []), ({"NEFTLAB_RUN_ID": ".."}, []),
-                                           ({}, ["hydra.job.name=../../x"]), ({}, ["+data.columns.output=../../x"])])
-def test_13_names_in_paths_stay_under_the_output_root(tmp_path, env, override):
+def test_13_names_in_paths_stay_under_the_output_root(tmp_path):
+    """A run id, a job name and an override value that climb out (`../../x`), in one command line: every file it
+    writes is under its output root."""
     root = tmp_path / "a" / "b" / "out"
     root.mkdir(parents=True)
     proc = subprocess.run(neftlab("size=tiny", "logger=none", "eval.num_generations=0", f"output_root={root}",
-                                  *override), cwd=root, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **env})
+                                  "hydra.job.name=../../x", "+data.columns.output=../../x"), cwd=root,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "NEFTLAB_RUN_ID": "../../x"})
     assert "Traceback" not in proc.stderr
-    outside = [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents]
-    assert outside == []
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and root not in p.parents] == []
+    assert list(root.glob("runs/*/summary.json"))  # it wrote its run, inside
+
+
+def test_13_a_run_id_made_of_dots_stays_a_name(monkeypatch):
+    for value, name in (("..", "_"), ("../../x", "_.._x"), ("a/b", "a_b")):
+        monkeypatch.setenv("NEFTLAB_RUN_ID", value)
+        run_id.cache_clear()
+        assert run_id() == name and "/" not in run_id()
+    run_id.cache_clear()
 
 
 def test_13_a_judge_baseline_ending_in_dotdot_writes_inside_the_run(reference, tmp_path):
