@@ -14,8 +14,9 @@ from typing import Any, Dict, Optional
 from ..core.errors import ConfigError
 from .checks import check, check_choice
 
-# neftlab's own defaults where they differ from TrainingArguments' (a short CPU run logs every step).
-NEFTLAB_DEFAULTS = {"num_train_epochs": 1.0, "logging_steps": 1}
+# neftlab's own defaults where they differ from TrainingArguments' (a short CPU run logs every step; the optimizer
+# every earlier neftlab run used, where transformers 5 defaults to the fused AdamW).
+NEFTLAB_DEFAULTS = {"num_train_epochs": 1.0, "logging_steps": 1, "optim": "adamw_torch"}
 # The TrainingArguments options neftlab sets itself, and where the user sets them instead.
 NEFTLAB_TRAINING_ARGS = {
     "output_dir": "<run dir>/checkpoints", "seed": "the top-level seed", "report_to": "logger=wandb|none",

@@ -29,7 +29,8 @@ NOT_SHAPING = ("eval", "logger", "search", "output_root", "trainer.resume", "tra
 @functools.lru_cache(maxsize=1)
 def _training_defaults() -> dict:
     from transformers import TrainingArguments
-    return {f.name: f.default for f in fields(TrainingArguments) if f.init}
+    defaults = {f.name: f.default for f in fields(TrainingArguments) if f.init}
+    return {**defaults, "activation_checkpointing": False}  # what its __post_init__ makes of the default None
 
 
 def shaping_config(config) -> dict:

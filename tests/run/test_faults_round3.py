@@ -514,7 +514,10 @@ def test_22_a_dead_wandb_service_does_not_stop_the_training(tmp_path):
     folder = tmp_path / "run"
     proc = subprocess.Popen(neftlab("size=tiny", "trainer.max_steps=40", "logger=wandb", "logger.mode=offline",
                                     f"hydra.run.dir={folder}", f"output_root={tmp_path}"),
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            # a W&B run earlier in this pytest process leaves WANDB_SERVICE set: the child would
+                            # use that process's service instead of starting its own
+                            env={k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"})
     deadline = time.time() + 300
     while not ((folder / rundir.METRICS).exists() and "train/loss" in (folder / rundir.METRICS).read_text()):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it trained"

@@ -15,7 +15,7 @@ from neftlab.core.rank import started
 from neftlab.run import resume
 from neftlab.run.checkpoint import mark_complete
 from neftlab.run.fingerprint import Identity
-from tests.helpers import ROOT, TINY, cli, run
+from tests.helpers import ROOT, TINY, cli, run, subprocess_run
 
 RESUMABLE = ["size=tiny", "trainer.max_steps=40", "trainer.save_steps=5", "noise=dynamic", "noise.adjust_interval=2",
              "noise.stability_threshold=auto", "pruning=l1", "pruning.interval=3", "pruning.schedule=gradual",
@@ -207,3 +207,48 @@ def test_a_run_of_another_user_is_never_taken_over(tmp_path):
     assert resume.find_resume("auto", identity(), tmp_path / "outputs" / "runs" / "mine", tmp_path / "outputs") is None
     with pytest.raises(ConfigError, match="that run belongs to the user 4321"):
         resume.find_resume(str(run), identity(), tmp_path / "mine", tmp_path / "outputs")
+
+
+OLD_TRAINER_ARGS = {  # what trainer.args held in every config neftlab wrote before round three
+    "num_train_epochs": 1.0, "lr_scheduler_type": "linear", "warmup_steps": 0, "weight_decay": 0.0,
+    "max_grad_norm": 1.0, "optim": "adamw_torch", "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1,
+    "activation_checkpointing": False, "bf16": False, "logging_steps": 1, "dataloader_num_workers": 0,
+    "ddp_backend": None}
+
+
+def test_a_run_written_before_round_three_still_resumes(tmp_path):
+    """Its checkpoint of format 1 (neftlab_state.pt with alpha and threshold beside rank files of rng and masks), its
+    config listing every TrainingArguments default, its fingerprint without the base model: resumed, to the
+    uninterrupted result."""
+    import shutil
+
+    import torch
+    import yaml
+    overrides = ["size=tiny", "logger=none", "noise=dynamic", "noise.stability_threshold=auto", "pruning=l1",
+                 "trainer.save_steps=2", "trainer.save_total_limit=null"]
+    outcome, reference = run(*overrides, out_dir=tmp_path / "reference")
+    assert reference["status"] == "completed", outcome.message
+    old = tmp_path / "runs" / "old"
+    shutil.copytree(tmp_path / "reference", old)
+    (old / "summary.json").unlink()
+    shutil.rmtree(old / "checkpoints" / "checkpoint-4")
+    events = [json.loads(line) for line in (old / "metrics.jsonl").read_text().splitlines()]
+    (old / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events if e["step"] <= 2))
+    checkpoint = old / "checkpoints" / "checkpoint-2"
+    states = torch.load(checkpoint / "neftlab_rank0.pt", weights_only=True)["states"]
+    torch.save({"noise_rng": states["noise"]["rng"], "pruning_masks": states["pruning"]["masks"]},
+               checkpoint / "neftlab_rank0.pt")
+    torch.save({"noise_alpha": states["noise_control"]["alpha"],
+                "noise_threshold": states["noise_control"]["dynamic"]["threshold"]}, checkpoint / "neftlab_state.pt")
+    mark_complete(checkpoint, keep=None)
+    config = yaml.safe_load((old / ".hydra" / "config.yaml").read_text())
+    config["trainer"]["args"] = {**OLD_TRAINER_ARGS, **config["trainer"]["args"]}
+    (old / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    fingerprint = json.loads((old / "fingerprint.json").read_text())
+    del fingerprint["model"]
+    (old / "fingerprint.json").write_text(json.dumps(fingerprint))
+    again = subprocess_run(*overrides, out_dir=tmp_path / "runs" / "new", root=tmp_path)
+    assert again.returncode == 0 and f"Resuming {old} from checkpoint-2" in again.stderr, again.stderr[-3000:]
+    assert "Restored the state of noise, noise_control, pruning from checkpoint-2" in again.stderr
+    resumed = json.loads((old / "summary.json").read_text())
+    assert comparable(resumed) == pytest.approx(comparable(reference), rel=1e-5, abs=1e-6)
