@@ -75,7 +75,7 @@ def sweep(*overrides: str, grid: dict[str, list], out_dir: Path) -> list[tuple[O
     import itertools
     points = list(itertools.product(*grid.values()))
     return [run(*overrides, *(f"{k}={v}" for k, v in zip(grid, point)), out_dir=Path(out_dir) / str(n),
-                root=out_dir, number=n) for n, point in enumerate(points)]
+                root=out_dir, sweep_dir=Path(out_dir), number=n) for n, point in enumerate(points)]
 
 
 class Ran:

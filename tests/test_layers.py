@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "neftlab"
 # From the ground up; a module's layer is its package's, and the command lines at the package root are the top.
 LAYERS = [("core",), ("config",), ("data", "models", "tracking"), ("methods",), ("evaluation",), ("run",),
-          ("analysis",), ("__main__", "report", "judge", "evaluate", "export")]
+          ("analysis",), ("__main__", "report", "judge", "evaluate", "export", "workspace")]
 
 
 def module_name(path: Path) -> str:

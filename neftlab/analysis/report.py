@@ -14,6 +14,7 @@ from .runs import arms, baseline_arm, find_runs, label_judgings, plain_arms
 from .search import search_sections
 from .tables import judges_section, runs_table, seeds_table
 from .wandb_push import push_paired
+from .workspace import SPEC, dashboard
 
 
 def write_report(root: Path, out: Path | None = None, baseline: str | None = None, wandb: bool = False,
@@ -70,4 +71,6 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
         parts += ["![judge win rate against mean answer length](win_rate_vs_length.png)", ""]
     path = out / "report.md"
     write_text(path, "\n".join(parts), root=out)
+    if wandb:
+        dashboard(runs, groups, baseline, "\n".join(parts), root, out / SPEC)
     return path

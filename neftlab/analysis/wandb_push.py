@@ -9,6 +9,11 @@ from .paired import _paired_values, paired_measures
 from .runs import Run, paired_runs
 
 
+def paired_key(title: str) -> str:
+    """The W&B summary key of a paired measure's difference: `paired/<its title, slugged>`."""
+    return "paired/" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+
+
 def push_paired(groups: dict[str, list[Run]], baseline: str) -> int:
     """Each paired run's differences from its baseline run into its W&B summary (`paired/<measure>`), with its
     arm's estimate over seeds (`paired/<measure>_ci_low`, `_ci_high`, `_ci_method` with n, `_p`, `_p_holm`), so
@@ -18,7 +23,7 @@ def push_paired(groups: dict[str, list[Run]], baseline: str) -> int:
     for run, base in paired_runs(groups, baseline):
         values = {"paired/baseline": baseline}
         for title, (ours, theirs) in _paired_values(run, base)[0].items():
-            key = "paired/" + re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+            key = paired_key(title)
             row = arm_level[run.label_without_seed, title]
             values.update({**row.estimate.fields(key), key: ours - theirs, f"{key}_arm_mean": row.estimate.value})
             if row.p_holm is not None:

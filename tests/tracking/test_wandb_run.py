@@ -59,3 +59,22 @@ def test_failed_job_marks_its_wandb_run_failed(tmp_path):
     assert outcome.exit_code == 1 and summary["status"] == "failed"
     record = offline_run(tmp_path / "run")
     assert record["exit_code"] == 1 and json.loads(record["summary"]["status"]) == "failed"
+
+
+def test_a_resumed_runs_summary_holds_the_best_value_of_the_whole_run(tmp_path):
+    """W&B's own min/max summaries see only what the resumed process logged (wandb/wandb#9684): here the lowest
+    training loss is step 1's, logged before the interruption, and the rising loss after it must not replace it."""
+    from tests.run.test_faults import crashed
+    overrides = ["model=llama_tiny", *TINY, "trainer.max_steps=6", "trainer.save_steps=2",
+                 "trainer.save_total_limit=null", "trainer.learning_rate=0.3", "logger=wandb", "logger.mode=offline"]
+    outcome, reference = run(*overrides, out_dir=tmp_path / "reference")
+    assert reference["status"] == "completed", outcome.message
+    interrupted = crashed(tmp_path / "reference", tmp_path, at=2)
+    outcome, _ = run(*overrides, out_dir=tmp_path / "runs" / "new", root=tmp_path)
+    assert json.loads((interrupted / "summary.json").read_text())["status"] == "completed", outcome.message
+    losses = {e["step"]: e["train/loss"] for e in map(json.loads, (interrupted / "metrics.jsonl").open())
+              if "train/loss" in e}
+    resumed = offline_run(interrupted, session=-1)
+    after = [row["train/loss"] for row in resumed["history"] if "train/loss" in row]
+    assert len(after) == 4 and min(map(float, after)) > min(losses.values())  # the best came before the resume
+    assert json.loads(resumed["summary"]["train/loss"]) == {"min": pytest.approx(min(losses.values()))}
