@@ -99,14 +99,16 @@ class DataConfig:
               f"batch unless {key}.packing=true")
 
 
-NOISE_KINDS = ("none", "uniform", "gaussian", "dynamic", "freelb", "noisytune")
+NOISE_KINDS = ("none", "uniform", "gaussian", "symnoise", "dynamic", "freelb", "noisytune")
+ANTITHETIC_KINDS = ("uniform", "gaussian", "symnoise", "dynamic")
 NOISE_SCHEDULES = ("constant", "linear", "cosine", "warmup")
 NOISE_TOKENS = ("all", "prompt", "response")
 
 
 @dataclass
 class NoiseConfig:
-    # none | uniform | gaussian | dynamic | freelb (adversarial) | noisytune (the weights, once, before training)
+    # none | uniform | gaussian | symnoise (Bernoulli +-1) | dynamic | freelb (adversarial) | noisytune (the
+    # weights, once, before training)
     kind: str = "none"
     alpha: float = 5.0  # NEFTune's alpha; the start value for dynamic; the peak of a schedule
     # real: L_i = the sample's non-padding tokens (NEFTune's own code);
@@ -117,6 +119,8 @@ class NoiseConfig:
     schedule: str = "constant"
     warmup_ratio: float = 0.1  # warmup only: the share of trainer.max_steps alpha rises over
     tokens: str = "all"  # all | prompt | response (labels != -100): which tokens get noise; L_i stays the sequence's
+    # each batch trained on x + eps and on x - eps, the same eps (two passes, each at half the loss)
+    antithetic: bool = False
     intensity: float = 0.15  # noisytune only: NoisyTune's lambda, W += U(-lambda/2, lambda/2) * std(W)
     # freelb only: K passes per batch, the ascent's step, delta_0's alpha (NEFTune's form), the ball (0 = none)
     adv_steps: int = 2
@@ -142,12 +146,15 @@ class NoiseConfig:
         why = {"dynamic": " (dynamic noise moves alpha by the embedding's statistic, a schedule by the step: use one)",
                "freelb": " (its perturbation is moved by the loss's gradient)",
                "none": ", which puts no noise on the embeddings", "noisytune": ", which puts no noise on the embeddings"}
-        check(self.schedule == "constant" or (self.kind in ("uniform", "gaussian") and self.std is None),
+        check(self.schedule == "constant" or (self.kind in ("uniform", "gaussian", "symnoise") and self.std is None),
               f"{key}.schedule", self.schedule, f"constant with {key}.kind={self.kind}"
               + (" and an absolute noise.std" if self.std is not None else why.get(self.kind, "")))
         check(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio", self.warmup_ratio, "in (0, 1]")
-        check(self.tokens == "all" or self.kind in ("uniform", "gaussian", "dynamic"), f"{key}.tokens", self.tokens,
+        check(self.tokens == "all" or self.kind in ANTITHETIC_KINDS, f"{key}.tokens", self.tokens,
               f"all with {key}.kind={self.kind}" + why.get(self.kind, ""))
+        check(not self.antithetic or self.kind in ANTITHETIC_KINDS, f"{key}.antithetic", self.antithetic,
+              f"false with {key}.kind={self.kind} (it mirrors noise drawn on the embeddings: "
+              f"{', '.join(ANTITHETIC_KINDS)})")
         check(self.intensity > 0, f"{key}.intensity", self.intensity, "> 0")
         check(self.adv_steps >= 1, f"{key}.adv_steps", self.adv_steps, "an integer >= 1")
         check(self.adv_lr > 0, f"{key}.adv_lr", self.adv_lr, "> 0")

@@ -1,6 +1,6 @@
 """What a config's `noise` and `pruning` groups ask for, built in one place: the noise hook on the embeddings, the
-callbacks that steer it and prune, what the Trainer needs to be built with (FreeLB's passes), and which of them
-hold state a checkpoint must keep."""
+callbacks that steer it and prune, what the Trainer needs to be built with (the passes of FreeLB and of antithetic
+noise), and which of them hold state a checkpoint must keep."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ class Methods:
 
     @property
     def trainer_kwargs(self) -> dict:
-        """What FreeLBTrainer is built with: FreeLB's perturbation when the noise is FreeLB's."""
-        return {"freelb": self.hook if isinstance(self.hook, FreeLB) else None}
+        """What PassesTrainer is built with: the hook when it drives passes (FreeLB's, even at K = 1: its
+        perturbation is reset after each batch; antithetic noise's two)."""
+        return {"passes": self.hook if isinstance(self.hook, FreeLB) or self.hook.passes > 1 else None}
 
 
 def hook_for(model: torch.nn.Module, cfg: NoiseConfig, seed: int) -> Noise:
@@ -45,7 +46,7 @@ def hook_for(model: torch.nn.Module, cfg: NoiseConfig, seed: int) -> Noise:
         return FreeLB(model, alpha=cfg.adv_init_mag, seed=seed, length_mode=cfg.length_mode,
                       adv_steps=cfg.adv_steps, adv_lr=cfg.adv_lr, adv_max_norm=cfg.adv_max_norm)
     return Noise(model, cfg.kind, alpha=cfg.alpha, length_mode=cfg.length_mode, std=cfg.std, seed=seed,
-                 tokens=cfg.tokens)
+                 tokens=cfg.tokens, antithetic=cfg.antithetic)
 
 
 def build(model: torch.nn.Module, noise: NoiseConfig, pruning: PruningConfig, seed: int, rank: int, fresh: bool,

@@ -8,7 +8,7 @@ delta climbs the loss, delta_k = delta_{k-1} + adv_lr * g / ||g|| with g its gra
 over its tokens and dimensions, and is scaled back into the ball ||delta|| <= adv_max_norm when that is > 0.
 The optimizer then steps once. With K = 1 it is NEFTune's uniform noise at alpha = adv_init_mag.
 
-The passes go through the Trainer's own `training_step` (`FreeLBTrainer`), so gradient accumulation, mixed
+The passes go through the Trainer's own `training_step` (`passes.PassesTrainer`), so gradient accumulation, mixed
 precision, LoRA, DDP (one gradient all-reduce per batch: the first K - 1 passes run under `no_sync`) and the
 non-finite guard (a hook on the model's output) act as on any step; the perturbation is a forward hook on the
 embedding, and its random stream is the noise's, saved in checkpoints.
@@ -16,11 +16,9 @@ embedding, and its random stream is the noise's, saved in checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
-from transformers import Trainer
 
 from .noise import Noise
 
@@ -32,6 +30,7 @@ class FreeLB(Noise):
                  adv_steps: int = 2, adv_lr: float = 0.1, adv_max_norm: float = 0.0, **params):
         super().__init__(model, "freelb", alpha=alpha, seed=seed, **params)
         self.adv_steps, self.adv_lr, self.adv_max_norm = adv_steps, adv_lr, adv_max_norm
+        self.passes = adv_steps
         self.delta: Optional[torch.Tensor] = None
 
     def _add_noise(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
@@ -56,38 +55,8 @@ class FreeLB(Noise):
             delta = delta * torch.where(size > self.adv_max_norm, self.adv_max_norm / size, 1.0).view(-1, 1, 1)
         self.delta = delta.detach()
 
+    def next_pass(self) -> None:
+        self.ascend()
+
     def reset(self) -> None:
         self.delta = None
-
-
-class FreeLBTrainer(Trainer):
-    """The Trainer with FreeLB's K passes per batch when it is built with `freelb`; otherwise the plain Trainer."""
-
-    def __init__(self, *args, freelb: Optional[FreeLB] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.freelb = freelb
-
-    def compute_loss(self, model, inputs, *args, **kwargs):
-        out = super().compute_loss(model, inputs, *args, **kwargs)
-        if self.freelb is None or not model.training:
-            return out
-        if isinstance(out, tuple):
-            return (out[0] / self.freelb.adv_steps, *out[1:])
-        return out / self.freelb.adv_steps
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.freelb is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        steps = self.freelb.adv_steps
-        total = None
-        try:
-            for k in range(steps):
-                last = k == steps - 1
-                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                    loss = super().training_step(model, dict(inputs), num_items_in_batch)
-                total = loss if total is None else total + loss
-                if not last:
-                    self.freelb.ascend()
-        finally:
-            self.freelb.reset()
-        return total

@@ -1,8 +1,11 @@
-"""Noise on the input embeddings: uniform (NEFTune), gaussian, and the hook the dynamic noise, the schedules and
-FreeLB build on.
+"""Noise on the input embeddings: uniform (NEFTune), gaussian, symnoise, and the hook the dynamic noise, the
+schedules and FreeLB build on.
 
 NEFTune adds U(-1, 1) * alpha / sqrt(L_i * d) to the embedding output of sample i during
-training, with L_i its number of real tokens. Two forward hooks do it without touching the
+training, with L_i its number of real tokens. `symnoise` (SymNoise, arXiv 2312.01523, as its third-party
+implementations read it: docs/methods.md) adds Bernoulli +-1 * alpha / sqrt(L_i * d) instead, with the same masks
+and L_i. `antithetic=True` trains each batch twice, on x + eps and on x - eps with the same eps (two passes of
+`passes.PassesTrainer`, each at half the loss), so the first-order terms of the noise cancel in the gradient. Two forward hooks do it without touching the
 model's code: a pre-hook on the whole model catches the attention mask (and the labels, for noise on the
 prompt or the response only), and a hook on the input-embedding layer adds the noise to real tokens only, in
 training mode only. `.alpha` is live: during training `NoiseCallback` moves it (a schedule, the dynamic rule).
@@ -29,16 +32,21 @@ class NoiseError(NeftlabError, RuntimeError):
     pass
 
 
-EMBEDDING_KINDS = ("uniform", "gaussian", "dynamic", "freelb")  # the kinds a hook on the input embedding adds
+EMBEDDING_KINDS = ("uniform", "gaussian", "symnoise", "dynamic", "freelb")  # the kinds a hook on the input embedding adds
 
 
 class Noise:
     """An attached noise hook. `.alpha` is live (dynamic noise changes it); `.remove()` detaches it."""
 
     def __init__(self, model: torch.nn.Module, kind: str, alpha: float = 5.0, length_mode: str = "real",
-                 std: Optional[float] = None, seed: Optional[int] = None, tokens: str = "all"):
+                 std: Optional[float] = None, seed: Optional[int] = None, tokens: str = "all",
+                 antithetic: bool = False):
         if kind not in EMBEDDING_KINDS + ("none", "noisytune"):
-            raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian, dynamic, freelb or noisytune")
+            raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian, symnoise, dynamic, freelb "
+                             "or noisytune")
+        if antithetic and kind not in ("uniform", "gaussian", "symnoise", "dynamic"):
+            raise NoiseError(f"antithetic noise mirrors a drawn noise: use it with uniform, gaussian, symnoise or "
+                             f"dynamic, not {kind}")
         if length_mode not in ("real", "padded"):
             raise NoiseError(f"unknown length_mode {length_mode!r}: use real or padded")
         if tokens not in ("all", "prompt", "response"):
@@ -53,6 +61,9 @@ class Noise:
         self._positions: Optional[torch.Tensor] = None
         self._labels: Optional[torch.Tensor] = None
         self._padded_ratio: Optional[torch.Tensor] = None
+        self.passes = 2 if antithetic else 1  # forward and backward passes per batch (`passes.PassesTrainer`)
+        self._held: Optional[torch.Tensor] = None  # antithetic: the first pass's noise, mirrored in the second
+        self._mirrored = False
         self._handles = []
         if kind not in EMBEDDING_KINDS:
             return
@@ -89,7 +100,20 @@ class Noise:
     def _add_noise(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
         if not module.training:
             return None
-        return (output.float() + self.draw(output)).to(output.dtype)
+        if self._mirrored and self._held is not None and self._held.shape == output.shape:
+            noise = -self._held
+        else:
+            noise = self.draw(output)
+            self._held = noise if self.passes == 2 else None
+        return (output.float() + noise).to(output.dtype)
+
+    def next_pass(self) -> None:
+        """The batch's next pass: antithetic noise adds the negated noise of the first."""
+        self._mirrored = True
+
+    def reset(self) -> None:
+        """The batch is done: the next forward draws afresh."""
+        self._held, self._mirrored = None, False
 
     def draw(self, output: torch.Tensor) -> torch.Tensor:
         """This batch's noise for the embedding output `output`, in fp32, zero where no noise goes."""
@@ -108,6 +132,9 @@ class Noise:
             sigma = torch.full_like(scale, self.std) if self.std is not None else scale
             noise = torch.randn(output.shape, generator=generator, dtype=torch.float32, device=output.device)
             noise = noise * sigma[:, :, None]
+        elif self.kind == "symnoise":  # Bernoulli +-1, each sign with probability 1/2
+            signs = torch.randint(0, 2, output.shape, generator=generator, device=output.device)
+            noise = (signs.to(torch.float32) * 2 - 1) * scale[:, :, None]
         else:
             noise = torch.empty(output.shape, dtype=torch.float32, device=output.device).uniform_(
                 -1, 1, generator=generator) * scale[:, :, None]
@@ -181,7 +208,8 @@ def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
     """Attach noise of `kind` to the input embedding of `model` (any HF model, PEFT-wrapped or not).
 
     params: alpha, length_mode ("real" | "padded"), std (gaussian), seed (an own random stream), tokens ("all" |
-    "prompt" | "response"). Dynamic noise is uniform noise whose alpha a `DynamicAlpha` moves, and a schedule moves
+    "prompt" | "response"), antithetic (x + eps, then x - eps: drive the passes with `next_pass` and `reset`, as
+    `passes.PassesTrainer` does). Dynamic noise is uniform noise whose alpha a `DynamicAlpha` moves, and a schedule moves
     it in `NoiseCallback`; `attach` accepts their keys and ignores them. FreeLB's perturbation is
     `neftlab.methods.freelb.FreeLB`, which its Trainer drives.
     """
@@ -190,5 +218,5 @@ def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
         params.pop(key, None)
     if kind == "freelb":
         raise NoiseError("FreeLB's perturbation climbs the loss between passes, which its Trainer drives: use "
-                         "neftlab.methods.freelb.FreeLB with FreeLBTrainer")
+                         "neftlab.methods.freelb.FreeLB with neftlab.methods.passes.PassesTrainer")
     return Noise(model, kind, **params)

@@ -32,7 +32,7 @@ from ..evaluation import generation, harness, measures
 from ..evaluation.judge.judging import judge_run
 from ..evaluation.noise_off import NoiseOffTrainLoss
 from ..methods import factory
-from ..methods.freelb import FreeLBTrainer
+from ..methods.passes import PassesTrainer
 from ..methods.noise import Noise
 from ..methods.pruner import PruningCallback
 from ..models import ModelFiles, parameter_counts
@@ -100,7 +100,7 @@ def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | 
     else:
         collator = DataCollatorWithPadding(tokenizer)
         metric_fns = dict(compute_metrics=measures.classification_metrics)
-    trainer = FreeLBTrainer(model=model, args=args, data_collator=collator, train_dataset=data.train,
+    trainer = PassesTrainer(model=model, args=args, data_collator=collator, train_dataset=data.train,
                             eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks,
                             **methods.trainer_kwargs, **metric_fns)
     trainer.add_callback(NoiseOffTrainLoss(trainer, len(data.eval), cfg.seed, files.log))

@@ -87,7 +87,7 @@ def test_help_lists_only_what_a_user_picks():
     from neftlab.config.compose import groups_help
     text = groups_help()
     assert "base_" not in text and "sized" not in text
-    assert "noise: dynamic, dynamic_large, dynamic_small, freelb, gaussian, noisytune, none, uniform" in text
+    assert "noise: dynamic, dynamic_large, dynamic_small, freelb, gaussian, noisytune, none, symnoise, symnoise_antithetic, uniform" in text
     assert "hparams_search: neftune, perturbations, sparse_neft" in text
 
 
@@ -109,7 +109,7 @@ def test_packaged_weights_resolve_to_files():
     ("pruning.ratio=1.0", "pruning.ratio", "[0, 1)"),
     ("pruning.interval=0", "pruning.interval", ">= 1"),
     ("noise.alpha=-1", "noise.alpha", ">= 0"),
-    ("noise.kind=pink", "noise.kind", "none, uniform, gaussian, dynamic"),
+    ("noise.kind=pink", "noise.kind", "none, uniform, gaussian, symnoise, dynamic"),
     ("trainer.nonfinite_loss=ignore", "trainer.nonfinite_loss", "fail, skip"),
     ("eval.num_generations=-1", "eval.num_generations", "null (all prompts) or an integer >= 0"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens", ">= 1"),

@@ -9,7 +9,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from neftlab.methods import noise
-from neftlab.methods.freelb import FreeLB, FreeLBTrainer
+from neftlab.methods.freelb import FreeLB
+from neftlab.methods.passes import PassesTrainer
 from tests.helpers import TINY, run
 from tests.methods.test_noise import DIM, padded_batch, tiny_llama
 
@@ -23,7 +24,7 @@ def batch():
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def trainer_for(model, tmp_path, cls=FreeLBTrainer, **kwargs):
+def trainer_for(model, tmp_path, cls=PassesTrainer, **kwargs):
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=3)
     trainer = cls(model=model, args=args, **kwargs)
     trainer.current_gradient_accumulation_steps = 1
@@ -62,7 +63,7 @@ def test_freelb_follows_its_authors_algorithm(tmp_path, steps, max_norm):
     reference = copy.deepcopy(model)
     inputs = batch()
     expected_delta = reference_freelb(reference, inputs, seed=11, steps=steps, lr=0.3, init_mag=5.0, max_norm=max_norm)
-    trainer = trainer_for(model, tmp_path, freelb=FreeLB(model, alpha=5.0, seed=11, adv_steps=steps, adv_lr=0.3,
+    trainer = trainer_for(model, tmp_path, passes=FreeLB(model, alpha=5.0, seed=11, adv_steps=steps, adv_lr=0.3,
                                                          adv_max_norm=max_norm))
     seen = []
     model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.detach()))
@@ -74,13 +75,13 @@ def test_freelb_follows_its_authors_algorithm(tmp_path, steps, max_norm):
     assert torch.allclose(seen[steps - 1] - clean, expected_delta, atol=1e-6)  # the last pass saw delta_{K-1}
     if max_norm > 0:
         assert torch.linalg.vector_norm(expected_delta.reshape(3, -1), dim=1).max() <= max_norm * (1 + 1e-5)
-    assert trainer.freelb.delta is None and math.isfinite(float(loss))  # reset for the next batch
+    assert trainer.passes.delta is None and math.isfinite(float(loss))  # reset for the next batch
 
 
 def test_one_step_is_neftunes_uniform_noise(tmp_path):
     model, inputs = tiny_llama(), batch()
     other = copy.deepcopy(model)
-    trainer = trainer_for(model, tmp_path, freelb=FreeLB(model, alpha=5.0, seed=3, adv_steps=1))
+    trainer = trainer_for(model, tmp_path, passes=FreeLB(model, alpha=5.0, seed=3, adv_steps=1))
     trainer.training_step(model, inputs)
     plain = trainer_for(other, tmp_path, cls=Trainer)
     with noise.attach(other, "uniform", alpha=5.0, seed=3):
@@ -94,5 +95,33 @@ def test_one_step_is_neftunes_uniform_noise(tmp_path):
 def test_a_freelb_run_trains_and_logs(tmp_path, extra):
     outcome, summary = run(*TINY, "model=llama_tiny", "logger=none", "noise=freelb", "noise.adv_steps=3", *extra,
                            out_dir=tmp_path)
+    assert summary["status"] == "completed", outcome.message
+    assert math.isfinite(summary["train/loss"]) and summary["noise/alpha"] == 5.0
+
+
+def test_antithetic_gradients_are_the_mean_of_x_plus_and_x_minus_eps(tmp_path):
+    """The two passes of PassesTrainer against the two losses written out, with the eps the hook drew."""
+    model, inputs = tiny_llama(), batch()
+    reference = copy.deepcopy(model)
+    hook = noise.Noise(model, "symnoise", alpha=5.0, seed=8, antithetic=True)
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    trainer = trainer_for(model, tmp_path, passes=hook)
+    loss = trainer.training_step(model, inputs)
+    clean = torch.nn.functional.embedding(inputs["input_ids"], reference.get_input_embeddings().weight).detach()
+    eps = seen[0] - clean
+    assert len(seen) == 2 and torch.allclose(seen[1] - clean, -eps, atol=1e-6)
+    reference.train()
+    losses = [reference(inputs_embeds=reference.get_input_embeddings()(inputs["input_ids"]) + sign * eps,
+                        attention_mask=inputs["attention_mask"], labels=inputs["labels"]).loss for sign in (1, -1)]
+    ((losses[0] + losses[1]) / 2).backward()
+    for (name, ours), theirs in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(ours.grad, theirs.grad, atol=1e-6), name
+    assert float(loss) == pytest.approx(float(sum(losses) / 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["symnoise", "symnoise_antithetic"])
+def test_symnoise_trains_at_size_tiny(tmp_path, preset):
+    outcome, summary = run(*TINY, "model=llama_tiny", "logger=none", f"noise={preset}", out_dir=tmp_path)
     assert summary["status"] == "completed", outcome.message
     assert math.isfinite(summary["train/loss"]) and summary["noise/alpha"] == 5.0

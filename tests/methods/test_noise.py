@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, BertConfig, BertForSequenceClassification
 from transformers.integrations.neftune import neftune_post_forward_hook
 
-from neftlab.config import NoiseConfig
+from neftlab.config import ConfigError, NoiseConfig
 from neftlab.methods import noise
 from neftlab.methods import noise_callback as callbacks
 from neftlab.methods.dynamic import stability
@@ -311,3 +311,38 @@ def test_noisytune_follows_its_definition_on_every_tensor_once():
         assert torch.allclose(weight, expected, atol=1e-7), name
     embedding = model.get_input_embeddings().weight
     assert embedding.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # still tied, noised once
+
+
+def test_symnoise_is_plus_or_minus_neftunes_scale_on_real_tokens_only():
+    model, (ids, mask) = tiny_llama(), padded_batch()
+    with noise.attach(model, "symnoise", alpha=5.0, seed=4):
+        delta = added_noise(model, ids, mask)
+    for i, n in enumerate(LENGTHS):
+        scale = 5.0 / math.sqrt(n * DIM)
+        real = delta[i, :n]
+        assert torch.allclose(real.abs(), torch.full_like(real, scale), rtol=1e-5)  # every value is ±scale
+        positive = (real > 0).float().mean().item()
+        assert abs(positive - 0.5) < 5 * 0.5 / math.sqrt(real.numel())  # each sign with probability 1/2
+        assert torch.count_nonzero(delta[i, n:]) == 0  # padding gets none
+
+
+def test_antithetic_passes_see_noises_that_sum_to_zero():
+    """The two passes of a batch: x + eps, then x - eps with the same eps; the next batch draws afresh."""
+    model, (ids, mask) = tiny_llama(), padded_batch()
+    with noise.attach(model, "symnoise", alpha=5.0, seed=4, antithetic=True) as hook:
+        assert hook.passes == 2
+        first = added_noise(model, ids, mask)
+        hook.next_pass()
+        second = added_noise(model, ids, mask)
+        hook.reset()
+        third = added_noise(model, ids, mask)
+    assert torch.count_nonzero(first) > 0 and torch.allclose(first + second, torch.zeros_like(first), atol=1e-6)
+    assert not torch.allclose(third, first) and not torch.allclose(third, -first)  # a new draw
+
+
+def test_antithetic_noise_needs_a_drawn_noise():
+    model = tiny_llama()
+    with pytest.raises(noise.NoiseError, match="use it with uniform, gaussian, symnoise or dynamic, not none"):
+        noise.Noise(model, "none", antithetic=True)
+    with pytest.raises(ConfigError, match=r"noise.antithetic=True is not allowed: false with noise.kind=noisytune"):
+        NoiseConfig(kind="noisytune", antithetic=True).validate("noise")

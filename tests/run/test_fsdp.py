@@ -165,7 +165,7 @@ def noised_logits(model, seed: int) -> torch.Tensor:
 
 
 def freelb_grads(model, sharded: bool) -> list[torch.Tensor]:
-    """The parameters' gradients after one FreeLB batch of K = 2 passes as FreeLBTrainer takes them: the first
+    """The parameters' gradients after one FreeLB batch of K = 2 passes as PassesTrainer takes them: the first
     without gradient sync (accelerate's `no_sync` under FSDP2), delta ascended between them."""
     model.train()
     hook = FreeLB(model, alpha=5.0, seed=7, adv_steps=2, adv_lr=0.1)
