@@ -33,7 +33,7 @@ class TrainerConfig:
     max_steps: Optional[int] = 8  # 0 = evaluate the untouched model; null = train args.num_train_epochs
     learning_rate: float = 5e-5
     per_device_train_batch_size: int = 4
-    eval_steps: Optional[int] = None  # also evaluate every this many steps; null = at the end only
+    eval_steps: Any = None  # also evaluate every this many steps, or at every epoch's end (epoch); null = at the end only
     save_steps: Optional[int] = None  # checkpoint every this many steps; null = no checkpoints
     save_total_limit: Optional[int] = 2  # applied by neftlab once a checkpoint is complete
     save_model: bool = True  # keep the final model in <run dir>/model (LoRA: the adapter), for re-evaluation
@@ -59,7 +59,10 @@ class TrainerConfig:
               self.learning_rate, "a finite number > 0")
         check(self.per_device_train_batch_size >= 1, f"{key}.per_device_train_batch_size",
               self.per_device_train_batch_size, "an integer >= 1")
-        for name in ("eval_steps", "save_steps", "save_total_limit"):
+        e = self.eval_steps
+        check(e is None or e == "epoch" or (isinstance(e, int) and not isinstance(e, bool) and e >= 1),
+              f"{key}.eval_steps", e, "null, an integer >= 1 or epoch")
+        for name in ("save_steps", "save_total_limit"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{key}.{name}", value, "null or an integer >= 1")
         check(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, f"{key}.neftune_noise_alpha",

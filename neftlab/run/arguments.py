@@ -28,7 +28,8 @@ def training_arguments(cfg: Config, out_dir: Path):
     base = dict(
         output_dir=str(out_dir / rundir.CHECKPOINTS), seed=cfg.seed, report_to=[],  # neftlab logs to W&B itself
         max_steps=t.max_steps or -1, learning_rate=t.learning_rate, per_device_train_batch_size=t.per_device_train_batch_size,
-        eval_strategy="steps" if t.eval_steps else "no", eval_steps=t.eval_steps,
+        eval_strategy="epoch" if t.eval_steps == "epoch" else "steps" if t.eval_steps else "no",
+        eval_steps=t.eval_steps if t.eval_steps != "epoch" else None,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=None,
         neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs data-parallel (gloo)

@@ -111,6 +111,7 @@ def test_packaged_weights_resolve_to_files():
     ("noise.alpha=-1", "noise.alpha", ">= 0"),
     ("noise.kind=pink", "noise.kind", "none, uniform, gaussian, symnoise, dynamic"),
     ("trainer.nonfinite_loss=ignore", "trainer.nonfinite_loss", "fail, skip"),
+    ("trainer.eval_steps=weekly", "trainer.eval_steps", "null, an integer >= 1 or epoch"),
     ("eval.num_generations=-1", "eval.num_generations", "null (all prompts) or an integer >= 0"),
     ("eval.max_new_tokens=0", "eval.max_new_tokens", ">= 1"),
     ("eval.batch_size=0", "eval.batch_size", ">= 1"),

@@ -12,7 +12,7 @@ from tests.helpers import CONF, ROOT, compose_cfg, run
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
 JOBS_AT_ONE_SEED = {"baselines": 5, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
-                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 7}
+                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 7, "overfit": 4}
 
 
 def test_the_plan_is_all_there():
@@ -98,3 +98,24 @@ def test_wandb_sweep_file_parses_and_every_command_composes():
         cfg = compose_cfg(*command[4:-1], *args)
         assert (cfg.noise.alpha, cfg.pruning.ratio) == point
         assert cfg.noise.kind == "uniform" and cfg.pruning.method == "l1" and cfg.logger.kind == "wandb"
+
+
+def test_the_overfit_study_evaluates_at_every_epoch_with_the_noise_off_training_loss(tmp_path):
+    """experiment=overfit size=tiny: every epoch ends in an evaluation with the held-out loss, the noise-off
+    training loss on a fixed subset and their gap; the antithetic arm trains too."""
+    cfg = compose_cfg("experiment=overfit", "size=tiny")
+    assert cfg.trainer.eval_steps == "epoch" and cfg.trainer.max_steps is None and cfg.data.max_length == 64
+    assert compose_cfg("experiment=overfit").model.arch == "llama" and \
+        compose_cfg("experiment=overfit", "size=gpu").data.max_samples == 640
+    outcome, summary = run("experiment=overfit", "size=tiny", "logger=none", "noise=symnoise_antithetic",
+                           out_dir=tmp_path)
+    assert summary["status"] == "completed", outcome.message
+    merged = {}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("stage") == "train":
+            merged.setdefault(event["step"], {}).update(event)
+    evaluations = [e for e in merged.values() if "eval/loss" in e]
+    assert [e["train/epoch"] for e in evaluations] == [1.0, 2.0]
+    for e in evaluations:
+        assert e["eval/generalization_gap"] == pytest.approx(e["eval/loss"] - e["eval/train_loss_noise_off"])
