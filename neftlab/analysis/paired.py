@@ -15,7 +15,18 @@ from .tables import _cell, _table
 PAIRED = [("eval/response_length", "answer length (tokens)", "{:.1f}"),
           ("eval/response_words", "answer length (words)", "{:.1f}"), ("eval/diversity", "diversity", "{:.3f}"),
           ("eval/distinct_4", "distinct-4", "{:.3f}"), ("eval/loss", "eval loss", "{:.4f}"),
-          ("eval/train_loss_noise_off", "train loss, noise off", "{:.4f}")]
+          ("eval/train_loss_noise_off", "train loss, noise off", "{:.4f}"),
+          ("eval/generalization_gap", "generalization gap", "{:.4f}")]
+BEST, BEST_AT = "best eval loss during training", "epoch of the best eval loss"  # of runs evaluated twice or more
+
+
+def curve_values(run: Run) -> dict[str, float]:
+    """From a run evaluated at least twice during training: its best eval loss and the epoch it came at."""
+    evaluations = run.evaluations()
+    if len(evaluations) < 2:
+        return {}
+    best = min(evaluations, key=lambda e: e["eval/loss"])
+    return {BEST: best["eval/loss"], BEST_AT: best.get("train/epoch", best["step"])}
 
 
 def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]], set[str]]:
@@ -23,6 +34,8 @@ def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]],
     judge that failed its controls."""
     out = {title: (run.summary[key], base.summary[key]) for key, title, _ in PAIRED
            if _number(run.summary.get(key)) and _number(base.summary.get(key))}
+    ours, theirs = curve_values(run), curve_values(base)
+    out.update({title: (ours[title], theirs[title]) for title in ours if title in theirs})
     out.update({"harness " + key.removeprefix("harness/").replace("/", " "): (run.summary[key], base.summary[key])
                 for key in run.summary if key.startswith("harness/") and not key.endswith("_stderr")
                 and _number(run.summary[key]) and _number(base.summary.get(key))})
@@ -96,7 +109,7 @@ def harness_item_measures(groups: dict[str, list[Run]], baseline: str) -> list[P
 
 def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
     """The paired measures as a table: means, difference, its interval with method and n, raw and Holm p."""
-    formats = {title: fmt for _, title, fmt in PAIRED}
+    formats = {**{title: fmt for _, title, fmt in PAIRED}, BEST: "{:.4f}", BEST_AT: "{:.1f}"}
     lines = []
     for row in paired_measures(groups, baseline):
         fmt, e = formats.get(row.title, "{:.3f}"), row.estimate

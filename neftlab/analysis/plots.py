@@ -110,6 +110,45 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     save(fig, path)
 
 
+def plot_arm_curves(groups: dict[str, list[Run]], path: Path) -> bool:
+    """The evaluations during training per arm, against the epoch: the eval loss, the noise-off training loss and
+    their gap, a line per arm at the mean over its seeds with their min-max band. False when no arm's runs were
+    evaluated twice or more."""
+    series = {}
+    for arm, members in groups.items():
+        by_epoch = defaultdict(lambda: defaultdict(list))
+        for r in members:
+            for e in r.evaluations():
+                for key in ("eval/loss", "eval/train_loss_noise_off", "eval/generalization_gap"):
+                    if _number(e.get(key)):
+                        by_epoch[key][e.get("train/epoch", e["step"])].append(e[key])
+        if any(len(points) >= 2 for points in by_epoch.values()):
+            series[arm] = by_epoch
+    if not series:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    titles = {"eval/loss": "held-out loss", "eval/train_loss_noise_off": "training loss, noise off",
+              "eval/generalization_gap": "generalization gap (held-out - noise-off training)"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, (key, title) in zip(axes, titles.items()):
+        for arm in sorted(series, key=natural):
+            points = sorted(series[arm][key].items())
+            if not points:
+                continue
+            x = [p for p, _ in points]
+            line, = ax.plot(x, [statistics.fmean(v) for _, v in points], marker="o", label=arm, linewidth=1.2)
+            ax.fill_between(x, [min(v) for _, v in points], [max(v) for _, v in points], color=line.get_color(),
+                            alpha=0.15)
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
+    fig.subplots_adjust(bottom=0.22)
+    save(fig, path)
+    return True
+
+
 SERIES_KEYS = ("noise.kind", "pruning.method", "noise.alpha", "pruning.ratio")  # what sets a curve apart
 FEW = 6  # a key with at most this many values splits the curves; more (a search's), and points stand alone
 

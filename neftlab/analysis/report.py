@@ -9,7 +9,8 @@ from pathlib import Path
 from ..core.files import make_dirs, write_text
 from .annotations import read_annotations
 from .paired import PAIRED_NOTE, paired_table
-from .plots import plot_against, plot_curves, plot_heatmap, plot_lengths, plot_win_vs_length, swept_pair
+from .plots import (plot_against, plot_arm_curves, plot_curves, plot_heatmap, plot_lengths, plot_win_vs_length,
+                    swept_pair)
 from .runs import arms, baseline_arm, find_runs, label_judgings, plain_arms
 from .search import search_sections
 from .tables import judges_section, runs_table, seeds_table
@@ -56,6 +57,8 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
     parts += ["## Plots", ""]
     plot_curves(runs, out / "loss_curves.png")
     parts += ["![loss curves](loss_curves.png)", ""]
+    if plot_arm_curves(groups, out / "epoch_curves.png"):
+        parts += ["![evaluations during training per arm, mean over seeds with their range](epoch_curves.png)", ""]
     if plot_against(runs, "noise.alpha", "noise.alpha", out / "vs_alpha.png",
                     only=lambda r: r.get("noise.kind") not in (None, "none")):
         parts += ["![final metrics against alpha](vs_alpha.png)", ""]

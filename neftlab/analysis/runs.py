@@ -95,6 +95,15 @@ class Run:
                         out[r["task"], metric][r["doc_id"]] = value
         return dict(out)
 
+    def evaluations(self) -> list[dict]:
+        """The evaluations during training, oldest first: each step's events of stage "train" merged (the held-out
+        loss and the noise-off training loss are logged as two events of one step), those with an eval loss."""
+        merged: dict[int, dict] = {}
+        for event in self.history:
+            if event.get("stage", "train") == "train" and isinstance(event.get("step"), int):
+                merged.setdefault(event["step"], {}).update(event)
+        return [e for _, e in sorted(merged.items()) if _number(e.get("eval/loss"))]
+
     def answer_lengths(self) -> list[int]:
         """Answer lengths in tokens at the last generation step of samples.jsonl (one per prompt)."""
         _, rows = rundir.last_generation(self.dir / rundir.SAMPLES, root=self.dir)

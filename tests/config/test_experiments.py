@@ -107,11 +107,17 @@ def test_the_overfit_study_evaluates_at_every_epoch_with_the_noise_off_training_
     assert cfg.trainer.eval_steps == "epoch" and cfg.trainer.max_steps is None and cfg.data.max_length == 64
     assert compose_cfg("experiment=overfit").model.arch == "llama" and \
         compose_cfg("experiment=overfit", "size=gpu").data.max_samples == 640
-    outcome, summary = run("experiment=overfit", "size=tiny", "logger=none", "noise=symnoise_antithetic",
-                           out_dir=tmp_path)
-    assert summary["status"] == "completed", outcome.message
+    for n, arm in enumerate(["none", "symnoise_antithetic"]):
+        outcome, summary = run("experiment=overfit", "size=tiny", "logger=none", f"noise={arm}",
+                               out_dir=tmp_path / str(n), root=tmp_path)
+        assert summary["status"] == "completed", outcome.message
+    report = write_report(tmp_path).read_text()
+    assert "| noise=symnoise_antithetic | best eval loss during training | 1 |" in report
+    assert "| noise=symnoise_antithetic | epoch of the best eval loss | 1 |" in report
+    assert "| noise=symnoise_antithetic | generalization gap | 1 |" in report
+    assert "![evaluations during training per arm" in report and (tmp_path / "epoch_curves.png").stat().st_size
     merged = {}
-    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+    for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines():
         event = json.loads(line)
         if event.get("stage") == "train":
             merged.setdefault(event["step"], {}).update(event)
