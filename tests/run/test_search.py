@@ -135,12 +135,14 @@ def test_a_damaged_study_database_stops_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude(tmp_path):
-    """Its space holds every noise kind but none; two trials (a seeded random sampler draws freelb and noisytune)
-    train as the kind drawn, each with the magnitude drawn for that kind."""
+    """Its space holds every noise kind but none; each trial's parameters are its kind and that kind's own
+    magnitude only (a conditional space), and each trial trains as the kind drawn, with the magnitude drawn."""
     import yaml
     from neftlab.config.groups import NOISE_KINDS
+    from neftlab.config.spaces import NOISE_MAGNITUDES
     params = yaml.safe_load((ROOT / "conf" / "hparams_search" / "perturbations.yaml").read_text())["hydra"]["sweeper"]["params"]
     assert params["noise"] == f"choice({', '.join(k for k in NOISE_KINDS if k != 'none')})"
+    assert set(NOISE_MAGNITUDES) == set(NOISE_KINDS) - {"none"}
     proc, _ = cli("-m", "hparams_search=perturbations", "size=tiny", "logger=none", "hydra.sweeper.n_trials=2",
                   "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
@@ -148,11 +150,25 @@ def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude
     assert proc.returncode == 0, proc.stderr[-3000:]
     import optuna
     trials = optuna.load_study(study_name="perturbation_search_tiny", storage=f"sqlite:///{tmp_path}/study.db").trials
-    assert sorted(t.params["noise"] for t in trials) == ["freelb", "noisytune"]
+    assert len(trials) == 2
     for t in trials:
+        own = [name for name, *_ in NOISE_MAGNITUDES[t.params["noise"]]]
+        assert sorted(t.params) == sorted(["noise", *own])  # no other kind's magnitude drawn
         (job,) = [d for d in (tmp_path / "sweep").iterdir() if (d / ".hydra" / "config.yaml").exists()
                   and yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["noise"]["kind"] == t.params["noise"]]
         noise = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["noise"]
-        magnitude = "adv_init_mag" if noise["kind"] == "freelb" else "intensity"
-        assert noise[magnitude] == pytest.approx(t.params[f"noise.{magnitude}"])
+        for name in own:
+            assert noise[name.split(".", 1)[1]] == pytest.approx(t.params[name])
         assert json.loads((job / "summary.json").read_text())["eval/loss"] == pytest.approx(t.value)
+
+
+@pytest.mark.parametrize("pruning, drawn", [("off", ["noise", "noise.alpha", "pruning"]),
+                                            ("l1", ["noise", "noise.alpha", "pruning", "pruning.ratio"])])
+def test_the_sparse_neft_space_draws_the_ratio_only_when_it_prunes(pruning, drawn):
+    import optuna
+    from neftlab.config import spaces
+    trial = optuna.create_study().ask()
+    trial.suggest_categorical("noise", ["uniform"])
+    trial.suggest_categorical("pruning", [pruning])
+    spaces.noise_and_pruning(None, trial)
+    assert sorted(trial.params) == drawn and (pruning == "off" or 0.05 <= trial.params["pruning.ratio"] <= 0.7)
