@@ -76,8 +76,28 @@ def test_a_sweep_its_report_and_wandb(root, tmp_path):
     report = recipe("python -m neftlab.report outputs/multiruns/<time>_<pid>")
     run([*report[:3], str(sweep)])
     assert "(heatmap.png)" in (sweep / "report.md").read_text()
-    proc = run([*recipe("python -m neftlab.report outputs/multiruns/<time>_<pid> --wandb")[:3], str(sweep), "--wandb"])
+    proc = run([*report[:3], str(sweep), "--wandb"])
     assert "W&B: nothing pushed: no arm is paired with a baseline arm" in proc.stdout  # every arm has noise here
+
+
+def test_a_studys_wandb_workspace(tmp_path):
+    """The study offline at two arms and two seeds, its report with the workspace's spec, and the command that
+    saves it, which without W&B credentials says so in one line."""
+    run(recipe("python -m neftlab -m experiment=neftune_repro logger.mode=offline"), "size=tiny",
+        "noise=none,uniform", "seed=1,2", f"output_root={tmp_path}")
+    (study,) = (tmp_path / "experiments").iterdir()
+    sync = recipe("wandb sync outputs/experiments/neftune_repro_<id>/*/wandb/offline-run-*")
+    assert len(list(study.glob(sync[2].split("/", 3)[3]))) == 4  # the glob finds every job's offline run
+    report = recipe("python -m neftlab.report outputs/experiments/neftune_repro_<id> --wandb")
+    proc = run([*report[:3], str(study), "--wandb"])
+    spec = study / "wandb_workspace.json"
+    assert f"python -m neftlab.workspace {spec}" in proc.stdout and spec.is_file()
+    save = recipe("python -m neftlab.workspace outputs/experiments/neftune_repro_<id>/wandb_workspace.json")
+    proc = subprocess.run([sys.executable, *save[1:3], str(spec)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_API_KEY": "", "HOME": str(tmp_path),
+                               "NETRC": str(tmp_path / "none")})
+    assert proc.returncode == 1 and proc.stderr.startswith("error: W&B did not save the workspace") \
+        and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 
 def test_an_offline_wandb_run_names_its_sync_command(tmp_path):
