@@ -34,6 +34,8 @@ def test_objective_is_one_float_a_list_or_none():
     assert search.objective({**summary, "status": "failed"}, ["eval/loss"]) is None
     assert search.objective(summary, ["judge/win_rate"]) is None  # no judge ran: not a zero
     assert search.objective({**summary, "eval/loss": math.nan}, ["eval/loss"]) is None
+    unpruned = {"status": "completed", "eval/loss": 2.5}  # pruning off: it logs no pruning figures
+    assert search.objective(unpruned, ["eval/loss", "pruning/sparsity"]) == [2.5, 0.0]
 
 
 def test_quality_is_the_win_rate_with_a_judge_else_the_loss():
