@@ -50,11 +50,15 @@ def directions_of(keys: list[str]) -> list[str]:
     return [DIRECTIONS.get(k, "minimize") for k in keys]  # an unknown key fails validation, before any trial
 
 
+# A run without pruning logs no pruning figures: as an objective, its sparsity and reduction are 0.
+ZERO_WITHOUT_PRUNING = ("pruning/sparsity", "efficiency/param_reduction")
+
+
 def values(summary: dict, keys: list[str]) -> list[float] | None:
     """The run's value of each objective; None when it did not complete or lacks a finite value."""
     if summary.get("status") != "completed":
         return None
-    found = [summary.get(k) for k in keys]
+    found = [summary.get(k, 0.0 if k in ZERO_WITHOUT_PRUNING else None) for k in keys]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in found):
         return None
     return [float(v) for v in found]
