@@ -70,7 +70,10 @@ def closing(outcome) -> str:
     return "\n".join(lines)
 
 
-_app = hydra.main(version_base="1.3", config_path="../conf", config_name="config")(task)
+# What a config may name as a `_target_` for Hydra to build: neftlab's callbacks and search spaces, Hydra's plugins
+# (sweeper, launchers) and Optuna's samplers and storages, and the logging handlers of Hydra's job logging.
+TARGETS = ["neftlab.*", "hydra_plugins.*", "optuna.*", "logging.*", "hydra.*"]
+_app = hydra.main(config_path="../conf", config_name="config", execution_whitelist=TARGETS)(task)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def run(*overrides: str, out_dir: Path, root: Optional[Path] = None, sweep_dir: 
     summary.json (or {})."""
     register()
     overrides = [*overrides, f"output_root={root or out_dir}"]
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF):
         cfg = hydra_compose(config_name="config", overrides=overrides)
     outcome = run_job(cfg, JobContext(Path(out_dir), overrides, sweep_dir=sweep_dir, number=number))
     summary = Path(out_dir) / "summary.json"

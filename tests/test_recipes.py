@@ -140,7 +140,7 @@ def test_capabilities(headline_run, tmp_path):
 
 
 def test_a_search(tmp_path):
-    run(recipe("python -m neftlab hparams_search=neftune hydra.sweeper.n_trials=20"),
+    run(recipe("python -m neftlab -m hparams_search=neftune hydra.sweeper.n_trials=20"),
         "size=tiny", "hydra.sweeper.n_trials=2", *tiny(tmp_path))
     report = recipe("python -m neftlab.report outputs/experiments/neftune_search_cpu")
     run([*report[:3], str(tmp_path / "experiments" / "neftune_search_tiny")])  # size=tiny keeps its own study

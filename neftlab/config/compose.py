@@ -84,12 +84,12 @@ def register() -> None:
     """Put the schemas in Hydra's ConfigStore; conf/*/*.yaml extend them via their defaults list."""
     register_resolvers()
     if not OmegaConf.has_resolver("neftlab_groups"):
-        OmegaConf.register_new_resolver("neftlab_groups", groups_help)
+        OmegaConf.register_resolver("neftlab_groups", groups_help)
     cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
+    cs.store(name="base_config", node=Config, replace=True)  # register() runs once per composition
     for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),
                         ("pruning", PruningConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
-        cs.store(group=group, name=f"base_{group}", node=node)
+        cs.store(group=group, name=f"base_{group}", node=node, replace=True)
 
 
 def to_config(composed) -> Config:
@@ -106,5 +106,5 @@ def compose(*overrides: str) -> Config:
     if (moved := check_command_line(overrides)) is not None:
         raise ConfigError(moved)
     register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF)):
         return to_config(hydra_compose(config_name="config", overrides=list(overrides)))

@@ -63,8 +63,8 @@ def rank_suffix() -> str:
 
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("pkg"):
-        OmegaConf.register_new_resolver("pkg", package_path)
-        OmegaConf.register_new_resolver("run_id", run_id)
-        OmegaConf.register_new_resolver("rank_suffix", rank_suffix)
-        OmegaConf.register_new_resolver("search_directions", directions)
-        OmegaConf.register_new_resolver("size", size_name)
+        OmegaConf.register_resolver("pkg", package_path)
+        OmegaConf.register_resolver("run_id", run_id)
+        OmegaConf.register_resolver("rank_suffix", rank_suffix)
+        OmegaConf.register_resolver("search_directions", directions)
+        OmegaConf.register_resolver("size", size_name)

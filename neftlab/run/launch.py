@@ -59,6 +59,51 @@ def check_study_file(path: Path) -> None:
     if result != "ok":
         raise ConfigError(f"the study database {path} is damaged ({result}): move it aside to start a new study "
                           "there, or point hydra.sweeper.storage elsewhere")
+    upgrade_study_file(path)
+
+
+def _schema(path: Path) -> tuple[Optional[str], Optional[str]]:
+    """(the Alembic revision of an Optuna SQLite study, the Optuna version that set it up), read without Optuna."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            revision = db.execute("SELECT version_num FROM alembic_version").fetchone()
+            written = db.execute("SELECT library_version FROM version_info").fetchone()
+    except sqlite3.DatabaseError:  # not an Optuna study (yet): Optuna sets it up or names the problem
+        return None, None
+    return (revision[0] if revision else None), (written[0] if written else None)
+
+
+def upgrade_study_file(path: Path) -> Optional[Path]:
+    """A study set up by an older Optuna (2.10, under neftlab before its search moved to Optuna 5): copied aside,
+    then upgraded in place, since `optuna storage upgrade` is one-way and the older Optuna cannot read it after.
+    Returns the copy, or None when the study is current."""
+    import logging
+    import warnings
+
+    import optuna
+    revision, written = _schema(path)
+    head = optuna.storages.RDBStorage("sqlite:///:memory:").get_current_version()
+    if revision is None or revision == head:
+        return None
+    backup = path.with_name(f"{path.name}.optuna-{written or revision}.bak")
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as source, \
+            contextlib.closing(sqlite3.connect(backup)) as copy:
+        source.backup(copy)  # a consistent copy, even of a database another process has open
+    logging.disable(logging.INFO)  # Alembic's step-by-step migration log
+    try:
+        with warnings.catch_warnings():  # Optuna 2's distributions, read once to be converted
+            warnings.simplefilter("ignore", FutureWarning)
+            optuna.storages.RDBStorage(f"sqlite:///{path}", skip_compatibility_check=True).upgrade()
+    except Exception as e:  # noqa: BLE001 - whatever Alembic or SQLAlchemy raise, the copy is intact
+        raise ConfigError(f"the study database {path} (set up by Optuna {written}) could not be upgraded to "
+                          f"Optuna {optuna.__version__}'s schema ({type(e).__name__}: {e}); the original is kept "
+                          f"as {backup}") from e
+    finally:
+        logging.disable(logging.NOTSET)
+    print(f"Upgraded the study database {path}, set up by Optuna {written}, to Optuna {optuna.__version__}'s "
+          f"schema; the original is kept as {backup} (an upgraded study cannot be read by the older Optuna)",
+          file=sys.stderr)
+    return backup
 
 
 def append(ledger: Path, row: dict) -> None:
@@ -112,6 +157,11 @@ class RunGuard(Callback):
     sweep, fixes its directory once (or continues an unfinished one), passes stop signals to the running jobs,
     and at the end reports the jobs that did not complete and exits accordingly, whatever the launcher."""
 
+    def __init__(self) -> None:
+        # Hydra 1.4 ends a sweep whose start was refused too: then there is no ledger and nothing to restore
+        self.previous: dict = {}
+        self.ledger: Path | None = None
+
     @staticmethod
     def _check(check, path: str) -> None:
         try:
@@ -121,6 +171,11 @@ class RunGuard(Callback):
             raise SystemExit(2)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        search = OmegaConf.select(config, "hydra.runtime.choices.hparams_search")
+        if search is not None:  # a search composed as one run would train one job at the defaults and stop
+            print(f"Error: hparams_search={search} is a sweep: run it with -m (python -m neftlab -m "
+                  f"hparams_search={search} ...)", file=sys.stderr)
+            raise SystemExit(2)
         self._check(check_output_dir, config.hydra.run.dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
@@ -164,6 +219,8 @@ class RunGuard(Callback):
         return {r["pid"] for r in last.values() if r["status"] == "running"}
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.ledger is None:  # refused at its start (on_multirun_start said why)
+            return
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
         rows = [r for r in ledger_rows(self.ledger) if r["sweep"] == self.sweep]

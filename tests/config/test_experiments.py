@@ -34,7 +34,7 @@ def test_tiny_size_keeps_the_original_model_untrained():
 
 @pytest.mark.parametrize("launcher, target", [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
 def test_launchers_compose(launcher, target):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF):
         cfg = compose("config", [f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(target)
     if launcher == "slurm":
@@ -43,7 +43,7 @@ def test_launchers_compose(launcher, target):
 
 def sweep_jobs(experiment: str, *overrides: str) -> list[list[str]]:
     """The jobs the basic sweeper makes of an experiment: its params' grid, each point a list of overrides."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF):
         cfg = compose("config", [f"experiment={experiment}", *overrides], return_hydra_config=True)
     params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items() if k not in dict(
         o.split("=", 1) for o in overrides)}

@@ -19,10 +19,9 @@ from tests.helpers import CONF, ROOT, cli, compose_cfg
                                                  ("perturbation_search", "perturbations")])
 @pytest.mark.parametrize("size, name", [([], "cpu"), (["size=tiny"], "tiny"), (["size=gpu"], "gpu")])
 def test_each_size_has_a_study_of_its_own(search_name, option, size, name):
-    """A tiny dry run must not leave trials in the real study, nor continue one; a search is a sweep of its own."""
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    """A tiny dry run must not leave trials in the real study, nor continue one."""
+    with initialize_config_dir(config_dir=CONF):
         cfg = compose("config", [f"hparams_search={option}", *size], return_hydra_config=True)
-    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert cfg.hydra.sweeper.study_name == f"{search_name}_{name}"
     assert cfg.hydra.sweeper.storage == f"sqlite:///outputs/experiments/{search_name}_{name}/study.db"
 
@@ -50,7 +49,7 @@ def test_quality_is_the_win_rate_with_a_judge_else_the_loss():
     (["hparams_search=sparse_neft", "eval.judge.model=judge"], ["maximize", "maximize"]),
 ])
 def test_sweeper_directions_follow_the_objectives(overrides, directions):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF):
         cfg = compose("config", overrides, return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert list(cfg.hydra.sweeper.direction) == directions
@@ -174,3 +173,50 @@ def test_the_sparse_neft_space_draws_the_ratio_only_when_it_prunes(pruning, draw
     trial.suggest_categorical("pruning", [pruning])
     spaces.noise_and_pruning(None, trial)
     assert sorted(trial.params) == drawn and (pruning == "off" or 0.05 <= trial.params["pruning.ratio"] <= 0.7)
+
+def test_a_search_without_multirun_is_refused_in_one_line(tmp_path):
+    proc, _ = cli("hparams_search=neftune", "size=tiny", "logger=none", out_dir=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "Error: hparams_search=neftune is a sweep: run it with -m (python -m neftlab -m hparams_search=neftune ...)"]
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_a_study_written_by_optuna_2_10_is_copied_aside_upgraded_and_continued(tmp_path):
+    """tests/fixtures/optuna210_study.db: three trials of neftune_search_tiny, written by Optuna 2.10.1 (as
+    neftlab's searches ran before they moved to Optuna 5)."""
+    import shutil
+    import sqlite3
+    study = tmp_path / "study.db"
+    shutil.copy(ROOT / "tests" / "fixtures" / "optuna210_study.db", study)
+    proc, _ = cli("-m", "hparams_search=neftune", "size=tiny", "logger=none", "hydra.sweeper.n_trials=1",
+                  f"hydra.sweeper.storage=sqlite:///{study}", f"hydra.sweep.dir={tmp_path}/sweep",
+                  out_dir=tmp_path / "unused")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    backup = tmp_path / "study.db.optuna-2.10.1.bak"
+    assert f"Upgraded the study database {study}, set up by Optuna 2.10.1" in proc.stderr and backup.is_file()
+    with sqlite3.connect(backup) as db:  # the copy is the study as Optuna 2.10 left it
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "v2.6.0.a"
+    import optuna
+    trials = optuna.load_study(study_name="neftune_search_tiny", storage=f"sqlite:///{study}").trials
+    assert [t.number for t in trials] == [0, 1, 2, 3] and trials[0].params["noise"] == "gaussian"
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+
+def test_the_same_seed_and_finished_trials_draw_the_same_next_trial():
+    """As the sweeper asks: a TPE sampler of `hydra.sweeper.sampler.seed`, over a study holding the same finished
+    trials (past TPE's 10 start-up trials), proposes the same next trial in two separate processes' studies."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+    space = {"noise": CategoricalDistribution(["uniform", "gaussian", "dynamic"]),
+             "noise.alpha": FloatDistribution(1, 20, log=True)}
+    finished = [optuna.trial.create_trial(params={"noise": ["uniform", "gaussian", "dynamic"][i % 3],
+                                                  "noise.alpha": 1.0 + i * 1.5},
+                                          distributions=space, value=10.0 - 0.1 * i) for i in range(12)]
+    drawn = []
+    for _ in range(2):
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=5))
+        study.add_trials(finished)
+        trial = study.ask()
+        drawn.append({name: trial._suggest(name, d) for name, d in space.items()})
+    assert drawn[0] == drawn[1]
