@@ -116,5 +116,12 @@ class GracefulStop(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """The Trainer ends the epoch it stops in, and with `eval_strategy=epoch` evaluates there: an evaluation
+        in mid-epoch that the uninterrupted run never makes. A stopping run skips it (this callback comes after
+        the Trainer's own flow callback, which asked for it)."""
+        if self.signum:
+            control.should_evaluate = False
+
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False

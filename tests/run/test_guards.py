@@ -137,3 +137,19 @@ def test_full_output_dir_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(launch.shutil, "disk_usage", lambda path: SimpleNamespace(free=10 * 2**20))
     with pytest.raises(ConfigError, match="has 10 MiB free, less than the 200 MiB"):
         launch.check_output_dir(tmp_path)
+
+
+def test_a_stop_in_mid_epoch_adds_no_evaluation(tmp_path):
+    """The Trainer ends the epoch it stops in, and with trainer.eval_steps=epoch would evaluate there: an
+    evaluation the uninterrupted run never makes, which a study's per-epoch curves would then hold (it happened to
+    a resumed run of experiment=overfit). A stopping run skips it; a run that is not stopping evaluates."""
+    import signal
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback
+    args = TrainingArguments(output_dir=str(tmp_path), eval_strategy="epoch", report_to=[], use_cpu=True)
+    stop = GracefulStop()
+    handler = CallbackHandler([DefaultFlowCallback, stop], None, None, None, None)
+    assert handler.on_epoch_end(args, TrainerState(epoch=2.0), TrainerControl()).should_evaluate
+    stop.signum = signal.SIGTERM
+    assert not handler.on_epoch_end(args, TrainerState(epoch=1.67), TrainerControl()).should_evaluate
