@@ -1,6 +1,5 @@
 # make run   — set up .venv (first time only) and run the default experiment (ARGS="noise=uniform ..." to override)
-# make test  — set up .venv (first time only) and run the test suite, on 2 workers (pytest-xdist; torchrun's tests
-#              on one of them, since they share its port)
+# make test  — set up .venv (first time only) and run the test suite
 # make test-fast — the inner loop: every test that runs in this process, in under 5 minutes (-m "not slow")
 # make gpu-check — on a CUDA machine: the GPU lane and the performance targets in 8 minutes (no set-up; PY=python3
 #                  for a staged machine, ARGS="--dry-run --out DIR" for the CPU dry run)
@@ -25,7 +24,7 @@ run: setup
 	$(PY) -m neftlab $(ARGS)
 
 test: setup
-	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
