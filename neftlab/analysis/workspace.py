@@ -235,7 +235,7 @@ def dashboard(runs: list[Run], groups: dict[str, list[Run]], baseline: str | Non
             for url in save(w, r):
                 print(f"W&B: saved {url}")
             return path
-        except Exception as e:  # noqa: BLE001 - W&B's errors (network, auth, runs not synced) lose nothing: the spec is written
+        except Exception as e:  # noqa: BLE001 - W&B's errors (network, auth, unsynced runs): the spec is written
             print(f"W&B: the workspace was not saved ({first_line(e)}); its spec is in {path}: {later}")
             return path
     print(f"W&B: wrote the study's workspace and report to {path} ({len(logged)} runs of W&B group "

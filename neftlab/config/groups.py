@@ -100,7 +100,7 @@ class DataConfig:
 
 
 NOISE_KINDS = ("none", "uniform", "gaussian", "symnoise", "dynamic", "freelb", "noisytune")
-ANTITHETIC_KINDS = ("uniform", "gaussian", "symnoise", "dynamic")
+DRAWN_KINDS = ("uniform", "gaussian", "symnoise", "dynamic")  # noise drawn per token on the embeddings
 NOISE_SCHEDULES = ("constant", "linear", "cosine", "warmup")
 NOISE_TOKENS = ("all", "prompt", "response")
 
@@ -146,15 +146,16 @@ class NoiseConfig:
         why = {"dynamic": " (dynamic noise moves alpha by the embedding's statistic, a schedule by the step: use one)",
                "freelb": " (its perturbation is moved by the loss's gradient)",
                "none": ", which puts no noise on the embeddings", "noisytune": ", which puts no noise on the embeddings"}
-        check(self.schedule == "constant" or (self.kind in ("uniform", "gaussian", "symnoise") and self.std is None),
+        scheduled = ("uniform", "gaussian", "symnoise")
+        check(self.schedule == "constant" or (self.kind in scheduled and self.std is None),
               f"{key}.schedule", self.schedule, f"constant with {key}.kind={self.kind}"
               + (" and an absolute noise.std" if self.std is not None else why.get(self.kind, "")))
         check(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio", self.warmup_ratio, "in (0, 1]")
-        check(self.tokens == "all" or self.kind in ANTITHETIC_KINDS, f"{key}.tokens", self.tokens,
+        check(self.tokens == "all" or self.kind in DRAWN_KINDS, f"{key}.tokens", self.tokens,
               f"all with {key}.kind={self.kind}" + why.get(self.kind, ""))
-        check(not self.antithetic or self.kind in ANTITHETIC_KINDS, f"{key}.antithetic", self.antithetic,
+        check(not self.antithetic or self.kind in DRAWN_KINDS, f"{key}.antithetic", self.antithetic,
               f"false with {key}.kind={self.kind} (it mirrors noise drawn on the embeddings: "
-              f"{', '.join(ANTITHETIC_KINDS)})")
+              f"{', '.join(DRAWN_KINDS)})")
         check(self.intensity > 0, f"{key}.intensity", self.intensity, "> 0")
         check(self.adv_steps >= 1, f"{key}.adv_steps", self.adv_steps, "an integer >= 1")
         check(self.adv_lr > 0, f"{key}.adv_lr", self.adv_lr, "> 0")

@@ -5,7 +5,8 @@ NEFTune adds U(-1, 1) * alpha / sqrt(L_i * d) to the embedding output of sample 
 training, with L_i its number of real tokens. `symnoise` (SymNoise, arXiv 2312.01523, as its third-party
 implementations read it: docs/methods.md) adds Bernoulli +-1 * alpha / sqrt(L_i * d) instead, with the same masks
 and L_i. `antithetic=True` trains each batch twice, on x + eps and on x - eps with the same eps (two passes of
-`passes.PassesTrainer`, each at half the loss), so the first-order terms of the noise cancel in the gradient. Two forward hooks do it without touching the
+`passes.PassesTrainer`, each at half the loss), so the first-order terms of the noise cancel in the gradient.
+Two forward hooks do it without touching the
 model's code: a pre-hook on the whole model catches the attention mask (and the labels, for noise on the
 prompt or the response only), and a hook on the input-embedding layer adds the noise to real tokens only, in
 training mode only. `.alpha` is live: during training `NoiseCallback` moves it (a schedule, the dynamic rule).
@@ -32,7 +33,8 @@ class NoiseError(NeftlabError, RuntimeError):
     pass
 
 
-EMBEDDING_KINDS = ("uniform", "gaussian", "symnoise", "dynamic", "freelb")  # the kinds a hook on the input embedding adds
+EMBEDDING_KINDS = ("uniform", "gaussian", "symnoise", "dynamic", "freelb")  # what a hook on the embedding adds
+DRAWN_KINDS = EMBEDDING_KINDS[:-1]  # noise drawn per token: antithetic passes can mirror it (not FreeLB's climb)
 
 
 class Noise:
@@ -44,9 +46,9 @@ class Noise:
         if kind not in EMBEDDING_KINDS + ("none", "noisytune"):
             raise NoiseError(f"unknown noise kind {kind!r}: use none, uniform, gaussian, symnoise, dynamic, freelb "
                              "or noisytune")
-        if antithetic and kind not in ("uniform", "gaussian", "symnoise", "dynamic"):
-            raise NoiseError(f"antithetic noise mirrors a drawn noise: use it with uniform, gaussian, symnoise or "
-                             f"dynamic, not {kind}")
+        if antithetic and kind not in DRAWN_KINDS:
+            raise NoiseError(f"antithetic noise mirrors a drawn noise: use it with {', '.join(DRAWN_KINDS[:-1])} or "
+                             f"{DRAWN_KINDS[-1]}, not {kind}")
         if length_mode not in ("real", "padded"):
             raise NoiseError(f"unknown length_mode {length_mode!r}: use real or padded")
         if tokens not in ("all", "prompt", "response"):
@@ -209,8 +211,8 @@ def attach(model: torch.nn.Module, kind: str = "uniform", **params) -> Noise:
 
     params: alpha, length_mode ("real" | "padded"), std (gaussian), seed (an own random stream), tokens ("all" |
     "prompt" | "response"), antithetic (x + eps, then x - eps: drive the passes with `next_pass` and `reset`, as
-    `passes.PassesTrainer` does). Dynamic noise is uniform noise whose alpha a `DynamicAlpha` moves, and a schedule moves
-    it in `NoiseCallback`; `attach` accepts their keys and ignores them. FreeLB's perturbation is
+    `passes.PassesTrainer` does). Dynamic noise is uniform noise whose alpha a `DynamicAlpha` moves, and a schedule
+    moves it in `NoiseCallback`; `attach` accepts their keys and ignores them. FreeLB's perturbation is
     `neftlab.methods.freelb.FreeLB`, which its Trainer drives.
     """
     for key in ("alpha_min", "alpha_max", "alpha_step", "adjust_interval", "stability_threshold", "schedule",
