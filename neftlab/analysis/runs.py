@@ -46,7 +46,7 @@ class Run:
     judges: dict = field(default_factory=dict)  # {source: {baseline ("reference" or a run dir): judge/… summary}}
     label: str = ""  # its overrides less those every run shares
     extra: dict = field(default_factory=dict)  # table cells not in the summary: the judges' win rates
-    searched: bool = False  # a trial of an optimizing sweep (hydra/sweeper=optuna)
+    searched: bool = False  # a trial of an optimizing sweep (hydra/sweeper=neftlab_optuna)
 
     def value(self, key: str):
         return self.summary.get(key, self.extra.get(key))
@@ -128,7 +128,7 @@ def _read_run(summary_path: Path, root: Path) -> Run | None:
     sweeper = (read_yaml(run_dir / rundir.HYDRA_CONFIG, {}, root=root).get("hydra") or {}).get("sweeper") or {}
     return Run(run_dir, [str(o) for o in overrides if not str(o).startswith("hydra.")], summary,
                config if isinstance(config, dict) else {}, history, judges,
-               searched="Optuna" in str(sweeper.get("_target_", "")))
+               searched="direction" in sweeper)  # an optimizing sweeper (Optuna's, or neftlab's over it)
 
 
 def is_run(summary_path: Path, root: Path) -> bool:

@@ -29,6 +29,11 @@ SWEEP_ENV, LAUNCHER_PID_ENV = "NEFTLAB_SWEEP", "NEFTLAB_SWEEP_PID"  # set by Run
 
 
 MIN_FREE_BYTES = 200 * 2**20
+JOURNAL = "journal:"  # hydra.sweeper.storage=journal:PATH: an Optuna study in a journal file (a shared file system)
+
+
+def journal_path(storage: str) -> Optional[Path]:
+    return Path(storage.removeprefix(JOURNAL)) if storage.startswith(JOURNAL) else None
 
 
 def check_output_dir(path: Path) -> None:
@@ -123,6 +128,13 @@ def record_job(sweep_dir: Path, number: int, out_dir: Path, status: str, run_dir
         "run": str(run_dir or ""), "error": message[:1000], "pid": os.getpid()})
 
 
+def job_statuses(sweep_dir: Path) -> dict[int, str]:
+    """How each job of this process's sweep ended (or "running"), by its number."""
+    sweep = os.environ.get(SWEEP_ENV, "")
+    return {r["job"]: r["status"] for r in ledger_rows(sweep_dir / rundir.SWEEP_JOBS)
+            if r["sweep"] == sweep and "job" in r}
+
+
 def sweep_stopped(sweep_dir: Optional[Path]) -> Optional[int]:
     """The signal that stopped this job's sweep before the job started, if one did."""
     sweep = os.environ.get(SWEEP_ENV)
@@ -193,6 +205,8 @@ class RunGuard(Callback):
             study = storage.removeprefix("sqlite:///")
             self._check(check_output_dir, str(Path(study).parent))
             self._check(check_study_file, Path(study))
+        elif journal := journal_path(storage):  # nor does Optuna's journal file
+            self._check(check_output_dir, str(journal.parent))
         self.ledger, self.sweep = sweep_dir / rundir.SWEEP_JOBS, run_id()
         append(self.ledger, {"sweep": self.sweep, "command": list(config.hydra.overrides.task),
                                           "pattern": pattern})

@@ -51,7 +51,7 @@ def test_quality_is_the_win_rate_with_a_judge_else_the_loss():
 def test_sweeper_directions_follow_the_objectives(overrides, directions):
     with initialize_config_dir(config_dir=CONF):
         cfg = compose("config", overrides, return_hydra_config=True)
-    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper._target_ == "neftlab.run.sweeper.StudySweeper"
     assert list(cfg.hydra.sweeper.direction) == directions
 
 
@@ -79,7 +79,7 @@ def _study(storage: str):
 @pytest.mark.slow
 def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
     """Three trials, one of which fails its config check (the seeded random sampler draws alpha 5, 1, -1), then
-    the same study continued by one more (a sampler seeded to draw 5)."""
+    the same study taken to four in all (a sampler seeded to draw 5): n_trials is the study's total."""
     storage = f"sqlite:///{tmp_path}/study.db"
     common = ["-m", "hparams_search=neftune", "size=tiny", "logger=none", f"hydra.sweeper.storage={storage}",
               "noise=uniform", "noise.alpha=choice(1,5,-1)"]
@@ -96,7 +96,7 @@ def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
         if summary["status"] == "completed":
             assert summary["eval/loss"] in loss.values()  # the objective is the run's own held-out loss
 
-    proc, _ = cli(*common, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=1",
+    proc, _ = cli(*common, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0", "hydra.sweeper.n_trials=4",
                   f"hydra.sweep.dir={tmp_path}/second", out_dir=tmp_path / "unused")
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = _study(storage).trials
@@ -189,7 +189,7 @@ def test_a_study_written_by_optuna_2_10_is_copied_aside_upgraded_and_continued(t
     import sqlite3
     study = tmp_path / "study.db"
     shutil.copy(ROOT / "tests" / "fixtures" / "optuna210_study.db", study)
-    proc, _ = cli("-m", "hparams_search=neftune", "size=tiny", "logger=none", "hydra.sweeper.n_trials=1",
+    proc, _ = cli("-m", "hparams_search=neftune", "size=tiny", "logger=none", "hydra.sweeper.n_trials=4",
                   f"hydra.sweeper.storage=sqlite:///{study}", f"hydra.sweep.dir={tmp_path}/sweep",
                   out_dir=tmp_path / "unused")
     assert proc.returncode == 0, proc.stderr[-3000:]
