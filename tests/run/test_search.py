@@ -220,3 +220,29 @@ def test_the_same_seed_and_finished_trials_draw_the_same_next_trial():
         trial = study.ask()
         drawn.append({name: trial._suggest(name, d) for name, d in space.items()})
     assert drawn[0] == drawn[1]
+
+
+def _docs_search_commands(section: str) -> list[list[str]]:
+    """The `python -m neftlab -m ...` commands of a docs/sweeps.md section, as overrides (continuations joined)."""
+    text = (ROOT / "docs" / "sweeps.md").read_text().split(section)[1].split("\n- **")[0]
+    lines = re.sub(r"\\\n\s*", " ", text).splitlines()
+    commands = [line.split("python -m neftlab -m", 1)[1].split(">")[0].split() for line in lines
+                if "python -m neftlab -m" in line]
+    return commands
+
+
+def test_the_slurm_recipes_compose_to_a_shared_study():
+    """The SLURM recipes cannot run here: they compose to neftlab's sweeper on one journal study, which the
+    sharing tests (tests/run/test_study.py) run with local processes."""
+    commands = _docs_search_commands("**A search on a SLURM cluster**")
+    assert len(commands) == 2
+    for overrides in commands:
+        with initialize_config_dir(config_dir=CONF):
+            cfg = compose("config", overrides, return_hydra_config=True)
+        sweeper = cfg.hydra.sweeper
+        assert sweeper._target_ == "neftlab.run.sweeper.StudySweeper" and sweeper.n_trials == 30
+        assert sweeper.storage == "journal:/shared/neftlab/neftune_search.journal" and sweeper.sampler.constant_liar
+    assert cfg.hydra.launcher._target_.endswith("BasicLauncher")  # the sbatch sweepers run their trials in-process
+    with initialize_config_dir(config_dir=CONF):
+        first = compose("config", commands[0], return_hydra_config=True)
+    assert first.hydra.launcher._target_.endswith("SlurmLauncher") and first.hydra.launcher.gpus_per_node == 1
