@@ -49,8 +49,11 @@ OWNER, HEARTBEAT, SURPLUS = "neftlab:owner", "neftlab:heartbeat", "neftlab:surpl
 MAX_RETRY = 3  # a trial whose process keeps dying is retried this often, then counts as failed
 
 
-def open_storage(spec: str) -> optuna.storages.BaseStorage:
-    """The storage `hydra.sweeper.storage` names: `journal:PATH`, or an SQLAlchemy URL."""
+def open_storage(spec: Optional[str]) -> Optional[optuna.storages.BaseStorage]:
+    """The storage `hydra.sweeper.storage` names: `journal:PATH`, an SQLAlchemy URL, or none (in memory: a study of
+    this process alone)."""
+    if spec is None:
+        return None
     if (journal := journal_path(spec)) is not None:
         path = str(journal)  # the open lock (O_EXCL) is Optuna's choice for a network file system
         return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
@@ -198,7 +201,7 @@ class StudySweeperImpl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         space, fixed, fixed_overrides = self._space(arguments)
         directions = self._get_directions()
-        study = optuna.create_study(study_name=self.study_name, storage=open_storage(str(self.storage)),
+        study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage),
                                     sampler=self.sampler, directions=directions, load_if_exists=True)
         shared = SharedStudy(study, self.n_trials)
         log.info("Study %s in %s: %d of its %d trials to go, %d per batch in this process", study.study_name,

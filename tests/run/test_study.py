@@ -45,6 +45,7 @@ def _gone() -> dict:
 def test_the_storage_is_a_journal_file_or_an_sqlalchemy_url(tmp_path):
     assert isinstance(open_storage(f"journal:{tmp_path}/s.journal"), optuna.storages.JournalStorage)
     assert isinstance(open_storage(f"sqlite:///{tmp_path}/s.db"), optuna.storages.RDBStorage)
+    assert open_storage(None) is None  # hydra.sweeper.storage=null: in memory, this process's study alone
 
 
 def test_the_study_ends_at_n_trials_in_all_whichever_process_asks(journal):
