@@ -25,6 +25,7 @@ import functools
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import warnings
@@ -37,9 +38,11 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
+from sqlalchemy.exc import SQLAlchemyError
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..core import claim
+from ..core.errors import ConfigError
 from . import launch
 from .launch import journal_path
 
@@ -61,6 +64,17 @@ def open_storage(spec: Optional[str]) -> Optional[optuna.storages.BaseStorage]:
     # SQLite's default 5 s wait for a write lock is short for two sweepers writing at once
     engine = {"connect_args": {"timeout": 60}} if spec.startswith("sqlite") else {}
     return optuna.storages.RDBStorage(spec, engine_kwargs=engine)
+
+
+def open_study(storage: Optional[str], name: Optional[str], sampler: Any, directions: list[str]) -> optuna.Study:
+    """The study, created or loaded; a storage that cannot be opened (a server down, a wrong URL or password, a
+    driver not installed) is named in one line."""
+    try:
+        return optuna.create_study(study_name=name, storage=open_storage(storage), sampler=sampler,
+                                   directions=directions, load_if_exists=True)
+    except (SQLAlchemyError, ImportError, OSError, ValueError) as e:
+        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+        raise ConfigError(f"the study's storage hydra.sweeper.storage={storage} cannot be opened: {reason}") from e
 
 
 def retried(trials: list[FrozenTrial]) -> set[int]:
@@ -201,8 +215,11 @@ class StudySweeperImpl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         space, fixed, fixed_overrides = self._space(arguments)
         directions = self._get_directions()
-        study = optuna.create_study(study_name=self.study_name, storage=open_storage(self.storage),
-                                    sampler=self.sampler, directions=directions, load_if_exists=True)
+        try:
+            study = open_study(self.storage, self.study_name, self.sampler, directions)
+        except ConfigError as e:  # before any trial, in one line, as RunGuard's checks of the sweep
+            print(f"Error: {e}", file=sys.stderr)
+            raise SystemExit(2)
         shared = SharedStudy(study, self.n_trials)
         log.info("Study %s in %s: %d of its %d trials to go, %d per batch in this process", study.study_name,
                  self.storage, max(shared.left(), 0), self.n_trials, self.n_jobs)

@@ -6,6 +6,7 @@ PostgreSQL server the test starts."""
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,8 @@ import pytest
 from optuna.trial import TrialState
 
 from neftlab.core import claim
-from neftlab.run.study import HEARTBEAT, OWNER, SURPLUS, SharedStudy, counted, open_storage
+from neftlab.core.errors import ConfigError
+from neftlab.run.study import HEARTBEAT, OWNER, SURPLUS, SharedStudy, counted, open_storage, open_study
 from tests.helpers import ROOT
 
 
@@ -46,6 +48,16 @@ def test_the_storage_is_a_journal_file_or_an_sqlalchemy_url(tmp_path):
     assert isinstance(open_storage(f"journal:{tmp_path}/s.journal"), optuna.storages.JournalStorage)
     assert isinstance(open_storage(f"sqlite:///{tmp_path}/s.db"), optuna.storages.RDBStorage)
     assert open_storage(None) is None  # hydra.sweeper.storage=null: in memory, this process's study alone
+
+
+@pytest.mark.parametrize("storage, reason", [
+    ("postgresql+psycopg://nobody@localhost:1/study", "connection"),  # no server there
+    ("mysql+nosuchdriver://nobody@localhost/study", "nosuchdriver"),
+])
+def test_a_storage_that_cannot_be_opened_is_named_in_one_line(storage, reason):
+    with pytest.raises(ConfigError, match=re.escape(f"hydra.sweeper.storage={storage} cannot be opened: ")) as e:
+        open_study(storage, "s", None, ["minimize"])
+    assert reason in str(e.value).lower() and "\n" not in str(e.value)
 
 
 def test_the_study_ends_at_n_trials_in_all_whichever_process_asks(journal):
