@@ -22,7 +22,7 @@ from transformers.integrations.neftune import neftune_post_forward_hook
 from pathlib import Path
 from neftlab import data, models
 from neftlab.methods import noise
-from neftlab.methods.dynamic import stability
+from neftlab.methods.noise.dynamic import stability
 from neftlab.config import compose
 
 

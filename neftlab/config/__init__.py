@@ -4,7 +4,8 @@
 from ..core.errors import ConfigError
 from .compose import compose, register, to_config
 from .evaluation import EvalConfig, HarnessConfig, JudgeConfig
-from .groups import DataConfig, LoggerConfig, LoraConfig, ModelConfig, NoiseConfig, PruningConfig
+from .groups import DataConfig, LoggerConfig, LoraConfig, ModelConfig, PruningConfig
+from .noise import NoiseConfig
 from .objectives import SearchConfig
 from .resolvers import package_path, run_id
 from .root import Config

@@ -4,23 +4,22 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Iterable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..core.errors import ConfigError
 from .checks import check_keys
-from .groups import DataConfig, LoggerConfig, ModelConfig, NoiseConfig, PruningConfig
+from .groups import DataConfig, LoggerConfig, ModelConfig, PruningConfig
+from .noise import CONF, canonical, kind_class, option_file, option_node, own_keys, search_dirs, typed
 from .resolvers import register_resolvers
 from .root import Config
 from .trainer import NEFTLAB_DEFAULTS, TrainerConfig, moved_training_arg
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
 # Options that moved, and their new spelling: `arm` presets are noise options now (a preset sets its own group's
-# keys), the paper's and the study's recipes are sizes (they set the data and the evaluation too), and searches
-# have a group of their own.
+# keys), the paper's and the study's recipes are sizes (they set the data and the evaluation too), searches have a
+# group of their own, and options that only composed other options' runs are gone (one spelling for each run).
 MOVED = {
     "arm": {"no_noise": "noise=none", "uniform_5": "noise=uniform", "uniform_10": "noise=uniform_10",
             "uniform_15": "noise=uniform_15", "gaussian_5": "noise=gaussian", "freelb": "noise=freelb",
@@ -29,16 +28,60 @@ MOVED = {
     "trainer": {"paper": "size=paper", "study": "size=gpu"},
     "experiment": {"neftune_search": "hparams_search=neftune", "perturbation_search": "hparams_search=perturbations",
                    "sparse_neft_search": "hparams_search=sparse_neft"},
+    "method": {"finetune": "the default (noise=none pruning=off)", "neftune": "noise=uniform",
+               "pruning": "pruning=l1", "sparse_neft": "noise=uniform pruning=l1", "original": "trainer.max_steps=0"},
+    "noise": {"dynamic_large": "noise=dynamic", "symnoise_antithetic": "noise=symnoise noise.antithetic=true"},
 }
 WHY = {"arm": "noise presets are noise options", "trainer": "it sets the data and the evaluation too, so it is a size",
-       "experiment": "searches have a group of their own, which also sets multirun"}
-# Groups a user picks; their options are the files under conf/<group> (experiment: experiments/).
-PICKED = ("model", "data", "noise", "pruning", "method", "trainer", "logger", "size", "harness", "experiment",
-          "hparams_search")
+       "experiment": "searches have a group of their own, which also sets multirun",
+       "method": "the method group only composed the noise and pruning groups' options",
+       "noise": "it composed the same run"}
+# Groups a user picks; their options are the files under conf/<group>, and under a `hydra.searchpath` directory.
+PICKED = ("model", "data", "noise", "pruning", "trainer", "logger", "size", "harness", "experiment", "hparams_search")
 
 
-def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+def options(group: str, searchpath: Iterable[str] = ()) -> list[str]:
+    return sorted({p.stem for folder in search_dirs(searchpath) for p in (folder / group).glob("*.yaml")})
+
+
+def searchpath_of(overrides: Iterable[str]) -> list[str]:
+    """The `hydra.searchpath=[...]` a command line sets, as a list of entries."""
+    found: list[str] = []
+    for override in overrides:
+        if override.lstrip("+").startswith("hydra.searchpath="):
+            value = override.split("=", 1)[1].strip().strip("[]")
+            found = [v.strip().strip("'\"") for v in value.split(",") if v.strip()]
+    return found
+
+
+def default_option(group: str) -> Optional[str]:
+    """The option conf/config.yaml's defaults list picks for `group`."""
+    for entry in OmegaConf.load(CONF / "config.yaml").defaults:
+        if isinstance(entry, DictConfig) and group in entry:
+            return entry[group]
+    return None
+
+
+def noise_key(override: str, overrides: list[str], searchpath: list[str]) -> Optional[str]:
+    """The one line for `noise.KEY=` that the noise kind the command line picks does not read (Hydra would refuse
+    it in many lines, or `+noise.KEY=` would append it)."""
+    match = re.match(r"^[+~]*noise\.([A-Za-z_]+)=", override)
+    if not match:
+        return None
+    picked = [o.split("=", 1)[1] for o in overrides if re.match(r"^noise=", o)]
+    if not picked and any(re.match(r"^[+~]*(experiment|hparams_search)=", o) for o in overrides):
+        return None  # a study picks its noise: checked when it is composed
+    for option in (picked[-1].split(",") if picked else [default_option("noise")]):
+        option = option.strip().strip("'\"")
+        if "(" in option or option_file("noise", option, searchpath) is None:
+            return None
+        if match.group(1) == "kind":
+            return f"{override}: noise.kind is the kind's name, from its class: pick a kind with noise=OPTION"
+        cls = kind_class(option_node(option, searchpath))
+        if match.group(1) not in own_keys(cls):
+            return (f"{override}: noise.{match.group(1)} is not a key of noise kind {cls.name} (noise={option}): its "
+                    "keys are " + (", ".join(f"noise.{k}" for k in own_keys(cls)) or "none"))
+    return None
 
 
 def groups_help() -> str:
@@ -58,12 +101,17 @@ def new_training_arg(override: str) -> Optional[str]:
 
 def check_command_line(overrides: Iterable[str]) -> Optional[str]:
     """The one line for a command line Hydra would refuse in many lines, or would run as something it is not: an
-    option that does not exist, or a spelling that moved (`arm=uniform_5` is `noise=uniform`)."""
+    option that does not exist, a key the picked noise kind does not read, or a spelling that moved
+    (`arm=uniform_5` is `noise=uniform`)."""
+    overrides = list(overrides)
+    searchpath = searchpath_of(overrides)
     for override in overrides:
         if (moved := moved_training_arg(override)) is not None:
             return moved
         if (unset := new_training_arg(override)) is not None:
             return unset
+        if (unread := noise_key(override, overrides, searchpath)) is not None:
+            return unread
         match = re.match(r"^[+~]*([A-Za-z_]+)=(.*)$", override)
         if not match or match.group(1) not in PICKED + tuple(MOVED):
             continue
@@ -75,8 +123,9 @@ def check_command_line(overrides: Iterable[str]) -> Optional[str]:
                 return f"{override}: {group}={value} is now {MOVED[group][value]} ({WHY[group]})"
             if group not in PICKED:
                 return f"{override}: there is no group {group}"
-            if value and value not in ("null", *options(group)):
-                return f"{override}: {group}={value} is not an option of {group}: one of {', '.join(options(group))}"
+            if value and value not in ("null", *options(group, searchpath)):
+                return (f"{override}: {group}={value} is not an option of {group}: one of "
+                        f"{', '.join(options(group, searchpath))}")
     return None
 
 
@@ -87,15 +136,41 @@ def register() -> None:
         OmegaConf.register_resolver("neftlab_groups", groups_help)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config, replace=True)  # register() runs once per composition
-    for group, node in (("model", ModelConfig), ("data", DataConfig), ("noise", NoiseConfig),
-                        ("pruning", PruningConfig), ("trainer", TrainerConfig), ("logger", LoggerConfig)):
+    for group, node in (("model", ModelConfig), ("data", DataConfig), ("pruning", PruningConfig),
+                        ("trainer", TrainerConfig), ("logger", LoggerConfig)):
         cs.store(group=group, name=f"base_{group}", node=node, replace=True)
 
 
+def upgraded(saved: dict) -> dict:
+    """A run's saved config (resolved, plain) in today's spelling: its noise spelled out (a flat noise saved before
+    kinds had classes is read by its kind's name) and `trainer.neftune_noise_alpha`, gone since, dropped where it
+    was null. What a rerun's fingerprint and a re-evaluation read."""
+    out = dict(saved)
+    if isinstance(out.get("noise"), dict):
+        out["noise"] = canonical(out["noise"])
+    trainer = out.get("trainer")
+    if isinstance(trainer, dict) and "neftune_noise_alpha" in trainer and trainer["neftune_noise_alpha"] is None:
+        out["trainer"] = {k: v for k, v in trainer.items() if k != "neftune_noise_alpha"}
+    return out
+
+
+def spelled_out(composed: DictConfig) -> DictConfig:
+    """A copy of a composed config with its noise spelled out: the kind's class, its name and each of its keys
+    (`noise.canonical`). What a run saves and logs, so that its config names its kind and every value it ran with."""
+    out = composed.copy()
+    with open_dict(out):
+        out.noise = canonical(composed.noise)
+    return out
+
+
 def to_config(composed) -> Config:
-    """A composed DictConfig as the checked `Config`: unknown keys, types and ranges, once."""
+    """A composed DictConfig as the checked `Config`: unknown keys, types and ranges, once. The noise is its kind's
+    own typed config (`noise.typed`)."""
     check_keys(composed, Config)
-    return OmegaConf.to_object(composed).validate()
+    rest = OmegaConf.masked_copy(composed, [k for k in composed if k != "noise"])
+    with open_dict(rest):
+        rest.noise = OmegaConf.structured(typed(composed.noise))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), rest)).validate()
 
 
 def compose(*overrides: str) -> Config:

@@ -1,6 +1,6 @@
-"""The schemas of the config groups that describe what is trained: `model`, `data`, `noise`, `pruning`, and where
-its numbers go, `logger`. Each field has its type, default and range; `validate` checks the ranges, naming the key,
-the value and what is allowed."""
+"""The schemas of the config groups that describe what is trained: `model`, `data`, `pruning`, and where its
+numbers go, `logger` (a noise kind's schema is its class's: `noise.py`). Each field has its type, default and
+range; `validate` checks the ranges, naming the key, the value and what is allowed."""
 
 from __future__ import annotations
 
@@ -97,82 +97,6 @@ class DataConfig:
         check_choice(f"{key}.packing_strategy", self.packing_strategy, ("batch", "bfd"))
         check(self.packing or self.packing_strategy == "batch", f"{key}.packing_strategy", self.packing_strategy,
               f"batch unless {key}.packing=true")
-
-
-NOISE_KINDS = ("none", "uniform", "gaussian", "symnoise", "dynamic", "freelb", "noisytune")
-DRAWN_KINDS = ("uniform", "gaussian", "symnoise", "dynamic")  # noise drawn per token on the embeddings
-NOISE_SCHEDULES = ("constant", "linear", "cosine", "warmup")
-NOISE_TOKENS = ("all", "prompt", "response")
-
-
-@dataclass
-class NoiseConfig:
-    # none | uniform | gaussian | symnoise (Bernoulli +-1) | dynamic | freelb (adversarial) | noisytune (the
-    # weights, once, before training)
-    kind: str = "none"
-    alpha: float = 5.0  # NEFTune's alpha; the start value for dynamic; the peak of a schedule
-    # real: L_i = the sample's non-padding tokens (NEFTune's own code);
-    # padded: L = the padded batch length (what the HF Trainer's built-in hook does).
-    length_mode: str = "real"
-    std: Optional[float] = None  # gaussian only: an absolute std instead of alpha/sqrt(L*d)
-    # alpha over training: constant | linear (decay to 0) | cosine (decay to 0) | warmup (0 to alpha, then alpha)
-    schedule: str = "constant"
-    warmup_ratio: float = 0.1  # warmup only: the share of trainer.max_steps alpha rises over
-    tokens: str = "all"  # all | prompt | response (labels != -100): which tokens get noise; L_i stays the sequence's
-    # each batch trained on x + eps and on x - eps, the same eps (two passes, each at half the loss)
-    antithetic: bool = False
-    intensity: float = 0.15  # noisytune only: NoisyTune's lambda, W += U(-lambda/2, lambda/2) * std(W)
-    # freelb only: K passes per batch, the ascent's step, delta_0's alpha (NEFTune's form), the ball (0 = none)
-    adv_steps: int = 2
-    adv_lr: float = 0.1
-    adv_init_mag: float = 5.0
-    adv_max_norm: float = 0.0
-    # dynamic only (the Dynamic Embedding Noise design):
-    alpha_min: float = 1.0
-    alpha_max: float = 10.0
-    alpha_step: float = 0.1
-    adjust_interval: int = 100
-    stability_threshold: Any = 0.1  # a number, or "auto": the statistic's value at the start of training
-
-    def validate(self, key: str) -> None:
-        check_choice(f"{key}.kind", self.kind, NOISE_KINDS)
-        check_choice(f"{key}.length_mode", self.length_mode, ("real", "padded"))
-        check(self.alpha >= 0, f"{key}.alpha", self.alpha, ">= 0")
-        if self.std is not None:
-            check(self.kind == "gaussian", f"{key}.std", self.std, f"null unless {key}.kind=gaussian")
-            check(self.std > 0, f"{key}.std", self.std, "> 0")
-        check_choice(f"{key}.schedule", self.schedule, NOISE_SCHEDULES)
-        check_choice(f"{key}.tokens", self.tokens, NOISE_TOKENS)
-        why = {"dynamic": " (dynamic noise moves alpha by the embedding's statistic, a schedule by the step: use one)",
-               "freelb": " (its perturbation is moved by the loss's gradient)",
-               "none": ", which puts no noise on the embeddings", "noisytune": ", which puts no noise on the embeddings"}
-        scheduled = ("uniform", "gaussian", "symnoise")
-        check(self.schedule == "constant" or (self.kind in scheduled and self.std is None),
-              f"{key}.schedule", self.schedule, f"constant with {key}.kind={self.kind}"
-              + (" and an absolute noise.std" if self.std is not None else why.get(self.kind, "")))
-        check(0 < self.warmup_ratio <= 1, f"{key}.warmup_ratio", self.warmup_ratio, "in (0, 1]")
-        check(self.tokens == "all" or self.kind in DRAWN_KINDS, f"{key}.tokens", self.tokens,
-              f"all with {key}.kind={self.kind}" + why.get(self.kind, ""))
-        check(not self.antithetic or self.kind in DRAWN_KINDS, f"{key}.antithetic", self.antithetic,
-              f"false with {key}.kind={self.kind} (it mirrors noise drawn on the embeddings: "
-              f"{', '.join(DRAWN_KINDS)})")
-        check(self.intensity > 0, f"{key}.intensity", self.intensity, "> 0")
-        check(self.adv_steps >= 1, f"{key}.adv_steps", self.adv_steps, "an integer >= 1")
-        check(self.adv_lr > 0, f"{key}.adv_lr", self.adv_lr, "> 0")
-        check(self.adv_init_mag >= 0, f"{key}.adv_init_mag", self.adv_init_mag, ">= 0")
-        check(self.adv_max_norm >= 0, f"{key}.adv_max_norm", self.adv_max_norm, ">= 0 (0: no bound)")
-        if self.kind != "dynamic":
-            return
-        check(self.alpha_min >= 0, f"{key}.alpha_min", self.alpha_min, ">= 0")
-        check(self.alpha_min <= self.alpha_max, f"{key}.alpha_min", self.alpha_min,
-              f"<= {key}.alpha_max ({self.alpha_max})")
-        check(self.alpha_min <= self.alpha <= self.alpha_max, f"{key}.alpha", self.alpha,
-              f"within [{key}.alpha_min, {key}.alpha_max] = [{self.alpha_min}, {self.alpha_max}]")
-        check(self.alpha_step > 0, f"{key}.alpha_step", self.alpha_step, "> 0")
-        check(self.adjust_interval >= 1, f"{key}.adjust_interval", self.adjust_interval, "an integer >= 1")
-        t = self.stability_threshold
-        check(t == "auto" or (isinstance(t, (int, float)) and not isinstance(t, bool) and t > 0),
-              f"{key}.stability_threshold", t, 'a number > 0 or "auto"')
 
 
 PRUNING_METHODS = ("off", "l1", "l2")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
 
 from omegaconf import MISSING
 
 from ..core.errors import ConfigError
 from .checks import check, check_finite
 from .evaluation import EvalConfig
-from .groups import DataConfig, LoggerConfig, ModelConfig, NoiseConfig, PruningConfig
+from .groups import DataConfig, LoggerConfig, ModelConfig, PruningConfig
 from .objectives import SearchConfig
 from .trainer import TrainerConfig
 
@@ -22,7 +23,7 @@ class Config:
     output_root: str = "outputs"
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
-    noise: NoiseConfig = MISSING
+    noise: Any = MISSING  # the kind's own typed config (`noise.typed`): its class names it, so it is not typed here
     pruning: PruningConfig = MISSING
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
@@ -50,18 +51,9 @@ class Config:
                         ("eval.harness.every_eval", self.eval.harness.every_eval)):
             check(not on or self.trainer.eval_steps is not None, key, on,
                   "false unless trainer.eval_steps is set (there is no evaluation during training to act at)")
-        if self.noise.tokens != "all" and not self.model.causal:
-            raise ConfigError(f"noise.tokens={self.noise.tokens} picks tokens by their labels; model.arch="
-                              f"{self.model.arch} has one label per sequence: use noise.tokens=all")
-        if self.noise.kind == "freelb" and self.data.packing:
-            raise ConfigError("noise.kind=freelb normalises its ascent per example, and data.packing=true puts several "
-                              "examples in one row: use data.packing=false")
         if self.data.packing and not self.model.causal:
             raise ConfigError(f"data.packing=true packs causal-LM examples; model.arch={self.model.arch} classifies")
-        if self.noise.kind != "none" and self.trainer.neftune_noise_alpha is not None:
-            raise ConfigError(f"trainer.neftune_noise_alpha={self.trainer.neftune_noise_alpha} and "
-                              f"noise.kind={self.noise.kind} would add noise twice: set one of them "
-                              "(noise=none to use the Trainer's own NEFTune)")
+        self.noise.validate_run(self)
         return self
 
     def validate_context(self, context: int | None) -> None:

@@ -23,6 +23,8 @@ NEFTLAB_TRAINING_ARGS = {
     "save_strategy": "from trainer.save_steps", "eval_strategy": "from trainer.eval_steps",
     "save_total_limit": "use trainer.save_total_limit (applied once a checkpoint is complete)",
     "resume_from_checkpoint": "use trainer.resume", "use_cpu": "CUDA when there is a GPU",
+    # The Trainer's own NEFTune is neftlab's uniform kind at the row's length, with padding: one road to NEFTune.
+    "neftune_noise_alpha": "use noise=uniform noise.alpha=ALPHA noise.length_mode=padded (the Trainer's own NEFTune)",
 }
 
 
@@ -41,8 +43,6 @@ class TrainerConfig:
     # row-sharded weights neftlab reads).
     fsdp: bool = False
     fsdp_config: Dict[str, Any] = field(default_factory=dict)
-    # The Trainer's built-in NEFTune (padded length), kept for comparison runs only.
-    neftune_noise_alpha: Optional[float] = None
     # auto: continue the newest unfinished run with this config that has a checkpoint, in the job's directory or
     # under output_root | true: the same, but an error if there is none | false | a run or checkpoint-N directory.
     resume: Any = "auto"
@@ -65,8 +65,6 @@ class TrainerConfig:
         for name in ("save_steps", "save_total_limit"):
             value = getattr(self, name)
             check(value is None or value >= 1, f"{key}.{name}", value, "null or an integer >= 1")
-        check(self.neftune_noise_alpha is None or self.neftune_noise_alpha > 0, f"{key}.neftune_noise_alpha",
-              self.neftune_noise_alpha, "null or > 0")
         check(isinstance(self.resume, (bool, str)), f"{key}.resume", self.resume,
               "auto, true, false, or a run or checkpoint directory")
         check_choice(f"{key}.nonfinite_loss", self.nonfinite_loss, ("fail", "skip"))
@@ -114,6 +112,8 @@ def moved_training_arg(override: str) -> Optional[str]:
     name = re.match(r"^[+~]*trainer\.([A-Za-z_]+)=", override)
     if not name or name.group(1) in {f.name for f in fields(TrainerConfig)}:
         return None
+    if name.group(1) in NEFTLAB_TRAINING_ARGS:
+        return f"{override}: trainer.{name.group(1)} is set by neftlab: {NEFTLAB_TRAINING_ARGS[name.group(1)]}"
     if name.group(1) in training_argument_names():
         return (f"{override}: trainer.{name.group(1)} is trainer.args.{name.group(1)} (every TrainingArguments "
                 "option not read by neftlab goes under trainer.args)")

@@ -31,7 +31,7 @@ def training_arguments(cfg: Config, out_dir: Path):
         eval_strategy="epoch" if t.eval_steps == "epoch" else "steps" if t.eval_steps else "no",
         eval_steps=t.eval_steps if t.eval_steps != "epoch" else None,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps, save_total_limit=None,
-        neftune_noise_alpha=t.neftune_noise_alpha, dataloader_pin_memory=torch.cuda.is_available(),
+        dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPUs data-parallel (gloo)
         fsdp=t.fsdp, fsdp_config=dict(t.fsdp_config) or None,
     )

@@ -119,9 +119,20 @@ def legacy_states(checkpoint: Path, own: dict) -> dict:
     """A checkpoint of format 1 (neftlab_state.pt: alpha and threshold; the rank file: rng and masks) as the
     components' states."""
     shared = load_torch(checkpoint / rundir.STATE_FILE, root=checkpoint)
-    return {"noise": {"rng": own.get("noise_rng")},
-            "noise_control": {"alpha": shared["noise_alpha"], "dynamic": {"threshold": shared["noise_threshold"]}},
+    return {"noise": {"rng": own.get("noise_rng"), "alpha": shared["noise_alpha"],
+                      "dynamic": {"threshold": shared["noise_threshold"]}},
             "pruning": {"masks": own.get("pruning_masks")}}
+
+
+def one_noise_state(states: dict) -> dict:
+    """The noise kind's state in one piece: until 2026-12 its random stream was saved under `noise` and its alpha
+    and dynamic threshold under `noise_control`, by a callback of their own."""
+    if "noise_control" not in states:
+        return states
+    states = dict(states)
+    control = states.pop("noise_control") or {}
+    states["noise"] = {**(states.get("noise") or {}), **control}
+    return states
 
 
 class StateCheckpoint(TrainerCallback):
@@ -146,7 +157,7 @@ class StateCheckpoint(TrainerCallback):
         """Each component's state from `checkpoint`, this rank's file. A component the checkpoint has no state for
         (an older neftlab that did not have it) keeps its own start."""
         own = load_torch(checkpoint / rundir.rank_state(rank()), root=checkpoint)
-        states = own["states"] if own.get("format") == FORMAT else legacy_states(checkpoint, own)
+        states = one_noise_state(own["states"]) if own.get("format") == FORMAT else legacy_states(checkpoint, own)
         for key, component in self.components.items():
             if states.get(key) is not None:
                 component.load_state_dict(states[key])

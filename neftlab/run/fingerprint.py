@@ -18,7 +18,9 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
+from ..config.compose import upgraded
 from ..core import rundir
+from ..core.errors import ConfigError
 from ..core.files import read_json, read_text, write_json
 
 # Keys that do not shape training: they may change between an interruption and its rerun.
@@ -34,8 +36,13 @@ def _training_defaults() -> dict:
 
 
 def shaping_config(config) -> dict:
-    """The resolved config less the keys of NOT_SHAPING, and less `trainer.args` options at their defaults."""
+    """The resolved config in today's spelling (`upgraded`), less the keys of NOT_SHAPING and `trainer.args`
+    options at their defaults."""
     plain = OmegaConf.to_container(OmegaConf.create(config), resolve=True)
+    try:
+        plain = upgraded(plain)  # a run saved before today's spelling means what it meant
+    except ConfigError:
+        pass  # a noise whose kind cannot be read: compared as written, so it differs
     for key in NOT_SHAPING:
         *parents, last = key.split(".")
         node = plain

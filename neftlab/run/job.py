@@ -37,6 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .. import data as data_mod
 from .. import models
 from ..config import Config, run_id, to_config
+from ..config.compose import spelled_out
 from ..config.objectives import objective, objective_keys
 from ..core import rundir
 from ..core.claim import RunLock, describe
@@ -225,6 +226,7 @@ class Job:
             if stopped := launch.sweep_stopped(self.ctx.sweep_dir):
                 return Outcome("interrupted", f"not started: the sweep was stopped by {signal.Signals(stopped).name}",
                                exit_code=128 + stopped)
+            self.dict_cfg = spelled_out(self.dict_cfg)  # what the run saves and logs names its kind and each value
             cfg = to_config(self.dict_cfg)
             source, model_files = data_mod.locate(cfg.data), models.locate(cfg.model)
             identity = Identity(self.dict_cfg, source.fingerprint(), model_files.fingerprint())

@@ -33,7 +33,7 @@ from ..evaluation.judge.judging import judge_run
 from ..evaluation.noise_off import NoiseOffTrainLoss
 from ..methods import factory
 from ..methods.passes import PassesTrainer
-from ..methods.noise import Noise
+from ..methods.noise import NoiseKind
 from ..methods.pruner import PruningCallback
 from ..models import ModelFiles, parameter_counts
 from ..tracking.recorder import Recorder
@@ -56,7 +56,7 @@ class Built:
     prompts: list  # what the evaluation answers (causal models)
     model: torch.nn.Module
     trainer: Any
-    hook: Noise
+    noise: NoiseKind
     pruner: PruningCallback | None
     guard: NonFiniteGuard
 
@@ -81,7 +81,7 @@ def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | 
         model.config.use_cache = False
     methods = factory.build(model, cfg.noise, cfg.pruning, cfg.seed, rank(), fresh=resume is None,
                             log_event=files.log)
-    callbacks = [Recorder(files, sources=[methods.noise_callback], causal=cfg.model.causal), *methods.callbacks]
+    callbacks = [Recorder(files, sources=[methods.noise], causal=cfg.model.causal), *methods.callbacks]
     prompts = generation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
     if prompts and cfg.eval.generate_every_eval:
         callbacks.append(generation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
@@ -104,7 +104,7 @@ def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | 
                             eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks,
                             **methods.trainer_kwargs, **metric_fns)
     trainer.add_callback(NoiseOffTrainLoss(trainer, len(data.eval), cfg.seed, files.log))
-    return Built(cfg, files, tokenizer, data, prompts, model, trainer, methods.hook, methods.pruner, guard)
+    return Built(cfg, files, tokenizer, data, prompts, model, trainer, methods.noise, methods.pruner, guard)
 
 
 OOM_MARKS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -145,7 +145,7 @@ def checkpoint_trained(run: Built, stopper: GracefulStop) -> None:
 def train(run: Built, stopper: GracefulStop, resume: Resume | None) -> None:
     """Train with the noise attached; a signal ends it with a checkpoint at the step where every rank stopped."""
     trainer = run.trainer
-    with run.hook:  # the noise is gone after training, also when training raises
+    with run.noise:  # the noise is gone after training, also when training raises
         try:
             if resume is not None and training_done(resume.checkpoint):
                 # Stopped after its last step: nothing left to train, only the evaluation to redo.

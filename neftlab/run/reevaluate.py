@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..config import Config, register, run_id
+from ..config import Config, register, run_id, to_config
+from ..config.compose import upgraded
 from ..core import rundir
 from ..core.claim import describe
 from ..core.errors import ConfigError
@@ -34,8 +35,8 @@ def load_config(run_dir: Path, overrides: list[str]) -> Config:
         raise ConfigError(f"{' '.join(others)}: only eval.* keys can change on re-evaluation (the model and data "
                           "are the run's own)")
     register()
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text), OmegaConf.from_dotlist(overrides))
-    cfg: Config = OmegaConf.to_object(merged)
+    saved = upgraded(OmegaConf.to_container(OmegaConf.create(text)))
+    cfg: Config = to_config(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(overrides)))
     cfg.trainer.save_model = False  # model/ is the training's, never rewritten
     cfg.logger.kind = "none"  # the run files only; --wandb adds to the run's own W&B record afterwards
     # A relative data.path was relative to where the run started: the fingerprint holds the file it read.

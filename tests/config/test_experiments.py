@@ -1,34 +1,52 @@
 """The Sparse-NEFT plan as experiment configs: each composes, and its tiny variant runs end to end."""
 
+import itertools
 import json
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-import itertools
-
+from neftlab.config import ConfigError
+from neftlab.config.compose import spelled_out
 from neftlab.analysis.report import write_report
 from tests.helpers import CONF, ROOT, compose_cfg, run
 
-EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
-JOBS_AT_ONE_SEED = {"baselines": 5, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
-                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 7, "overfit": 4}
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+JOBS_AT_ONE_SEED = {"baselines": 4, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
+                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 8, "overfit": 3}
 
 
 def test_the_plan_is_all_there():
     assert set(EXPERIMENTS) == set(JOBS_AT_ONE_SEED)
 
 
-@pytest.mark.parametrize("method, noise, pruning, steps", [
-    ("original", "none", "off", 0), ("finetune", "none", "off", 8), ("neftune", "uniform", "off", 8),
-    ("pruning", "none", "l1", 8), ("sparse_neft", "uniform", "l1", 8)])
-def test_plan_arms(method, noise, pruning, steps):
-    cfg = compose_cfg(f"method={method}")
-    assert (cfg.noise.kind, cfg.pruning.method, cfg.trainer.max_steps) == (noise, pruning, steps)
+@pytest.mark.parametrize("old, new", [
+    ("method=original", "trainer.max_steps=0"), ("method=finetune", "the default (noise=none pruning=off)"),
+    ("method=neftune", "noise=uniform"), ("method=pruning", "pruning=l1"), ("method=sparse_neft", "noise=uniform pruning=l1"),
+    ("noise=dynamic_large", "noise=dynamic"), ("noise=symnoise_antithetic", "noise=symnoise noise.antithetic=true")])
+def test_an_option_that_composed_another_options_run_names_its_one_spelling(old, new):
+    with pytest.raises(ConfigError, match=rf"^{old}: {old} is now {re.escape(new)} \("):
+        compose_cfg(old)
 
 
-def test_tiny_size_keeps_the_original_model_untrained():
-    assert compose_cfg("method=original", "size=tiny").trainer.max_steps == 0
+def test_no_two_options_compose_the_same_run():
+    """One spelling for each run: every option --help lists, composed alone, is a config of its own."""
+    from neftlab.config.compose import PICKED, default_option, options
+    seen = {}
+    for group in PICKED:
+        for option in options(group):
+            if group in ("experiment", "hparams_search") or option == default_option(group):
+                continue  # sweeps: their runs are the grid's; a group's default option is the default run
+            with initialize_config_dir(config_dir=CONF):
+                text = OmegaConf.to_yaml(spelled_out(compose("config", [f"{group}={option}"])))
+            assert text not in seen, f"{group}={option} composes the same run as {seen.get(text)}"
+            seen[text] = f"{group}={option}"
+
+
+def test_tiny_size_keeps_the_untouched_model_untrained():
+    assert compose_cfg("trainer.max_steps=0", "size=tiny").trainer.max_steps == 0
     assert compose_cfg("experiment=pruning_ratio", "size=tiny").model.arch_config["hidden_size"] == 64
 
 
@@ -107,14 +125,14 @@ def test_the_overfit_study_evaluates_at_every_epoch_with_the_noise_off_training_
     assert cfg.trainer.eval_steps == "epoch" and cfg.trainer.max_steps is None and cfg.data.max_length == 64
     assert compose_cfg("experiment=overfit").model.arch == "llama" and \
         compose_cfg("experiment=overfit", "size=gpu").data.max_samples == 640
-    for n, arm in enumerate(["none", "symnoise_antithetic"]):
-        outcome, summary = run("experiment=overfit", "size=tiny", "logger=none", f"noise={arm}",
+    for n, arm in enumerate([["noise=none"], ["noise=symnoise", "noise.antithetic=true"]]):
+        outcome, summary = run("experiment=overfit", "size=tiny", "logger=none", *arm,
                                out_dir=tmp_path / str(n), root=tmp_path)
         assert summary["status"] == "completed", outcome.message
     report = write_report(tmp_path).read_text()
-    assert "| noise=symnoise_antithetic | best eval loss during training | 1 |" in report
-    assert "| noise=symnoise_antithetic | epoch of the best eval loss | 1 |" in report
-    assert "| noise=symnoise_antithetic | generalization gap | 1 |" in report
+    assert "| noise=symnoise,noise.antithetic=true | best eval loss during training | 1 |" in report
+    assert "| noise=symnoise,noise.antithetic=true | epoch of the best eval loss | 1 |" in report
+    assert "| noise=symnoise,noise.antithetic=true | generalization gap | 1 |" in report
     assert "![evaluations during training per arm" in report and (tmp_path / "epoch_curves.png").stat().st_size
     merged = {}
     for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines():

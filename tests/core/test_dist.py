@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 
 from tests.helpers import ROOT, TINY, spawn
-from neftlab.config import NoiseConfig, PruningConfig
+from neftlab.config import PruningConfig
+from neftlab.config.noise import typed
 from neftlab.core import dist as sharding
 from neftlab.methods import noise, pruning
-from neftlab.methods.dynamic import DynamicAlpha, stability
-from neftlab.methods.noise_callback import NoiseCallback
+from neftlab.methods.noise.dynamic import DynamicAlpha, stability
 from neftlab.methods.pruner import PruningCallback
 from neftlab.models import parameter_counts
 
@@ -37,7 +37,7 @@ def weights(step: int) -> torch.Tensor:
 
 
 def alpha_trajectory(make_weight) -> list[float]:
-    rule, alpha, trajectory = DynamicAlpha(NoiseConfig(kind="dynamic", alpha_step=0.5, stability_threshold="auto")), 5.0, []
+    rule, alpha, trajectory = DynamicAlpha(typed({"kind": "dynamic", "alpha_step": 0.5, "stability_threshold": "auto"})), 5.0, []
     for step in range(6):
         alpha, _ = rule.next_alpha(alpha, stability(make_weight(step)))
         trajectory.append(alpha)
@@ -147,11 +147,10 @@ def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_r
         with pytest.raises(sharding.UnsupportedLayoutError, match=refused):
             PruningCallback(model, PruningConfig(method=method), lambda step, m: None).on_train_begin(*begin)
     for threshold in ("auto", 0.1):
-        callback = NoiseCallback(noise.attach(model, "dynamic"),
-                                       NoiseConfig(kind="dynamic", stability_threshold=threshold), lambda s, m: None)
+        callback = noise.attach(model, "dynamic", stability_threshold=threshold)  # the kind is its own callback
         with pytest.raises(sharding.UnsupportedLayoutError, match="no hybrid sharding"):
             callback.on_train_begin(*begin)
-        callback.noise.remove()
+        callback.remove()
     assert torch.equal(model.embed.weight.full_tensor(), weights(1))  # nothing pruned a copy
     # Counting only reads, so it takes any layout: the end of a run never fails on it.
     assert parameter_counts(model)["efficiency/nonzero_params"] == int(torch.count_nonzero(weights(1)))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tests.helpers import ROOT, TINY, cli
 from neftlab.core import rundir
 from neftlab.methods import pruning
-from neftlab.methods.dynamic import stability
+from neftlab.methods.noise.dynamic import stability
 
 pytestmark = pytest.mark.gpu
 

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, BertConfig, BertForSequenceClassification
 from transformers.integrations.neftune import neftune_post_forward_hook
 
-from neftlab.config import ConfigError, NoiseConfig
+from neftlab.config import ConfigError
 from neftlab.methods import noise
-from neftlab.methods import noise_callback as callbacks
-from neftlab.methods.dynamic import stability
-from neftlab.methods.noisytune import noisytune
+from neftlab.methods.noise import dynamic as dynamic_kind
+from neftlab.methods.noise.dynamic import Dynamic, stability
+from neftlab.methods.noise.embedding import schedule_factor
+from neftlab.methods.noise.noisytune import noisytune
 
 DIM = 64
 LENGTHS = [300, 80, 12]  # a padded batch of mixed lengths
@@ -178,17 +179,20 @@ def test_stability_statistic_is_about_one_over_sqrt_d():
 
 
 def dynamic(**kw):
-    cfg = NoiseConfig(kind="dynamic", **{"alpha": 1.0, "alpha_min": 0.5, "alpha_max": 2.0, "alpha_step": 0.5,
-                                         "adjust_interval": 3, "stability_threshold": 0.1, **kw})
-    handle = noise.attach(tiny_llama(), "dynamic", alpha=cfg.alpha)
+    """The dynamic kind, which is its own callback, and the events it logs."""
+    from neftlab.config.noise import typed
+    cfg = typed({"_target_": "neftlab.methods.noise.dynamic.Dynamic", **{
+        "alpha": 1.0, "alpha_min": 0.5, "alpha_max": 2.0, "alpha_step": 0.5, "adjust_interval": 3,
+        "stability_threshold": 0.1, **kw}})
     events = []
-    return handle, callbacks.NoiseCallback(handle, cfg, lambda step, m: events.append((step, m))), events
+    handle = Dynamic(tiny_llama(), cfg, log_event=lambda step, m: events.append((step, m)))
+    return handle, handle, events
 
 
 def test_dynamic_rule_moves_alpha_up_down_and_into_clamps_at_the_right_steps(monkeypatch):
     handle, callback, events = dynamic()
     scripted = iter([0.05, 0.05, 0.05, 0.2, 0.2, 0.2, 0.2])
-    monkeypatch.setattr(callbacks, "stability", lambda weight: next(scripted))
+    monkeypatch.setattr(dynamic_kind, "stability", lambda weight: next(scripted))
     for step in range(1, 22):
         callback.on_step_end(None, SimpleNamespace(global_step=step), None)
     assert [step for step, _ in events] == [3, 6, 9, 12, 15, 18, 21]
@@ -200,7 +204,7 @@ def test_dynamic_rule_moves_alpha_up_down_and_into_clamps_at_the_right_steps(mon
 def test_auto_threshold_is_fixed_by_the_first_measurement(monkeypatch):
     handle, callback, events = dynamic(stability_threshold="auto")
     scripted = iter([0.04, 0.03, 0.05])
-    monkeypatch.setattr(callbacks, "stability", lambda weight: next(scripted))
+    monkeypatch.setattr(dynamic_kind, "stability", lambda weight: next(scripted))
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
     for step in (3, 6):
         callback.on_step_end(None, SimpleNamespace(global_step=step), None)
@@ -227,8 +231,7 @@ def test_the_noise_hook_never_waits_for_the_device(monkeypatch):
             handle._add_noise(emb, None, out)
         expected = sum(5.0 / math.sqrt(n * DIM) for n in LENGTHS) / len(LENGTHS)
         assert handle.mean_magnitude == pytest.approx(expected)
-        assert callbacks.NoiseCallback(handle, NoiseConfig(kind="uniform"), None).metrics()["noise/mean_magnitude"] \
-            == pytest.approx(expected)
+        assert handle.metrics()["noise/mean_magnitude"] == pytest.approx(expected)
 
 
 def test_noise_is_drawn_and_added_in_fp32_for_bf16_weights():
@@ -255,7 +258,7 @@ def test_noise_is_drawn_and_added_in_fp32_for_bf16_weights():
     ("warmup", [0.0, 0.5, 1.0, 1.0, 1.0]),  # warmup_ratio 0.5 of 4 steps: 2 steps up
 ])
 def test_schedules_at_each_step(schedule, expected):
-    got = [callbacks.schedule_factor(schedule, step, 4, warmup_ratio=0.5) for step in range(5)]
+    got = [schedule_factor(schedule, step, 4, warmup_ratio=0.5) for step in range(5)]
     assert got == pytest.approx(expected)
 
 
@@ -340,9 +343,10 @@ def test_antithetic_passes_see_noises_that_sum_to_zero():
     assert not torch.allclose(third, first) and not torch.allclose(third, -first)  # a new draw
 
 
-def test_antithetic_noise_needs_a_drawn_noise():
+def test_antithetic_noise_is_a_key_of_the_drawn_kinds_only():
     model = tiny_llama()
-    with pytest.raises(noise.NoiseError, match="use it with uniform, gaussian, symnoise or dynamic, not none"):
-        noise.Noise(model, "none", antithetic=True)
-    with pytest.raises(ConfigError, match=r"noise.antithetic=True is not allowed: false with noise.kind=noisytune"):
-        NoiseConfig(kind="noisytune", antithetic=True).validate("noise")
+    with pytest.raises(ConfigError, match=r"^noise.antithetic is not a key of noise kind none: its keys are none$"):
+        noise.attach(model, "none", antithetic=True)
+    with pytest.raises(ConfigError, match=r"^noise.antithetic is not a key of noise kind noisytune: its keys are "
+                                          r"noise.intensity$"):
+        noise.attach(model, "noisytune", antithetic=True)

@@ -15,8 +15,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from tests.helpers import spawn
 from neftlab.evaluation import generation
 from neftlab.methods import noise, pruning
-from neftlab.methods.dynamic import stability
-from neftlab.methods.freelb import FreeLB
+from neftlab.methods.noise.dynamic import stability
+from neftlab.methods.noise.freelb import FreeLB
 from neftlab.methods.pruner import PruningCallback
 from neftlab.run import nonfinite
 from neftlab.run.checkpoint import StateCheckpoint
@@ -168,7 +168,7 @@ def freelb_grads(model, sharded: bool) -> list[torch.Tensor]:
     """The parameters' gradients after one FreeLB batch of K = 2 passes as PassesTrainer takes them: the first
     without gradient sync (accelerate's `no_sync` under FSDP2), delta ascended between them."""
     model.train()
-    hook = FreeLB(model, alpha=5.0, seed=7, adv_steps=2, adv_lr=0.1)
+    hook = FreeLB.attach(model, adv_init_mag=5.0, seed=7, adv_steps=2, adv_lr=0.1)
     hook._mask = torch.ones(len(IDS), len(IDS[0]), dtype=torch.long, device=model.device)
     ids = torch.tensor(IDS, device=model.device)
     try:

@@ -16,30 +16,63 @@ embedding, and its random stream is the noise's, saved in checkpoints.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .noise import Noise
+from ...config.checks import check
+from ...core.errors import ConfigError
+from .embedding import EmbeddingConfig, EmbeddingNoise
+from .kind import Param
 
 
-class FreeLB(Noise):
+@dataclass
+class FreeLBConfig(EmbeddingConfig):
+    adv_steps: int = 2  # K: forward and backward passes per batch
+    adv_lr: float = 0.1  # the ascent's step
+    adv_init_mag: float = 5.0  # delta_0's alpha, NEFTune's form
+    adv_max_norm: float = 0.0  # the ball delta stays in; 0: none
+
+    def validate(self, key: str) -> None:
+        super().validate(key)
+        check(self.adv_steps >= 1, f"{key}.adv_steps", self.adv_steps, "an integer >= 1")
+        check(self.adv_lr > 0, f"{key}.adv_lr", self.adv_lr, "> 0")
+        check(self.adv_init_mag >= 0, f"{key}.adv_init_mag", self.adv_init_mag, ">= 0")
+        check(self.adv_max_norm >= 0, f"{key}.adv_max_norm", self.adv_max_norm, ">= 0 (0: no bound)")
+
+    def validate_run(self, cfg) -> None:
+        if cfg.data.packing:
+            raise ConfigError("noise.kind=freelb normalises its ascent per example, and data.packing=true puts "
+                              "several examples in one row: use data.packing=false")
+
+
+class FreeLB(EmbeddingNoise):
     """The perturbation: drawn at the first pass of a batch, then moved by `ascend()` until `reset()`."""
 
-    def __init__(self, model: torch.nn.Module, alpha: float = 5.0, seed: Optional[int] = None,
-                 adv_steps: int = 2, adv_lr: float = 0.1, adv_max_norm: float = 0.0, **params):
-        super().__init__(model, "freelb", alpha=alpha, seed=seed, **params)
-        self.adv_steps, self.adv_lr, self.adv_max_norm = adv_steps, adv_lr, adv_max_norm
-        self.passes = adv_steps
+    name = "freelb"
+    Config = FreeLBConfig
+    space = (Param("adv_init_mag", 1.0, 20.0, log=True), Param("adv_steps", 1, 3, integer=True),
+             Param("adv_lr", 0.01, 0.5, log=True))
+
+    def __init__(self, model: torch.nn.Module, cfg: Optional[FreeLBConfig] = None, **kwargs):
+        super().__init__(model, cfg, **kwargs)
+        self.adv_steps, self.adv_lr, self.adv_max_norm = self.cfg.adv_steps, self.cfg.adv_lr, self.cfg.adv_max_norm
+        self.passes = self.adv_steps
         self.delta: Optional[torch.Tensor] = None
 
-    def _add_noise(self, module, inputs, output: torch.Tensor) -> torch.Tensor:
-        if not module.training:
-            return None
+    @property
+    def driven(self) -> bool:
+        return True  # even at K = 1: its perturbation is reset after each batch
+
+    def start_alpha(self) -> float:
+        return self.cfg.adv_init_mag
+
+    def perturb(self, output: torch.Tensor) -> torch.Tensor:
         if self.delta is None:
             self.delta = self.draw(output)
         self.delta.requires_grad_(True)
-        return (output.float() + self.delta).to(output.dtype)
+        return self.delta
 
     @torch.no_grad()
     def ascend(self) -> None:

@@ -1,8 +1,23 @@
-"""NoisyTune (Wu et al., ACL 2022): the pretrained weights perturbed once, before fine-tuning; no noise during it."""
+"""`noise=noisytune`, NoisyTune (Wu et al., ACL 2022): the pretrained weights perturbed once, before fine-tuning;
+no noise during it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from ...config.checks import check
+from ...config.noise import NoiseConfig
+from .kind import Logged, NoiseKind, Param
+
+
+@dataclass
+class NoisyTuneConfig(NoiseConfig):
+    intensity: float = 0.15  # NoisyTune's lambda: W += U(-lambda/2, lambda/2) * std(W), the paper's 0.15
+
+    def validate(self, key: str) -> None:
+        check(self.intensity > 0, f"{key}.intensity", self.intensity, "> 0")
 
 
 @torch.no_grad()
@@ -24,3 +39,13 @@ def noisytune(model: torch.nn.Module, intensity: float, seed: int) -> int:
         weight.add_((draw.to(weight.device) * (intensity * std)).to(weight.dtype))
         count += 1
     return count
+
+
+class NoisyTune(NoiseKind):
+    name = "noisytune"
+    Config = NoisyTuneConfig
+    space = (Param("intensity", 0.05, 0.5),)  # around the paper's 0.15
+    logs = (Logged("noise/noisytune_tensors", "tensors perturbed"),)
+
+    def prepare(self, model: torch.nn.Module, seed: int) -> None:
+        self.log_event(0, {"noise/noisytune_tensors": noisytune(model, self.cfg.intensity, seed)})

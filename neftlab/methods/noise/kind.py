@@ -1,0 +1,120 @@
+"""What a noise kind is: one class that declares its name, its typed config, its search space and what it logs,
+and acts on the model during training. Everything else (the factory, the search, the checks, W&B, the report)
+learns about a kind from these declarations, so a kind is its own file and its own `conf/noise/<name>.yaml` whose
+`_target_` names the class: neftlab's kinds and a user's alike (docs/methods.md, examples/).
+
+The instance is built once per run with the model, its config and a seed, and owns its state (`state_dict`): a
+hook's random stream, for instance. The kinds that act through hooks on the input embedding subclass
+`embedding.EmbeddingNoise`; a drawn kind only says how its unit noise is drawn (`sample`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from ...config.noise import NoiseConfig
+from ...core.errors import NeftlabError
+
+
+class NoiseError(NeftlabError, RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Param:
+    """One key of a kind's config that a search draws (`hparams_search=perturbations`): its range, on a log scale
+    or not, an integer or not; `choices` instead of a range draws one of them (a single choice fixes the key)."""
+
+    key: str
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    integer: bool = False
+    choices: Optional[tuple] = None
+
+    def suggest(self, trial: Any, prefix: str = "noise") -> None:
+        """Draw this key on an Optuna trial, named by its dotted config key (the sweeper's override)."""
+        name = f"{prefix}.{self.key}"
+        if self.choices is not None:
+            trial.suggest_categorical(name, list(self.choices))
+        elif self.integer:
+            trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        else:
+            trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A number a kind logs during training: its key and its label (W&B's internals panels read these)."""
+
+    key: str
+    label: str
+
+
+class NoiseKind(TrainerCallback):
+    """A kind of noise, and the Trainer callback that moves it during training (a schedule, the dynamic rule).
+    Subclasses set the class attributes and override what they do; the base does nothing, which is `noise=none`."""
+
+    name: ClassVar[str] = "none"
+    Config: ClassVar[type] = NoiseConfig
+    space: ClassVar[tuple[Param, ...]] = ()  # what a search draws for this kind; empty: not searched
+    logs: ClassVar[tuple[Logged, ...]] = ()  # what it logs during training (`metrics`, `events`)
+    drawn: ClassVar[bool] = False  # noise drawn afresh per token each batch: antithetic passes and schedules apply
+    state_key: ClassVar[str] = "noise"
+
+    def __init__(self, model: torch.nn.Module, cfg: Optional[NoiseConfig] = None, seed: Optional[int] = None,
+                 log_event: Optional[Callable[[int, dict], None]] = None):
+        self.log_event = log_event or (lambda step, values: None)  # where it logs events (the run's files)
+        self.cfg = cfg if cfg is not None else self.Config(_target_=f"{type(self).__module__}.{type(self).__qualname__}",
+                                                           kind=self.name)
+        self.seed = seed
+        self.passes = 1  # forward and backward passes per batch (`passes.PassesTrainer` drives more than one)
+
+    @classmethod
+    def attach(cls, model: torch.nn.Module, seed: Optional[int] = None, **params) -> "NoiseKind":
+        """This kind on `model` with its config's keys as keyword arguments, checked as a run's would be."""
+        from ...config.noise import typed
+        return cls(model, typed({"_target_": f"{cls.__module__}.{cls.__qualname__}", **params}), seed=seed)
+
+    @property
+    def driven(self) -> bool:
+        """Whether `passes.PassesTrainer` must drive it: more than one pass per batch."""
+        return self.passes > 1
+
+    def prepare(self, model: torch.nn.Module, seed: int) -> None:
+        """Once, before a run trains from its pretrained weights (never on resume), with the run's seed (the same on
+        every rank): NoisyTune's perturbation."""
+
+    def metrics(self) -> dict:
+        """What it reports at each log (one host sync at most)."""
+        return {}
+
+    def next_pass(self) -> None:
+        """The batch's next pass (FreeLB's ascent, antithetic's mirror)."""
+
+    def reset(self) -> None:
+        """The batch is done."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def remove(self) -> None:
+        """Detach from the model: no noise after training."""
+
+    def __enter__(self) -> "NoiseKind":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    @classmethod
+    def suggest(cls, trial: Any, prefix: str = "noise") -> None:
+        """Draw this kind's own search space on a trial."""
+        for param in cls.space:
+            param.suggest(trial, prefix)

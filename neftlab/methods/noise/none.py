@@ -1,0 +1,7 @@
+"""`noise=none`: plain fine-tuning, no hook attached at all."""
+
+from .kind import NoiseKind
+
+
+class NoNoise(NoiseKind):
+    name = "none"
