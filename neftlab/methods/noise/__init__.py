@@ -18,10 +18,10 @@ from typing import Optional, Union
 import torch
 
 from ...config.noise import CONF, is_kind_file, kind_class, option_file
-from .embedding import DrawnConfig, DrawnNoise, EmbeddingConfig, EmbeddingNoise, ScheduledConfig
+from .embedding import ALPHA, DrawnConfig, DrawnNoise, EmbeddingConfig, EmbeddingNoise, ScheduledConfig
 from .kind import Logged, NoiseError, NoiseKind, Param
 
-__all__ = ["DrawnConfig", "DrawnNoise", "EmbeddingConfig", "EmbeddingNoise", "Logged", "NoiseError", "NoiseKind",
+__all__ = ["ALPHA", "DrawnConfig", "DrawnNoise", "EmbeddingConfig", "EmbeddingNoise", "Logged", "NoiseError", "NoiseKind",
            "Param", "ScheduledConfig", "attach"]
 
 
