@@ -99,7 +99,13 @@ class Identity:
     def config_differences(self, run_dir: Path) -> Optional[list[str]]:
         """How the config of the run in `run_dir` differs from this one's, or None when it has none to compare."""
         saved = saved_config(run_dir)
-        return None if saved is None else config_differences(shaping_config(saved), shaping_config(self.config))
+        if saved is None:
+            return None
+        old, new = shaping_config(saved), shaping_config(self.config)
+        found = config_differences(old, new)
+        if (old.get("noise") or {}).get("kind") != (new.get("noise") or {}).get("kind"):  # another kind: its name says it
+            found = [d for d in found if not d.startswith("noise.") or d.startswith("noise.kind:")]
+        return found
 
     def content_changes(self, run_dir: Path) -> list[str]:
         """How its data and base model differ from this run's (a run recorded before the model was fingerprinted
