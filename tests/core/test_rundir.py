@@ -50,7 +50,9 @@ def test_a_resume_keeps_what_its_checkpoint_accounts_for_in_both_files(tmp_path)
     files.close()
     again = rundir.RunFiles(tmp_path, keep=lambda row: row["step"] <= 2 and row.get("stage") == rundir.TRAIN)
     assert [e["step"] for e in read_jsonl(tmp_path / rundir.METRICS)] == [1, 2]
-    assert [r["step"] for r in read_jsonl(tmp_path / rundir.SAMPLES)] == [1, 2]  # no step-3 rows twice
+    # no step-3 rows twice; each generation after its marker that its stage had not finished yet
+    assert [(r["step"], r.get("finished")) for r in read_jsonl(tmp_path / rundir.SAMPLES)] == [
+        (1, False), (1, None), (2, False), (2, None)]
     assert again.summary == {"train/loss": 0.5} and again.train_losses == [(1, 1.0), (2, 0.5)]
 
 
