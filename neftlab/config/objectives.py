@@ -27,7 +27,7 @@ class SearchConfig:
     objectives: List[str] = field(default_factory=lambda: [QUALITY])
 
     def validate(self, key: str) -> None:
-        allowed = (QUALITY, *measures.directions())  # the measures with a direction, a user's (eval.measures) too
+        allowed = (QUALITY, *measures.objectives())  # the measures with a direction, a user's (eval.measures) too
         check(len(self.objectives) >= 1, f"{key}.objectives", self.objectives, "at least one of " + ", ".join(allowed))
         for i, name in enumerate(self.objectives):
             check_choice(f"{key}.objectives[{i}]", name, allowed)
@@ -42,7 +42,7 @@ def objective_keys(objectives: list[str], judged: bool) -> list[str]:
 
 
 def directions_of(keys: list[str]) -> list[str]:
-    known = measures.directions()
+    known = measures.objectives()
     return [known.get(k, "minimize") for k in keys]  # an unknown key fails validation, before any trial
 
 

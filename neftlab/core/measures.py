@@ -17,6 +17,7 @@ pruning (the methods' internals, logged during training).
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
@@ -91,8 +92,14 @@ def declared(*stages: str) -> list[Measure]:
 
 
 def directions() -> dict[str, str]:
-    """{key: minimize | maximize} of every measure a search can optimize."""
+    """{key: minimize | maximize} of every measure with a direction."""
     return {m.key: m.direction for m in _REGISTRY.values() if m.direction}
+
+
+def objectives() -> dict[str, str]:
+    """{key: minimize | maximize} of every measure a search can optimize: those with a direction that a run
+    reports once it is done (the training log's last loss is no result of a run)."""
+    return {k: d for k, d in directions().items() if _REGISTRY[k].stage != "train"}
 
 
 def vs_baseline(key: str) -> str:
@@ -114,6 +121,7 @@ def declare(key: str, label: str, direction: Optional[str] = None, fmt: str = "{
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def build(**params: Any) -> Measure:
+            inspect.signature(fn).bind_partial(**params)  # a parameter the function has not: a TypeError now
             return Measure(key, label, direction, fmt, stage, paired=True,
                            compute=functools.partial(fn, **params) if params else fn)
         return build
