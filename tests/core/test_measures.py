@@ -2,6 +2,7 @@
 in more than two modules of neftlab (its declaration and the code that computes it)."""
 
 import re
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,14 @@ def test_a_declaration_survives_summary_json_without_its_function():
 
 def test_judge_measures_have_a_key_against_another_runs_answers():
     assert measures.vs_baseline(measures.WIN_RATE.key) == "judge_vs_baseline/win_rate"
+
+
+def test_the_closing_line_names_the_headline_measures_the_run_has():
+    from neftlab.__main__ import closing
+    summary = {"eval/loss": 1.23456, "eval/response_length": 96.04, "eval/hit_max_new_tokens": 0.25,
+               "judge/win_rate": 0.6125, "judge/reliable": False, "eval/diversity": 0.9}
+    text = closing(SimpleNamespace(run_dir="outputs/runs/x", summary=summary, status="completed", message=""))
+    assert text.splitlines()[:2] == [
+        "neftlab: completed: outputs/runs/x",
+        "  eval loss 1.2346, answer length (tokens) 96.0, answers cut at eval.max_new_tokens 25%, judge win rate 0.613 "
+        "(the judge failed its controls: no evidence)"]
