@@ -5,12 +5,12 @@ run file's name.
     .hydra/overrides.yaml   its command-line overrides   | directory (a new run, or one it resumes), never
     .hydra/hydra.yaml       Hydra's own config          /  by Hydra before that decision
     neftlab.log             the log (rank N: neftlab-rank<N>.log)
-    metrics.jsonl           events {"step", "stage", <namespaced metrics>}, appended a whole line at a time
+    metrics.jsonl           events {"step", "stage", <namespaced metrics>}, appended a whole line at a time, and
+                            each generation's markers {"step", "stage", "answers_finished"}: false as its answers
+                            are written, true once the stage that wrote them has finished (`marked_generations`)
     summary.json            the last value of every metric, "status", "error" and "measures" (the declarations of
                             the user's measures it computed, `measures.Measure.to_json`, by key)
     samples.jsonl           answers {"prompt_id", "step", "stage", "prompt", "reference", "generation", "tokens", "stop"}
-                            and each generation's markers {"step", "stage", "finished"}: false before its answers,
-                            true once the stage that wrote them has finished (`marked_generations`)
     harness_samples.jsonl   lm-eval's per-item scores {"step", "stage", "task", "doc_id", "target", <metric>: score}
     judge_<baseline>.json   a judging of the answers (neftlab.judge)
     fingerprint.json        what a resume must match: the config's and the data's fingerprints
@@ -71,7 +71,7 @@ def rank_state(rank: int) -> str:
 SWEEP_JOBS = "jobs.jsonl"
 TRAIN, FINAL = "train", "final"
 MEASURES = "measures"  # summary.json's declarations of the user's measures
-FINISHED = "finished"  # a samples.jsonl marker row's key: whether the stage that wrote the generation finished
+FINISHED = "answers_finished"  # a metrics.jsonl marker's key: whether the stage that wrote a generation finished
 
 
 def judge_file(run_dir: Path, baseline: str) -> Path:
@@ -113,12 +113,12 @@ def generations(path: Path, root: Optional[Path] = None) -> dict[tuple[int, str]
     return out
 
 
-def marked_generations(path: Path, root: Optional[Path] = None) -> dict[tuple[int, str], bool]:
-    """{(step, stage): whether the stage that wrote that generation finished} of the generations in a samples.jsonl
-    that carry markers; answers written before markers existed carry none, and are absent here."""
+def marked_generations(run_dir: Path) -> dict[tuple[int, str], bool]:
+    """{(step, stage): whether the stage that wrote that generation finished}, from the markers in the run's
+    metrics.jsonl; answers written before markers existed have none, and are absent here."""
     out: dict[tuple[int, str], bool] = {}
-    for r in read_jsonl(path, root=root):
-        if isinstance(r.get(FINISHED), bool) and isinstance(r.get("step"), int) and "prompt_id" not in r:
+    for r in read_jsonl(Path(run_dir) / METRICS, root=run_dir):
+        if isinstance(r.get(FINISHED), bool) and isinstance(r.get("step"), int):
             key = (r["step"], r.get("stage", TRAIN))
             out[key] = out.get(key, False) or r[FINISHED]
     return out
@@ -183,8 +183,9 @@ class RunFiles:
                 write_text(self.dir / name, "".join(jsonl_line(r) for r in kept[name]), root=self.dir)
         self._metrics = open_append(self.dir / METRICS, root=self.dir) if self.writes else None
         for event in kept[METRICS]:
-            event = {k: v for k, v in event.items() if k != "stage"}
-            self._update(event.pop("step"), event)
+            if FINISHED not in event:  # a marker is no metric
+                event = {k: v for k, v in event.items() if k != "stage"}
+                self._update(event.pop("step"), event)
 
     def _update(self, step: int, metrics: dict[str, Any]) -> None:
         self.summary.update(metrics)
@@ -218,22 +219,29 @@ class RunFiles:
                 out.write(jsonl_line({**row, "stage": self.stage}))
                 out.flush()
 
+    def _mark(self, step: int, finished: bool) -> None:
+        """A generation's marker in metrics.jsonl: not a metric, so neither in the summary nor sent to the sinks."""
+        if self._metrics is not None:
+            self._metrics.write(jsonl_line({"step": step, "stage": self.stage, FINISHED: finished}))
+            self._metrics.flush()
+
     def append_samples(self, samples: Iterable[dict]) -> None:
-        """Append answers to samples.jsonl: every evaluation's answers stay, each with its step and stage, after a
-        marker that their stage has not finished yet (`finish_answers` writes the one that it has)."""
+        """Append answers to samples.jsonl: every evaluation's answers stay, each with its step and stage, marked
+        in metrics.jsonl as not finished by their stage yet (`finish_answers` marks that it has)."""
         samples = list(samples)
         if not self.writes or not samples:
             return
         step = samples[0]["step"]
-        self._append(SAMPLES, [{"step": step, FINISHED: False}, *samples])
+        self._mark(step, False)
+        self._append(SAMPLES, samples)
         self.unfinished.add(step)
         self._to_sinks("log_answers", step, self.stage, samples)
 
     def finish_answers(self) -> None:
         """Mark the answers this stage wrote as finished: their stage has done all it does after them (measures,
-        latency, checkpoint), so a judge may read them."""
-        if self.writes and self.unfinished:
-            self._append(SAMPLES, [{"step": step, FINISHED: True} for step in sorted(self.unfinished)])
+        latency, the harness, the saved model), so a judge may read them."""
+        for step in sorted(self.unfinished):
+            self._mark(step, True)
         self.unfinished.clear()
 
     def declare(self, measures: Iterable[Any]) -> None:

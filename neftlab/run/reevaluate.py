@@ -84,6 +84,6 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
             pipeline.evaluate(built, stopper)
         run_files.close()
         return {k: v for event in read_jsonl(run_dir / rundir.METRICS, root=run_dir) if event.get("stage") == stage
-                for k, v in event.items() if k not in ("step", "stage")}
+                for k, v in event.items() if k not in ("step", "stage", rundir.FINISHED)}
     finally:
         lock.release()

@@ -98,11 +98,7 @@ def test_samples_are_appended_across_evaluations(tmp_path, lively):
     for step in (3, 6):
         files.append_samples(generation.generate(model, tokenizer, PROMPTS[:3], cfg, step)[0])
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    # each generation after its marker: its stage has not finished it yet (nothing here calls finish_answers)
-    assert [(r["step"], r.get("prompt_id"), r.get("finished")) for r in rows] == [
-        (3, None, False), (3, 0, None), (3, 1, None), (3, 2, None), (6, None, False), (6, 0, None), (6, 1, None),
-        (6, 2, None)]
-    rows = [r for r in rows if "prompt_id" in r]
+    assert [(r["step"], r["prompt_id"]) for r in rows] == [(3, 0), (3, 1), (3, 2), (6, 0), (6, 1), (6, 2)]
     assert set(rows[0]) == {"prompt_id", "step", "stage", "prompt", "reference", "generation", "tokens", "stop"}
     assert rows[0]["prompt"] == PROMPTS[0][0] and rows[0]["tokens"] == 4 and rows[0]["stop"] == "max_new_tokens"
 
@@ -178,15 +174,14 @@ def test_generate_every_eval_answers_at_each_evaluation_once(tmp_path):
     pipeline.run(compose_cfg(*TINY, "model=llama_tiny", "logger=none", "trainer.eval_steps=1",
                            "eval.generate_every_eval=true"), files)
     files.finish("completed")
-    rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    steps = Counter(r["step"] for r in rows if "prompt_id" in r)
+    steps = Counter(json.loads(line)["step"] for line in (tmp_path / "samples.jsonl").read_text().splitlines())
     assert steps == {1: 2, 2: 2}  # step 2, the last, is the final evaluation's only
-    # each generation marked unfinished before its answers, and finished once its stage is done with it
-    assert [(r["step"], r["stage"], r["finished"]) for r in rows if "finished" in r] == [
-        (1, "train", False), (1, "train", True), (2, "final", False), (2, "final", True)]
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval/diversity" in m] == [1, 2]
     assert [m["step"] for m in metrics if "efficiency/latency_ms_per_token" in m] == [2]
+    # each generation marked unfinished as its answers are written, and finished once its stage is done with it
+    assert [(m["step"], m["stage"], m["answers_finished"]) for m in metrics if "answers_finished" in m] == [
+        (1, "train", False), (1, "train", True), (2, "final", False), (2, "final", True)]
 
 
 def test_latency_is_timed_alone_at_batch_size_one(monkeypatch, lively):

@@ -195,18 +195,22 @@ def test_answers_whose_stage_never_finished_are_refused_with_their_stage(tmp_pat
         answers.final_answers(run_dir)
 
 
+def without_markers(run_dir):
+    """The run's metrics.jsonl as neftlab wrote it before answers had markers."""
+    events = [e for e in read_jsonl(run_dir / rundir.METRICS) if rundir.FINISHED not in e]
+    (run_dir / rundir.METRICS).write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
 def test_answers_written_before_markers_are_read_as_then(tmp_path, caplog):
     """A run of neftlab before the markers: its answers count as finished where their measures were logged after
     them; a later re-evaluation of it by today's neftlab that was killed is passed over all the same."""
     run_dir = evaluation(tmp_path / "run", "final", ANSWERS_A)
-    old = [r for r in read_jsonl(run_dir / rundir.SAMPLES) if "prompt_id" in r]  # as neftlab wrote them then
-    (run_dir / rundir.SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in old))
+    without_markers(run_dir)
     evaluation(run_dir, "reeval-1", ["cut"], finished=False, measured=False)
     assert answers.final_answers(run_dir).stage == "final"
     assert "the answers of step 8 (stage reeval-1) are incomplete" in caplog.text
     evaluation(run_dir, "reeval-2", ANSWERS_B, finished=False)
-    (run_dir / rundir.SAMPLES).write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(run_dir / rundir.SAMPLES)
-                                                  if "prompt_id" in r))  # all of it as neftlab wrote it then
+    without_markers(run_dir)  # all of it as neftlab wrote it then
     assert answers.final_answers(run_dir).stage == "reeval-2"  # its measures were logged after it
     unmeasured = write_samples(tmp_path / "bare", ANSWERS_B)  # answers alone, no measures, no markers: the last
     assert answers.final_answers(unmeasured).rows[3]["generation"] == ANSWERS_B[3]

@@ -44,7 +44,7 @@ def final_answers(run_dir: Path) -> Answers:
     found = rundir.generations(path, root=run_dir)
     if not found:
         raise JudgeError(f"{path} holds no answers (a causal run writes its answers there when it generates)")
-    marked = rundir.marked_generations(path, root=run_dir)
+    marked = rundir.marked_generations(run_dir)
     logged = {(e["step"], e.get("stage", rundir.TRAIN)) for e in read_jsonl(run_dir / rundir.METRICS, root=run_dir)
               if RESPONSE_LENGTH.key in e}
     finished = [key for key in found if marked.get(key, key in logged)]
