@@ -91,8 +91,8 @@ class WandbRun:
         """The run's summary: the last value of every metric, and for those of `summaries()` their best over the
         whole run, taken from metrics.jsonl. W&B keeps the best of what this process logged only: a resumed run's
         min or max would miss the values logged before the interruption (wandb/wandb#9684)."""
-        best = summaries()
-        self.run.summary.update({k: v for k, v in summary.items() if k not in best})
+        best = summaries()  # the user's measures' declarations (summary.json's "measures") are no number of the run
+        self.run.summary.update({k: v for k, v in summary.items() if k not in best and k != rundir.MEASURES})
         self.run.summary.update(best_values(self.run_dir))
         self.run.finish(exit_code=exit_code)
 
