@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from .config import register
 from .config.compose import check_command_line
+from .core import measures
 
 register()
 
@@ -46,17 +47,11 @@ def closing(outcome) -> str:
     if outcome.status in ("refused", "failed") or run is None:
         return ""  # its one line is logged already; the traceback, if any, is in the run's log
     head = []
-    if isinstance(s.get("eval/loss"), (int, float)):
-        head.append(f"eval loss {s['eval/loss']:.4f}")
-    if isinstance(s.get("eval/accuracy"), (int, float)):
-        head.append(f"accuracy {s['eval/accuracy']:.4f}")
-    if isinstance(s.get("eval/response_length"), (int, float)):
-        cut = s.get("eval/hit_max_new_tokens")
-        head.append(f"answers {s['eval/response_length']:.1f} tokens on average" +
-                    (f" ({cut:.0%} cut at eval.max_new_tokens)" if isinstance(cut, (int, float)) else ""))
-    if isinstance(s.get("judge/win_rate"), (int, float)):
-        head.append(f"judge win rate {s['judge/win_rate']:.3f}" +
-                    ("" if s.get("judge/reliable") else " (the judge failed its controls: no evidence)"))
+    for m in measures.declared():  # the declared headline measures the run has
+        if m.headline and _number(s.get(m.key)):
+            unreliable = m == measures.WIN_RATE and not s.get(measures.RELIABLE.key)
+            head.append(f"{m.label} {m.format(s[m.key])}"
+                        + (" (the judge failed its controls: no evidence)" if unreliable else ""))
     lines = [f"neftlab: {outcome.status}" + (f" ({outcome.message})" if outcome.status == "interrupted" else "") +
              f": {run}"]
     if head:
@@ -68,6 +63,10 @@ def closing(outcome) -> str:
                   f"        python -m neftlab.judge {run} --baseline reference",
                   f"        python -m neftlab.evaluate {run} eval.max_new_tokens=512"]
     return "\n".join(lines)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # What a config may name as a `_target_` for Hydra to build: neftlab's callbacks and search spaces, Hydra's plugins

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .analysis.runs import arms, baseline_arm, find_runs, paired_runs
 from .config import ConfigError, JudgeConfig, package_path
+from .core.measures import vs_baseline
 from .core import rundir
 from .core.claim import alive, age
 from .core.errors import NeftlabError
@@ -75,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             judged_file = read_json(rundir.judge_file(run_dir, baseline))
             s = judged_file["summary"]
             if args.wandb:
-                prefix = "judge/" if baseline == "reference" else "judge_vs_baseline/"
-                update_summary(run_dir, {prefix + k.removeprefix("judge/"): v for k, v in s.items()})
+                update_summary(run_dir, s if baseline == "reference" else {vs_baseline(k): v for k, v in s.items()})
             print(f"{run_dir} (its answers of step {judged_file.get('step')}, stage {judged_file.get('stage')}): "
                   f"{describe(s)}; wrote {rundir.judge_file(run_dir, baseline)}")
     except NeftlabError as e:

@@ -25,6 +25,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
+@pytest.fixture(autouse=True)
+def measures_registry(monkeypatch):
+    """Each test's own copy of the measures' registry: a user's measure one test declares is not another's."""
+    from neftlab.core import measures
+    monkeypatch.setattr(measures, "_REGISTRY", dict(measures._REGISTRY))
+    return measures._REGISTRY
+
+
 @pytest.fixture(scope="session")
 def llama_tokenizer():
     from neftlab import models

@@ -7,17 +7,17 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..core import stats
+from ..core import measures, stats
 from .runs import Run, _number, judged_titles, paired_runs
 from .tables import _cell, _table
 
-# Paired against the baseline arm: (summary key, measure, format).
-PAIRED = [("eval/response_length", "answer length (tokens)", "{:.1f}"),
-          ("eval/response_words", "answer length (words)", "{:.1f}"), ("eval/diversity", "diversity", "{:.3f}"),
-          ("eval/distinct_4", "distinct-4", "{:.3f}"), ("eval/loss", "eval loss", "{:.4f}"),
-          ("eval/train_loss_noise_off", "train loss, noise off", "{:.4f}"),
-          ("eval/generalization_gap", "generalization gap", "{:.4f}")]
 BEST, BEST_AT = "best eval loss during training", "epoch of the best eval loss"  # of runs evaluated twice or more
+WIN, LC_WIN, RELIABLE = measures.WIN_RATE.key, measures.LC_WIN_RATE.key, measures.RELIABLE.key
+
+
+def paired() -> list[measures.Measure]:
+    """The measures paired against the baseline arm, a user's included, in the order they were declared."""
+    return [m for m in measures.declared() if m.paired]
 
 
 def curve_values(run: Run) -> dict[str, float]:
@@ -25,15 +25,16 @@ def curve_values(run: Run) -> dict[str, float]:
     evaluations = run.evaluations()
     if len(evaluations) < 2:
         return {}
-    best = min(evaluations, key=lambda e: e["eval/loss"])
-    return {BEST: best["eval/loss"], BEST_AT: best.get("train/epoch", best["step"])}
+    loss = measures.EVAL_LOSS.key
+    best = min(evaluations, key=lambda e: e[loss])
+    return {BEST: best[loss], BEST_AT: best.get(measures.EPOCH, best["step"])}
 
 
 def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]], set[str]]:
     """(the run's value, the baseline run's value) of each measure both have, and the measures that come from a
     judge that failed its controls."""
-    out = {title: (run.summary[key], base.summary[key]) for key, title, _ in PAIRED
-           if _number(run.summary.get(key)) and _number(base.summary.get(key))}
+    out = {m.label: (run.summary[m.key], base.summary[m.key]) for m in paired()
+           if _number(run.summary.get(m.key)) and _number(base.summary.get(m.key))}
     ours, theirs = curve_values(run), curve_values(base)
     out.update({title: (ours[title], theirs[title]) for title in ours if title in theirs})
     out.update({"harness " + key.removeprefix("harness/").replace("/", " "): (run.summary[key], base.summary[key])
@@ -43,15 +44,15 @@ def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]],
     for source in {**run.judges, **base.judges}:
         vs_baseline, lc_vs_baseline, vs_reference = judged_titles(source)
         judged = run.judges.get(source, {}).get(str(base.dir.resolve()), {})
-        for key, title in (("judge/win_rate", vs_baseline), ("judge/lc_win_rate", lc_vs_baseline)):
+        for key, title in ((WIN, vs_baseline), (LC_WIN, lc_vs_baseline)):
             if _number(judged.get(key)):
                 out[title] = (judged[key], 0.5)  # the baseline's answers against themselves
-                if judged.get("judge/reliable") is False:
+                if judged.get(RELIABLE) is False:
                     unreliable.add(title)
         ours, theirs = (r.judges.get(source, {}).get("reference", {}) for r in (run, base))
-        if _number(ours.get("judge/win_rate")) and _number(theirs.get("judge/win_rate")):
-            out[vs_reference] = (ours["judge/win_rate"], theirs["judge/win_rate"])
-            if False in (ours.get("judge/reliable"), theirs.get("judge/reliable")):
+        if _number(ours.get(WIN)) and _number(theirs.get(WIN)):
+            out[vs_reference] = (ours[WIN], theirs[WIN])
+            if False in (ours.get(RELIABLE), theirs.get(RELIABLE)):
                 unreliable.add(vs_reference)
     return out, unreliable
 
@@ -77,8 +78,8 @@ def paired_measures(groups: dict[str, list[Run]], baseline: str) -> list[Paired]
         for title, pair in found.items():
             values[run.label_without_seed][title].append(pair)
             unreliable[run.label_without_seed, title] |= title in flagged
-    order = [title for _, title, _ in PAIRED] + sorted({t for m in values.values() for t in m} - {
-        title for _, title, _ in PAIRED})
+    declared = [m.label for m in paired()]
+    order = declared + sorted({t for m in values.values() for t in m} - set(declared))
     rows = [Paired(arm, title, measures[title], stats.mean_difference([a - b for a, b in measures[title]]),
                    unreliable[arm, title])
             for arm, measures in sorted(values.items()) for title in order if title in measures]
@@ -109,7 +110,7 @@ def harness_item_measures(groups: dict[str, list[Run]], baseline: str) -> list[P
 
 def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
     """The paired measures as a table: means, difference, its interval with method and n, raw and Holm p."""
-    formats = {**{title: fmt for _, title, fmt in PAIRED}, BEST: "{:.4f}", BEST_AT: "{:.1f}"}
+    formats = {**{m.label: m.fmt for m in paired()}, BEST: measures.EVAL_LOSS.fmt, BEST_AT: "{:.1f}"}
     lines = []
     for row in paired_measures(groups, baseline):
         fmt, e = formats.get(row.title, "{:.3f}"), row.estimate

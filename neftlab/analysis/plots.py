@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import measures
 from ..core.files import atomic_write
 from .paired import paired_runs
 from .runs import Run, _number
@@ -45,21 +46,21 @@ def _judged_wins(groups: dict[str, list[Run]], baseline: str | None) -> dict[str
     for arm, members in groups.items():
         for r in members:
             for source, judged in r.judges.items():
-                if _number(win := judged.get("reference", {}).get("judge/win_rate")):
+                if _number(win := judged.get("reference", {}).get(measures.WIN_RATE.key)):
                     series[f"{source} vs reference"][arm].append(win)
     if baseline is not None:
         for run, base in paired_runs(groups, baseline):
             for source, judged in run.judges.items():
-                if _number(win := judged.get(str(base.dir.resolve()), {}).get("judge/win_rate")):
+                if _number(win := judged.get(str(base.dir.resolve()), {}).get(measures.WIN_RATE.key)):
                     series[f"{source} vs {baseline}"][run.label_without_seed].append(win)
                     series[f"{source} vs {baseline}"][baseline] = [0.5]
     return series
 
 
 def _mean_length(members: list[Run], lengths: list[int]) -> float | None:
-    """From the answers of the final step, else from the runs' eval/response_length."""
-    values = lengths or [r.summary["eval/response_length"] for r in members
-                         if _number(r.summary.get("eval/response_length"))]
+    """From the answers of the final step, else from the runs' mean answer length."""
+    key = measures.RESPONSE_LENGTH.key
+    values = lengths or [r.summary[key] for r in members if _number(r.summary.get(key))]
     return statistics.fmean(values) if values else None
 
 
@@ -95,13 +96,13 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in runs:
-        train = [(m["step"], m["train/loss"]) for m in r.history if isinstance(m.get("train/loss"), (int, float))]
-        evals = [(m["step"], m["eval/loss"]) for m in r.history if isinstance(m.get("eval/loss"), (int, float))]
+        train, evals = ([(m["step"], m[key]) for m in r.history if _number(m.get(key))]
+                        for key in (measures.TRAIN_LOSS.key, measures.EVAL_LOSS.key))
         if train:
             train_ax.plot(*zip(*train), label=r.label, linewidth=1)
         if evals:
             eval_ax.plot(*zip(*evals), marker="o", label=r.label, linewidth=1)
-    for ax, title in ((train_ax, "train loss"), (eval_ax, "eval loss")):
+    for ax, title in ((train_ax, measures.TRAIN_LOSS.label), (eval_ax, measures.EVAL_LOSS.label)):
         ax.set(title=title, xlabel="step")
         ax.grid(alpha=0.3)
     if len(runs) <= 20:
@@ -114,14 +115,15 @@ def plot_arm_curves(groups: dict[str, list[Run]], path: Path) -> bool:
     """The evaluations during training per arm, against the epoch: the eval loss, the noise-off training loss and
     their gap, a line per arm at the mean over its seeds with their min-max band. False when no arm's runs were
     evaluated twice or more."""
+    shown = (measures.EVAL_LOSS, measures.NOISE_OFF_LOSS, measures.GAP)
     series = {}
     for arm, members in groups.items():
         by_epoch = defaultdict(lambda: defaultdict(list))
         for r in members:
             for e in r.evaluations():
-                for key in ("eval/loss", "eval/train_loss_noise_off", "eval/generalization_gap"):
+                for key in (m.key for m in shown):
                     if _number(e.get(key)):
-                        by_epoch[key][e.get("train/epoch", e["step"])].append(e[key])
+                        by_epoch[key][e.get(measures.EPOCH, e["step"])].append(e[key])
         if any(len(points) >= 2 for points in by_epoch.values()):
             series[arm] = by_epoch
     if not series:
@@ -129,10 +131,8 @@ def plot_arm_curves(groups: dict[str, list[Run]], path: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    titles = {"eval/loss": "held-out loss", "eval/train_loss_noise_off": "training loss, noise off",
-              "eval/generalization_gap": "generalization gap (held-out - noise-off training)"}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, (key, title) in zip(axes, titles.items()):
+    for ax, (key, title) in zip(axes, ((m.key, m.label) for m in shown)):
         for arm in sorted(series, key=natural):
             points = sorted(series[arm][key].items())
             if not points:
@@ -178,7 +178,7 @@ def curves(runs: list[Run], key: str, only) -> tuple[dict, bool]:
     points = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in done:
         series = ", ".join(f"{k}={r.get(k)}" for k in split) or "all runs"
-        for metric in ("eval/loss", "eval/accuracy"):
+        for metric in (measures.EVAL_LOSS.key, measures.ACCURACY.key):
             if _number(r.summary.get(metric)):
                 points[metric][series][r.get(key)].append(r.summary[metric])
     return points, len(split) == len(others)
@@ -228,11 +228,12 @@ def swept_pair(runs: list[Run]) -> tuple[str, str] | None:
 def plot_heatmap(runs: list[Run], keys: tuple[str, str], path: Path) -> bool:
     """The final eval loss over two swept keys (mean over seeds, each cell annotated): how alpha and the pruning
     ratio act together, which two curves cannot show."""
-    done = [r for r in runs if r.summary.get("status") == "completed" and _number(r.summary.get("eval/loss"))
+    loss = measures.EVAL_LOSS
+    done = [r for r in runs if r.summary.get("status") == "completed" and _number(r.summary.get(loss.key))
             and all(_number(r.get(k)) for k in keys)]
     cells = defaultdict(list)
     for r in done:
-        cells[r.get(keys[0]), r.get(keys[1])].append(r.summary["eval/loss"])
+        cells[r.get(keys[0]), r.get(keys[1])].append(r.summary[loss.key])
     xs, ys = sorted({x for x, _ in cells}), sorted({y for _, y in cells})
     if len(xs) < 2 or len(ys) < 2:
         return False
@@ -249,7 +250,7 @@ def plot_heatmap(runs: list[Run], keys: tuple[str, str], path: Path) -> bool:
             ax.text(j, i, f"{value:.4f}", ha="center", va="center", fontsize=8, color="white")
     ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
     ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    ax.set(xlabel=keys[0], ylabel=keys[1], title="final eval loss, mean over seeds")
-    fig.colorbar(image, ax=ax, label="eval loss")
+    ax.set(xlabel=keys[0], ylabel=keys[1], title=f"final {loss.label}, mean over seeds")
+    fig.colorbar(image, ax=ax, label=loss.label)
     save(fig, path)
     return True

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..core import rundir
+from ..core import measures, rundir
 from ..core.errors import NeftlabError
 from ..core.files import link_below, read_json, read_jsonl, read_yaml
 
@@ -102,7 +102,7 @@ class Run:
         for event in self.history:
             if event.get("stage", "train") == "train" and isinstance(event.get("step"), int):
                 merged.setdefault(event["step"], {}).update(event)
-        return [e for _, e in sorted(merged.items()) if _number(e.get("eval/loss"))]
+        return [e for _, e in sorted(merged.items()) if _number(e.get(measures.EVAL_LOSS.key))]
 
     def answer_lengths(self) -> list[int]:
         """Answer lengths in tokens at the last generation step of samples.jsonl (one per prompt)."""
@@ -116,6 +116,7 @@ def _read_run(summary_path: Path, root: Path) -> Run | None:
     summary = read_json(summary_path, root=root)
     if not isinstance(summary, dict):
         return None
+    declare_used(summary, summary_path)
     overrides = read_yaml(run_dir / rundir.OVERRIDES, [], root=root)
     config = read_yaml(run_dir / rundir.CONFIG, {}, root=root)
     history = read_jsonl(run_dir / rundir.METRICS, root=root)
@@ -129,6 +130,17 @@ def _read_run(summary_path: Path, root: Path) -> Run | None:
     return Run(run_dir, [str(o) for o in overrides if not str(o).startswith("hydra.")], summary,
                config if isinstance(config, dict) else {}, history, judges,
                searched="direction" in sweeper)  # an optimizing sweeper (Optuna's, or neftlab's over it)
+
+
+def declare_used(summary: dict, path: Path) -> None:
+    """Register the user's measures a run declared (summary.json's `measures`), so that the report shows them
+    without importing the user's code; one declared otherwise than a measure known already is named and left out."""
+    used = summary.get(rundir.MEASURES)
+    for key, data in used.items() if isinstance(used, dict) else ():
+        try:
+            measures.register(measures.Measure.from_json({**data, "key": key}))
+        except (TypeError, ValueError) as e:
+            log.warning("%s: its measure %s is not reported (%s)", path, key, e)
 
 
 def is_run(summary_path: Path, root: Path) -> bool:
@@ -165,7 +177,8 @@ def label_judgings(runs: list[Run]) -> None:
         for source, judged in r.judges.items():
             for baseline, summary in judged.items():
                 against = by_dir[baseline].label_without_seed if baseline in by_dir else Path(baseline).name
-                r.extra[f"{'' if source == JUDGE else source + ' '}win vs {against}"] = summary.get("judge/win_rate")
+                r.extra[f"{'' if source == JUDGE else source + ' '}win vs {against}"] = summary.get(
+                    measures.WIN_RATE.key)
 
 
 def generator_name(run: Run) -> str:

@@ -7,24 +7,15 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from ..core import measures
 from ..evaluation.judge.controls import CONTROLS
 from .runs import JUDGE, Run, _number
 
-COLUMNS = [  # (summary key, column title, format)
-    ("eval/loss", "eval loss", "{:.4f}"), ("eval/perplexity", "ppl", "{:.2f}"), ("eval/accuracy", "acc", "{:.4f}"),
-    ("eval/macro_f1", "macro-F1", "{:.4f}"), ("eval/train_loss_noise_off", "train loss noise-off", "{:.4f}"),
-    ("eval/response_length", "resp len", "{:.1f}"), ("eval/response_words", "resp words", "{:.1f}"),
-    ("eval/hit_max_new_tokens", "hit max", "{:.2f}"), ("eval/diversity", "diversity", "{:.3f}"),
-    ("eval/distinct_2", "dist-2", "{:.3f}"), ("eval/distinct_4", "dist-4", "{:.3f}"),
-    ("pruning/sparsity", "sparsity", "{:.3f}"), ("efficiency/param_reduction", "param red.", "{:.3f}"),
-    ("efficiency/latency_ms_per_token", "ms/token", "{:.2f}"),
-    ("efficiency/unpruned_latency_ms_per_token", "ms/token unpruned", "{:.2f}"),
-    ("efficiency/latency_ms_per_sample", "ms/sample", "{:.2f}"),
-    ("convergence/loss_std", "loss std", "{:.4f}"), ("convergence/half_drop_step", "half-drop step", "{:.0f}"),
-]
 
-
-# Paired against the baseline arm: (summary key, measure, format).
+def columns() -> list[tuple[str, str, str]]:
+    """The runs table's measures: (summary key, column title, format) of every declared measure that is a column,
+    a user's (from eval.measures, or a finished run's summary) included."""
+    return [(m.key, m.label, m.fmt) for m in measures.declared() if m.column]
 
 
 def _cell(value, fmt: str) -> str:
@@ -41,7 +32,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _used_columns(runs: list[Run]):
     judged = sorted({title for r in runs for title in r.extra})
-    return ([c for c in COLUMNS if any(isinstance(r.summary.get(c[0]), (int, float)) for r in runs)]
+    return ([c for c in columns() if any(isinstance(r.summary.get(c[0]), (int, float)) for r in runs)]
             + [(title, title, "{:.3f}") for title in judged])
 
 
@@ -90,7 +81,7 @@ def judges_section(runs: list[Run]) -> list[str]:
         for control in CONTROLS:
             values = [s[f"judge/control_{control}"] for s in summaries if _number(s.get(f"judge/control_{control}"))]
             cells.append(f"{statistics.fmean(values):.3f}" if values else "—")
-        verdicts = {s.get("judge/reliable") for s in summaries}
+        verdicts = {s.get(measures.RELIABLE.key) for s in summaries}
         verdict = ("reliable" if verdicts == {True} else
                    "**unreliable**: failed its controls; no conclusion is drawn from its win rates")
         rows.append([name, str(len(summaries)), *cells, verdict])

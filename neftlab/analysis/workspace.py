@@ -17,6 +17,7 @@ from wandb_workspaces import expr
 from wandb_workspaces.reports.v2 import internal as report_model
 from wandb_workspaces.workspaces import internal as workspace_model
 
+from ..core import measures as declared
 from ..core.errors import first_line
 from ..core.files import read_json, write_json
 from ..tracking.wandb_run import project as wandb_project
@@ -28,15 +29,7 @@ from .wandb_push import paired_key
 
 SPEC = "wandb_workspace.json"
 FORMAT = 1
-STEP = "train/global_step"
-# Curves over the step: the training loss, the noise-off training loss and the held-out loss.
-CURVES = ("train/loss", "eval/train_loss_noise_off", "eval/loss")
-# Final measures, in the order a reader looks for them; harness tasks and judges follow where present.
-MEASURES = ("eval/loss", "eval/perplexity", "eval/accuracy", "eval/macro_f1", "eval/train_loss_noise_off",
-            "eval/generalization_gap", "eval/response_length", "eval/diversity", "eval/distinct_2", "eval/rep_2",
-            "judge/win_rate", "judge/lc_win_rate", "judge_vs_baseline/win_rate", "judge_vs_baseline/lc_win_rate")
-INTERNALS = ("noise/alpha", "noise/stability", "noise/threshold", "noise/mean_magnitude", "pruning/sparsity",
-             "pruning/rows_pruned")
+STEP = declared.STEP
 ANSWERS = "answers/final"
 NOT_SWEPT = ("output_root", "logger", "search")  # differ between runs without being the study's question
 
@@ -97,7 +90,7 @@ def study(runs: list[Run], paired_keys: list[str], paired_markdown: str = "") ->
     numeric = [k for k in swept if k != "seed" and all(_number(f.get(k)) for f in flat)]
     history = {k for r in logged for event in r.history for k, v in event.items() if _number(v)}
     summary = {k for r in logged for k, v in r.summary.items() if _number(v)}
-    summary |= {k.replace("judge/", "judge_vs_baseline/") if baseline != "reference" else k
+    summary |= {declared.vs_baseline(k) if baseline != "reference" else k
                 for r in logged for judged in r.judges.values() for baseline, s in judged.items()
                 for k, v in s.items() if _number(v)}
     return Study(project=wandb_project(logger.get("project")), entity=logger.get("entity") or "",
@@ -116,11 +109,30 @@ def _band(**kwargs):
     return {"groupby_aggfunc": "mean", "groupby_rangefunc": "minmax", **kwargs}
 
 
+def curves() -> list[str]:
+    """The training section's curves over the step: the declared curves that are not a method's internals."""
+    return [m.key for m in declared.declared() if m.curve and m.stage not in declared.INTERNALS]
+
+
+def final_measures() -> list[str]:
+    """The evaluation section's measures, in their declared order: the report's columns (a user's included), then
+    the judges' win rates against the references and against the baseline run's answers."""
+    judged = [m.key for m in declared.declared("judge") if m.direction]
+    return ([m.key for m in declared.declared() if m.column] + judged
+            + [declared.vs_baseline(k) for k in judged])
+
+
+def internals() -> list[str]:
+    """The noise and pruning internals: the declared curves of those stages (a noise kind declares its own)."""
+    return [m.key for m in declared.declared(*declared.INTERNALS) if m.curve]
+
+
 def sections(s: Study) -> list[tuple[str, list]]:
     """(section name, panels) for what the study has, in the order of its question."""
-    measures = [m for m in MEASURES if m in s.summary] + sorted(m for m in s.summary if m.startswith("harness/"))
+    measures = [m for m in final_measures() if m in s.summary] + sorted(m for m in s.summary
+                                                                       if m.startswith("harness/"))
     out = [
-        ("Training", [wr.LinePlot(title=m, x=STEP, y=[m], **_band()) for m in CURVES if m in s.history]),
+        ("Training", [wr.LinePlot(title=m, x=STEP, y=[m], **_band()) for m in curves() if m in s.history]),
         ("Evaluation", [wr.BarPlot(title=m, metrics=[m], **_band()) for m in measures]
          + [wr.ScatterPlot(title=f"{m} over {k}", x=wr.Config(k), y=wr.SummaryMetric(m), running_ymean=True)
             for k in s.numeric for m in measures]),
@@ -133,7 +145,7 @@ def sections(s: Study) -> list[tuple[str, list]]:
         ("Paired differences", [wr.BarPlot(title=k, metrics=[k], **_band()) for k in s.paired]
          + ([wr.MarkdownPanel(markdown=s.paired_markdown)] if s.paired and s.paired_markdown else [])),
         ("Noise and pruning internals", [wr.LinePlot(title=m, x=STEP, y=[m], **_band())
-                                         for m in INTERNALS if m in s.history]),
+                                         for m in internals() if m in s.history]),
     ]
     return [(name, panels) for name, panels in out if panels]
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
+from ..core import measures as declared
 from ..core.errors import ConfigError
 from .checks import check, check_choice
+from .plugins import build
 
 
 JUDGE_KINDS = ("pairwise", "reward")
@@ -80,10 +82,14 @@ class EvalConfig:
     loss_window: int = 10  # logged train losses that the stability std is taken over
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     harness: HarnessConfig = field(default_factory=HarnessConfig)
+    # A user's measures, each `{_target_: module.name, ...}` naming a function declared with
+    # neftlab.core.measures.declare (its module listed in $NEFTLAB_PLUGINS): computed after training with the others
+    measures: List[Any] = field(default_factory=list)
 
     def validate(self, key: str) -> None:
         self.judge.validate(f"{key}.judge")
         self.harness.validate(f"{key}.harness")
+        user_measures(self.measures, f"{key}.measures")
         check(self.num_generations is None or self.num_generations >= 0, f"{key}.num_generations",
               self.num_generations, "null (all prompts) or an integer >= 0")
         check(self.max_new_tokens >= 1, f"{key}.max_new_tokens", self.max_new_tokens, "an integer >= 1")
@@ -92,3 +98,25 @@ class EvalConfig:
               self.prompts, "null or a .json or .jsonl file of {instruction, input?, output?} records")
         check(self.repetition_penalty > 0, f"{key}.repetition_penalty", self.repetition_penalty, "> 0")
         check(self.loss_window >= 2, f"{key}.loss_window", self.loss_window, "an integer >= 2")
+
+
+def user_measures(specs: list, key: str) -> list[declared.Measure]:
+    """The user's measures of `eval.measures`, built and registered (so that objectives, the W&B summary and the
+    report know them); an entry that is not a declared measure, or whose key is neftlab's own, fails in one line."""
+    out = []
+    for i, spec in enumerate(specs or []):
+        m = build(spec, f"{key}[{i}]")
+        if not isinstance(m, declared.Measure) or m.compute is None:
+            raise ConfigError(f"{key}[{i}]._target_={spec.get('_target_')} is not a user's measure: decorate its "
+                              "function with neftlab.core.measures.declare(key, label, ...)")
+        known = declared.get(m.key)
+        if known is not None and known.compute is None and known != m:
+            raise ConfigError(f"{key}[{i}]: {m.key} is a measure of neftlab's own ({known.label}): give yours "
+                              "another key")
+        try:
+            declared.register(m)
+        except ValueError as e:
+            raise ConfigError(f"{key}[{i}]: {e}") from None
+        out.append(m)
+    check(len({m.key for m in out}) == len(out), key, [m.key for m in out], "each measure's key once")
+    return out

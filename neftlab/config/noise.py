@@ -1,9 +1,10 @@
 """The `noise` group: each option is a noise kind's own YAML, which names the kind's class with `_target_`; the
 class declares its typed config (`Config`), and that config holds only the keys the kind reads.
 
-So a kind is found the same way whether it is neftlab's or a user's (a module on the path, its YAML added with
-`hydra.searchpath`): by its `_target_`. neftlab resolves that class itself, and accepts only a class with a kind's
-declarations (`name`, `Config`), so no other class is ever built from a config. A preset (`noise=uniform_10`) names
+So a kind is found the same way whether it is neftlab's or a user's (a module on the path and named in
+$NEFTLAB_PLUGINS, its YAML added with `hydra.searchpath`): by its `_target_`. neftlab imports that class itself, only
+from a trusted module (`plugins.trusted`: a config alone never makes neftlab import code), and accepts only a class
+with a kind's declarations (`name`, `Config`), so no other class is ever built from a config. A preset (`noise=uniform_10`) names
 its kind's option in its defaults list instead of a `_target_` of its own.
 
 A run written before kinds had classes saved a flat `noise` (`kind: uniform` and every kind's fields): `typed` and
@@ -20,6 +21,7 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..core.errors import ConfigError
+from .plugins import PLUGINS_ENV, trusted
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TARGET = "_target_"
@@ -94,6 +96,9 @@ def kind_class(node: Any, key: str = "noise") -> type:
             raise ConfigError(f"{key}.kind={name!r} names no kind of neftlab's and the config has no {key}.{TARGET}")
         target = option_node(str(name))[TARGET]
     module, _, attr = str(target).rpartition(".")
+    if not any(module == p[:-2] or module.startswith(p[:-1]) for p in trusted()):
+        raise ConfigError(f"{key}.{TARGET}={target} is not trusted: neftlab imports a config's code only from the "
+                          f"modules the environment names, so name it: export {PLUGINS_ENV}={module.split('.')[0]}")
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError) as e:

@@ -12,15 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, List
 
+from ..core import measures
 from .checks import check, check_choice
+from .evaluation import user_measures
 
-# The metrics a search can optimize, and which way is better.
-DIRECTIONS = {
-    "eval/loss": "minimize", "eval/perplexity": "minimize", "eval/accuracy": "maximize",
-    "eval/train_loss_noise_off": "minimize", "eval/diversity": "maximize", "eval/response_words": "maximize",
-    "judge/win_rate": "maximize", "judge/lc_win_rate": "maximize",
-    "pruning/sparsity": "maximize", "efficiency/param_reduction": "maximize",
-}
 QUALITY = "quality"
 
 
@@ -32,7 +27,7 @@ class SearchConfig:
     objectives: List[str] = field(default_factory=lambda: [QUALITY])
 
     def validate(self, key: str) -> None:
-        allowed = (QUALITY, *DIRECTIONS)
+        allowed = (QUALITY, *measures.objectives())  # the measures with a direction, a user's (eval.measures) too
         check(len(self.objectives) >= 1, f"{key}.objectives", self.objectives, "at least one of " + ", ".join(allowed))
         for i, name in enumerate(self.objectives):
             check_choice(f"{key}.objectives[{i}]", name, allowed)
@@ -42,23 +37,26 @@ class SearchConfig:
 
 def objective_keys(objectives: list[str], judged: bool) -> list[str]:
     """The summary keys of `search.objectives`, with `quality` resolved."""
-    quality = "judge/win_rate" if judged else "eval/loss"
+    quality = measures.WIN_RATE.key if judged else measures.EVAL_LOSS.key
     return [quality if o == QUALITY else o for o in objectives]
 
 
 def directions_of(keys: list[str]) -> list[str]:
-    return [DIRECTIONS.get(k, "minimize") for k in keys]  # an unknown key fails validation, before any trial
+    known = measures.objectives()
+    return [known.get(k, "minimize") for k in keys]  # an unknown key fails validation, before any trial
 
 
-# A run without pruning logs no pruning figures: as an objective, its sparsity and reduction are 0.
-ZERO_WITHOUT_PRUNING = ("pruning/sparsity", "efficiency/param_reduction")
+def _absent(key: str) -> float | None:
+    """A measure's value where its stage did not run (a run without pruning: no sparsity, no reduction)."""
+    m = measures.get(key)
+    return m.absent if m is not None else None
 
 
 def values(summary: dict, keys: list[str]) -> list[float] | None:
     """The run's value of each objective; None when it did not complete or lacks a finite value."""
     if summary.get("status") != "completed":
         return None
-    found = [summary.get(k, 0.0 if k in ZERO_WITHOUT_PRUNING else None) for k in keys]
+    found = [summary.get(k, _absent(k)) for k in keys]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in found):
         return None
     return [float(v) for v in found]
@@ -71,5 +69,7 @@ def objective(summary: dict, keys: list[str]) -> float | list[float] | None:
 
 
 def directions(*, _root_: Any) -> list[str]:
-    """`${search_directions:}`: the sweeper's directions, one per objective of the composed config."""
+    """`${search_directions:}`: the sweeper's directions, one per objective of the composed config (a user's
+    measure among them is declared by its `eval.measures` entry)."""
+    user_measures(_root_.eval.measures, "eval.measures")
     return directions_of(objective_keys(list(_root_.search.objectives), _root_.eval.judge.model is not None))

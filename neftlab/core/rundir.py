@@ -5,8 +5,11 @@ run file's name.
     .hydra/overrides.yaml   its command-line overrides   | directory (a new run, or one it resumes), never
     .hydra/hydra.yaml       Hydra's own config          /  by Hydra before that decision
     neftlab.log             the log (rank N: neftlab-rank<N>.log)
-    metrics.jsonl           events {"step", "stage", <namespaced metrics>}, appended a whole line at a time
-    summary.json            the last value of every metric, "status" and "error"
+    metrics.jsonl           events {"step", "stage", <namespaced metrics>}, appended a whole line at a time, and
+                            each generation's markers {"step", "stage", "answers_finished"}: false as its answers
+                            are written, true once the stage that wrote them has finished (`marked_generations`)
+    summary.json            the last value of every metric, "status", "error" and "measures" (the declarations of
+                            the user's measures it computed, `measures.Measure.to_json`, by key)
     samples.jsonl           answers {"prompt_id", "step", "stage", "prompt", "reference", "generation", "tokens", "stop"}
     harness_samples.jsonl   lm-eval's per-item scores {"step", "stage", "task", "doc_id", "target", <metric>: score}
     judge_<baseline>.json   a judging of the answers (neftlab.judge)
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 from .errors import first_line
+from .measures import TRAIN_LOSS
 from .files import jsonable, jsonl_line, open_append, read_json, read_jsonl, write_json, write_text
 from .rank import rank
 
@@ -66,6 +70,8 @@ def rank_state(rank: int) -> str:
 
 SWEEP_JOBS = "jobs.jsonl"
 TRAIN, FINAL = "train", "final"
+MEASURES = "measures"  # summary.json's declarations of the user's measures
+FINISHED = "answers_finished"  # a metrics.jsonl marker's key: whether the stage that wrote a generation finished
 
 
 def judge_file(run_dir: Path, baseline: str) -> Path:
@@ -104,6 +110,17 @@ def generations(path: Path, root: Optional[Path] = None) -> dict[tuple[int, str]
         if n:
             log.warning("%s: %d prompt id(s) occur more than once in its generation at step %d (stage %s): the last "
                         "row of each is used", path, n, step, stage)
+    return out
+
+
+def marked_generations(run_dir: Path) -> dict[tuple[int, str], bool]:
+    """{(step, stage): whether the stage that wrote that generation finished}, from the markers in the run's
+    metrics.jsonl; answers written before markers existed have none, and are absent here."""
+    out: dict[tuple[int, str], bool] = {}
+    for r in read_jsonl(Path(run_dir) / METRICS, root=run_dir):
+        if isinstance(r.get(FINISHED), bool) and isinstance(r.get("step"), int):
+            key = (r["step"], r.get("stage", TRAIN))
+            out[key] = out.get(key, False) or r[FINISHED]
     return out
 
 
@@ -156,6 +173,8 @@ class RunFiles:
         self.stage = stage
         self.sinks = list(sinks)
         self.summary: dict[str, Any] = {}
+        self.declared: dict[str, dict] = {}  # the user's measures this run computes, for summary.json
+        self.unfinished: set[int] = set()  # steps whose answers this stage wrote and has not yet finished
         self.train_losses: list[tuple[int, float]] = []
         kept = {}
         for name in (METRICS, SAMPLES, HARNESS_SAMPLES):
@@ -164,13 +183,14 @@ class RunFiles:
                 write_text(self.dir / name, "".join(jsonl_line(r) for r in kept[name]), root=self.dir)
         self._metrics = open_append(self.dir / METRICS, root=self.dir) if self.writes else None
         for event in kept[METRICS]:
-            event = {k: v for k, v in event.items() if k != "stage"}
-            self._update(event.pop("step"), event)
+            if FINISHED not in event:  # a marker is no metric
+                event = {k: v for k, v in event.items() if k != "stage"}
+                self._update(event.pop("step"), event)
 
     def _update(self, step: int, metrics: dict[str, Any]) -> None:
         self.summary.update(metrics)
-        if isinstance(metrics.get("train/loss"), float):
-            self.train_losses.append((step, metrics["train/loss"]))
+        if isinstance(metrics.get(TRAIN_LOSS.key), float):
+            self.train_losses.append((step, metrics[TRAIN_LOSS.key]))
 
     def _to_sinks(self, call: str, *args) -> None:
         for sink in list(self.sinks):
@@ -199,14 +219,34 @@ class RunFiles:
                 out.write(jsonl_line({**row, "stage": self.stage}))
                 out.flush()
 
+    def _mark(self, step: int, finished: bool) -> None:
+        """A generation's marker in metrics.jsonl: not a metric, so neither in the summary nor sent to the sinks."""
+        if self._metrics is not None:
+            self._metrics.write(jsonl_line({"step": step, "stage": self.stage, FINISHED: finished}))
+            self._metrics.flush()
+
     def append_samples(self, samples: Iterable[dict]) -> None:
-        """Append answers to samples.jsonl: every evaluation's answers stay, each with its step and stage."""
-        if not self.writes:
-            return
+        """Append answers to samples.jsonl: every evaluation's answers stay, each with its step and stage, marked
+        in metrics.jsonl as not finished by their stage yet (`finish_answers` marks that it has)."""
         samples = list(samples)
+        if not self.writes or not samples:
+            return
+        step = samples[0]["step"]
+        self._mark(step, False)
         self._append(SAMPLES, samples)
-        if samples:
-            self._to_sinks("log_answers", samples[0]["step"], self.stage, samples)
+        self.unfinished.add(step)
+        self._to_sinks("log_answers", step, self.stage, samples)
+
+    def finish_answers(self) -> None:
+        """Mark the answers this stage wrote as finished: their stage has done all it does after them (measures,
+        latency, the harness, the saved model), so a judge may read them."""
+        for step in sorted(self.unfinished):
+            self._mark(step, True)
+        self.unfinished.clear()
+
+    def declare(self, measures: Iterable[Any]) -> None:
+        """The user's measures this run computes (`measures.Measure`s): their declarations go into summary.json."""
+        self.declared.update({m.key: {k: v for k, v in m.to_json().items() if k != "key"} for m in measures})
 
     def append_harness(self, step: int, rows: list[dict]) -> None:
         """Append lm-eval's per-item scores to harness_samples.jsonl, with the step and stage."""
@@ -222,7 +262,8 @@ class RunFiles:
 
         A full disk can make this write fail too: the error is logged in one line and the run's last
         complete checkpoint still stands."""
-        summary = {"status": status, **({"error": error} if error else {}), **extra, **self.summary}
+        summary = {"status": status, **({"error": error} if error else {}), **extra, **self.summary,
+                   **({MEASURES: self.declared} if self.declared else {})}
         if not self.writes:
             return summary
         try:

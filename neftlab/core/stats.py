@@ -24,6 +24,8 @@ import numpy as np
 from scipy import stats as st
 from scipy.special import expit
 
+from . import measures
+
 CONFIDENCE = 0.95
 SMALL = 20  # fewer pairs than this: t interval and exact sign-flip test
 RESAMPLES = 9999  # bootstrap resamples, and random sign flips from SMALL pairs on
@@ -221,10 +223,11 @@ def preference_summary(prefs: Sequence[float], run_chars: Sequence[int], baselin
     prefs = np.asarray(prefs, float)
     delta = np.asarray(run_chars, float) - np.asarray(baseline_chars, float)
     return {
-        **mean_over_items(prefs, seed, resamples).fields("judge/win_rate"),
-        **length_controlled(prefs, run_chars, baseline_chars, difficulty, seed, resamples).fields("judge/lc_win_rate"),
-        "judge/lc_instruction_terms": difficulty is not None,
-        "judge/mean_length_diff_chars": float(delta.mean()) if len(delta) else math.nan,
-        "judge/decisive_win_rate": float(np.mean((prefs > 0.5) + 0.5 * (prefs == 0.5))),
-        "judge/n_pairs": len(prefs),
+        **mean_over_items(prefs, seed, resamples).fields(measures.WIN_RATE.key),
+        **length_controlled(prefs, run_chars, baseline_chars, difficulty, seed, resamples).fields(
+            measures.LC_WIN_RATE.key),
+        measures.LC_TERMS.key: difficulty is not None,
+        measures.LENGTH_DIFF.key: float(delta.mean()) if len(delta) else math.nan,
+        measures.DECISIVE_WIN_RATE.key: float(np.mean((prefs > 0.5) + 0.5 * (prefs == 0.5))),
+        measures.N_PAIRS.key: len(prefs),
     }

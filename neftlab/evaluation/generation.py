@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TrainerCallback
 
 from ..config import EvalConfig
+from ..core import measures as declared
 from ..core.dist import all_gather, all_max, synchronize
 from ..core.rank import world
 from ..data import read_prompts
-from .measures import answer_measures
+from .measures import answer_measures, of_stage
 
 LATENCY_PROMPTS, LATENCY_TOKENS = 2, 64  # the fixed work that efficiency/latency_ms_per_token times
 
@@ -129,8 +130,9 @@ def _answer(new: list[int], eos: set[int]) -> tuple[list[int], str]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalConfig, step: int,
-             between_batches: Callable[[], None] = lambda: None) -> tuple[list[dict], dict]:
-    """Greedy answers to `prompts` in batches of `eval.batch_size`, as samples.jsonl rows, and their measures.
+             between_batches: Callable[[], None] = lambda: None, user: tuple = ()) -> tuple[list[dict], dict]:
+    """Greedy answers to `prompts` in batches of `eval.batch_size`, as samples.jsonl rows, and their measures
+    (neftlab's and the `user`'s of the answers stage, `eval.measures`).
 
     Under torchrun rank r answers prompts r, r + world, …, and every rank gets all answers back in prompt
     order, so every rank returns the same. A model sharded by FSDP2 needs all ranks in every forward pass:
@@ -171,8 +173,9 @@ def generate(model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalC
                         "generation": tokenizer.decode(tokens, skip_special_tokens=True), "tokens": len(tokens),
                         "stop": stop})
     metrics = answer_measures([answers[i][0] for i in range(len(prompts))], [s["generation"] for s in samples],
-                       [s["stop"] for s in samples])
-    return samples, {**metrics, "eval/prompts_truncated": truncated}
+                              [s["stop"] for s in samples])
+    return samples, {**metrics, **of_stage(list(user), "answers", samples),
+                     declared.PROMPTS_TRUNCATED.key: truncated}
 
 
 @torch.no_grad()
@@ -202,18 +205,23 @@ def decoding_latency(model, tokenizer, prompts: list[tuple[list[dict], str]], cf
     synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
-    return {"efficiency/latency_ms_per_token": 1000 * seconds / (n * len(ids))}
+    return {declared.LATENCY_TOKEN.key: 1000 * seconds / (n * len(ids))}
 
 
 class GenerateOnEvaluate(TrainerCallback):
     """With `eval.generate_every_eval`: answers the prompts at every evaluation during training, appending to
-    samples.jsonl and metrics.jsonl; the last step's answers are the final evaluation's (`pipeline.evaluate`)."""
+    samples.jsonl and metrics.jsonl, and marking them finished once their measures are logged; the last step's
+    answers are the final evaluation's (`pipeline.evaluate`)."""
 
-    def __init__(self, model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalConfig, files):
+    def __init__(self, model, tokenizer, prompts: list[tuple[list[dict], str]], cfg: EvalConfig, files,
+                 user: tuple = ()):
         self.model, self.tokenizer, self.prompts, self.cfg, self.files = model, tokenizer, prompts, cfg, files
+        self.user = user
 
     def on_evaluate(self, args, state, control, **kwargs):
         if state.global_step < state.max_steps:
-            samples, metrics = generate(self.model, self.tokenizer, self.prompts, self.cfg, state.global_step)
+            samples, metrics = generate(self.model, self.tokenizer, self.prompts, self.cfg, state.global_step,
+                                        user=self.user)
             self.files.append_samples(samples)
             self.files.log(state.global_step, metrics)
+            self.files.finish_answers()

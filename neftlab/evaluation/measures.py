@@ -10,7 +10,10 @@ import time
 
 import numpy as np
 import torch
+
+from ..core import measures as declared
 from ..core.dist import synchronize
+from ..core.errors import NeftlabError, first_line
 
 
 def argmax_logits(logits, labels):
@@ -60,16 +63,48 @@ def answer_measures(answers: list[list[int]], texts: list[str], stops: list[str]
     diversity (NaN if none is long enough): there they are undefined.
     """
     nan, long = float("nan"), [a for a in answers if len(a) >= 4]
-    reps = {n: [rep_n(a, n) for a in long] for n in (2, 3, 4)}
+    reps = {n: [rep_n(a, n) for a in long] for n in declared.REP}
     return {
-        "eval/response_length": statistics.fmean(len(a) for a in answers),
-        "eval/response_words": statistics.fmean(len(t.split()) for t in texts),
-        **{f"eval/rep_{n}": statistics.fmean(r) if r else nan for n, r in reps.items()},
-        "eval/diversity": statistics.fmean(math.prod(1 - r for r in rs) for rs in zip(*reps.values())) if long else nan,
-        "eval/distinct_2": distinct_n(answers, 2),
-        "eval/distinct_4": distinct_n(answers, 4),
-        "eval/hit_max_new_tokens": statistics.fmean(s == "max_new_tokens" for s in stops),
+        declared.RESPONSE_LENGTH.key: statistics.fmean(len(a) for a in answers),
+        declared.RESPONSE_WORDS.key: statistics.fmean(len(t.split()) for t in texts),
+        **{declared.REP[n].key: statistics.fmean(r) if r else nan for n, r in reps.items()},
+        declared.DIVERSITY.key: statistics.fmean(math.prod(1 - r for r in rs) for rs in zip(*reps.values()))
+        if long else nan,
+        declared.DISTINCT_2.key: distinct_n(answers, 2),
+        declared.DISTINCT_4.key: distinct_n(answers, 4),
+        declared.HIT_MAX.key: statistics.fmean(s == "max_new_tokens" for s in stops),
     }
+
+
+def of_stage(measures: list[declared.Measure], stage: str, *inputs) -> dict:
+    """The user's measures of `stage` (`eval.measures`) over its inputs: the answer rows of one generation
+    (answers), or the model, its tokenizer and the held-out split (held-out). A function that fails, or returns
+    no number, stops the evaluation in one line naming the measure (the trained model is checkpointed)."""
+    out = {}
+    for m in measures:
+        if m.stage != stage:
+            continue
+        try:
+            value = m.compute(*inputs)
+        except Exception as e:  # noqa: BLE001 - the user's code: whatever it raises, told in one line
+            raise NeftlabError(f"eval.measures: {m.key} failed: {first_line(e)}") from e
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise NeftlabError(f"eval.measures: {m.key} returned {value!r}, not a number")
+        out[m.key] = float(value)
+    return out
+
+
+@torch.no_grad()
+def held_out_measures(measures: list[declared.Measure], model, tokenizer, held_out) -> dict:
+    """The user's measures of the model on the held-out split, in eval mode (no noise is added there)."""
+    if not any(m.stage == "held-out" for m in measures):
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        return of_stage(measures, "held-out", model, tokenizer, held_out)
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -87,7 +122,7 @@ def classification_latency(model, dataloader) -> dict:
         synchronize(device)
         seconds += time.perf_counter() - start
         n += batch["input_ids"].shape[0]
-    return {"efficiency/latency_ms_per_sample": 1000 * seconds / max(n, 1)}
+    return {declared.LATENCY_SAMPLE.key: 1000 * seconds / max(n, 1)}
 
 
 def peak_rss() -> int:
@@ -101,9 +136,8 @@ def peak_rss() -> int:
 
 
 def peak_memory() -> dict:
-    if torch.cuda.is_available():
-        return {"efficiency/peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20}
-    return {"efficiency/peak_memory_mb": peak_rss() / 2**20}
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else peak_rss()
+    return {declared.PEAK_MEMORY.key: peak / 2**20}
 
 
 def convergence(train_losses: list[tuple[int, float]], window: int) -> dict:
@@ -112,9 +146,9 @@ def convergence(train_losses: list[tuple[int, float]], window: int) -> dict:
     if len(train_losses) < 2:
         return {}
     losses = [loss for _, loss in train_losses]
-    out = {"convergence/loss_std": statistics.stdev(losses[-window:])}
+    out = {declared.LOSS_STD.key: statistics.stdev(losses[-window:])}
     first, last = losses[0], losses[-1]
     if last < first:
         half = first - (first - last) / 2
-        out["convergence/half_drop_step"] = next(step for step, loss in train_losses if loss <= half)
+        out[declared.HALF_DROP.key] = next(step for step, loss in train_losses if loss <= half)
     return out

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from ..core.measures import GAP, NOISE_OFF_LOSS
+
 
 class NoiseOffTrainLoss(TrainerCallback):
     """At every evaluation, the loss on a fixed seeded subset of the training set (as many examples as are held
@@ -44,5 +46,4 @@ class NoiseOffTrainLoss(TrainerCallback):
             return
         out = self._loop(self.trainer.get_eval_dataloader(self.subset))
         loss = out.metrics["noise_off_loss"]
-        self.log_event(state.global_step, {"eval/train_loss_noise_off": loss,
-                                           "eval/generalization_gap": metrics["eval_loss"] - loss})
+        self.log_event(state.global_step, {NOISE_OFF_LOSS.key: loss, GAP.key: metrics["eval_loss"] - loss})

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..config import PruningConfig
+from ..core import measures
 from ..core.dist import all_sum, local_rows, reshard
 from ..models.params import parameter_counts
 from .pruning import output_tied, prune_tensors_, ratio_at, targets
@@ -31,7 +32,7 @@ class PruningCallback(TrainerCallback):
         self.tied = cfg.scope == "embedding" and output_tied(model)
         if self.tied:
             log.warning("The output layer shares its weight with the input embedding: pruning the embedding "
-                        "prunes the output layer too (pruning/tied_output=true)")
+                        "prunes the output layer too (%s=true)", measures.TIED_OUTPUT.key)
 
     def prune(self, step: int) -> dict:
         ratio = ratio_at(self.cfg, step)
@@ -40,11 +41,11 @@ class PruningCallback(TrainerCallback):
         zeros, rows = all_sum([sum(int((w == 0).sum()) for w in shards),
                                sum(int((~m[:, 0]).sum()) for m in self.masks) if self.cfg.method == "l2" else 0],
                               groups[0])
-        metrics = {"pruning/ratio_target": ratio,
-                   "pruning/sparsity": zeros / sum(w.numel() for w in self.weights),
-                   "pruning/tied_output": self.tied}
+        metrics = {measures.RATIO_TARGET.key: ratio,
+                   measures.SPARSITY.key: zeros / sum(w.numel() for w in self.weights),
+                   measures.TIED_OUTPUT.key: self.tied}
         if self.cfg.method == "l2":
-            metrics["pruning/rows_pruned"] = int(rows)
+            metrics[measures.ROWS_PRUNED.key] = int(rows)
         metrics.update(parameter_counts(self.model))
         self.log_event(step, metrics)
         return metrics

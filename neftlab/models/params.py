@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core import measures
 from ..core.dist import all_sum, local_rows
 
 
@@ -22,5 +23,5 @@ def parameter_counts(model: torch.nn.Module) -> dict:
             sharded += int(torch.count_nonzero(local))
             group = p_group
     nonzero += int(all_sum([sharded], group)[0])
-    return {"efficiency/total_params": total, "efficiency/nonzero_params": nonzero,
-            "efficiency/param_reduction": 1 - nonzero / total}
+    return {measures.TOTAL_PARAMS.key: total, measures.NONZERO_PARAMS.key: nonzero,
+            measures.PARAM_REDUCTION.key: 1 - nonzero / total}

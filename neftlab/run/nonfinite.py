@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 from transformers import TrainerCallback
 
+from ..core import measures
 from ..core.dist import agree_on_first, all_max, local_rows
 from ..core.errors import NeftlabError
 from .signals import GracefulStop
@@ -87,7 +88,7 @@ class NonFiniteGuard(TrainerCallback):
             self.skipped += 1
             log.warning("train loss is not finite at step %d on some rank: this step's update is skipped "
                         "(%d of %d skips)", step, self.skipped, self.max_skipped)
-            self.log_event(step, {"train/skipped_batches": self.skipped})
+            self.log_event(step, {measures.SKIPPED_BATCHES.key: self.skipped})
             for p in self.model.parameters():
                 p.grad = None  # AdamW skips parameters without a gradient: no momentum, no weight decay
             return

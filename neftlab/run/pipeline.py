@@ -21,6 +21,8 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Traine
 from .. import data as data_mod
 from .. import models
 from ..config import Config
+from ..config.evaluation import user_measures
+from ..core import measures as declared
 from ..core import rundir
 from ..core.errors import NeftlabError
 from ..core.files import remove_tree
@@ -59,6 +61,7 @@ class Built:
     noise: NoiseKind
     pruner: PruningCallback | None
     guard: NonFiniteGuard
+    user: tuple = ()  # the user's measures (eval.measures)
 
 
 def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | None,
@@ -79,12 +82,14 @@ def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | 
                               files=model_files)
     if cfg.data.packing:  # transformers finds packed sequences in the position ids only without a KV cache
         model.config.use_cache = False
+    user = tuple(user_measures(cfg.eval.measures, "eval.measures"))
+    files.declare(user)
     methods = factory.build(model, cfg.noise, cfg.pruning, cfg.seed, rank(), fresh=resume is None,
                             log_event=files.log)
     callbacks = [Recorder(files, sources=[methods.noise], causal=cfg.model.causal), *methods.callbacks]
     prompts = generation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
     if prompts and cfg.eval.generate_every_eval:
-        callbacks.append(generation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files))
+        callbacks.append(generation.GenerateOnEvaluate(model, tokenizer, prompts, cfg.eval, files, user))
     if cfg.eval.harness.every_eval:
         callbacks.append(HarnessOnEvaluate(model, tokenizer, cfg, files))
     state = StateCheckpoint(methods.stateful, keep=cfg.trainer.save_total_limit)
@@ -104,7 +109,7 @@ def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | 
                             eval_dataset=data.eval, processing_class=tokenizer, callbacks=callbacks,
                             **methods.trainer_kwargs, **metric_fns)
     trainer.add_callback(NoiseOffTrainLoss(trainer, len(data.eval), cfg.seed, files.log))
-    return Built(cfg, files, tokenizer, data, prompts, model, trainer, methods.noise, methods.pruner, guard)
+    return Built(cfg, files, tokenizer, data, prompts, model, trainer, methods.noise, methods.pruner, guard, user)
 
 
 OOM_MARKS = ("out of memory", "can't allocate memory", "cannot allocate memory")
@@ -161,7 +166,8 @@ def train(run: Built, stopper: GracefulStop, resume: Resume | None) -> None:
 
 
 def evaluate(run: Built, stopper: GracefulStop | None = None) -> None:
-    """The held-out loss and metrics, greedy generations, latency, parameter counts and convergence. Under
+    """The held-out loss and metrics, greedy generations, latency, parameter counts and convergence, the user's
+    measures with them; the answers are marked finished once all of it is done, before the judge reads them. Under
     torchrun a stop signal is agreed on by all ranks between these stages and between generation batches."""
     cfg, files, model, trainer, pruner = run.cfg, run.files, run.model, run.trainer, run.pruner
     stopper = stopper or GracefulStop()
@@ -170,6 +176,7 @@ def evaluate(run: Built, stopper: GracefulStop | None = None) -> None:
             files.stage = rundir.FINAL
         trainer.evaluate()
         step = trainer.state.global_step
+        files.log(step, measures.held_out_measures(list(run.user), model, run.tokenizer, trainer.eval_dataset))
         stopper.agree(step)
         prompts = run.prompts
 
@@ -181,7 +188,7 @@ def evaluate(run: Built, stopper: GracefulStop | None = None) -> None:
         if prompts:
             with out_of_memory_named("generating the answers", f"eval.batch_size={cfg.eval.batch_size}"):
                 samples, metrics = generation.generate(model, run.tokenizer, prompts, cfg.eval, step,
-                                                       between_batches=lambda: stopper.agree(step))
+                                                       between_batches=lambda: stopper.agree(step), user=run.user)
             files.append_samples(samples)
             files.log(step, metrics)
         stopper.agree(step)
@@ -196,11 +203,12 @@ def evaluate(run: Built, stopper: GracefulStop | None = None) -> None:
             files.log(step, {k.replace("latency", "unpruned_latency"): v for k, v in dense.items()})
         counts = parameter_counts(model)
         if pruner is None:  # a model's own few zeros (padding rows) are no parameter reduction
-            counts.pop("efficiency/param_reduction")
+            counts.pop(declared.PARAM_REDUCTION.key)
         files.log(step, {**counts, **measures.peak_memory(),
                          **measures.convergence(files.train_losses, cfg.eval.loss_window)})
         if cfg.trainer.save_model:  # before the judge, which runs on rank 0 alone: the save is a collective
             save_model(trainer, files.dir / rundir.MODEL, step)
+        files.finish_answers()
         if cfg.eval.judge.model and prompts and files.writes:
             files.log(step, judge_run(files.dir, cfg.eval.judge, cfg.seed))
 

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from ..config import Config, register, run_id, to_config
 from ..config.compose import upgraded
-from ..core import rundir
+from ..core import measures, rundir
 from ..core.claim import describe
 from ..core.errors import ConfigError
 from ..core.files import link_below, read_json, read_jsonl, read_text
@@ -49,8 +49,8 @@ def load_config(run_dir: Path, overrides: list[str]) -> Config:
 def trained_weights(run_dir: Path) -> tuple[Path, dict]:
     """(where the trained weights are, the last training event: its step and epoch): model/, else the checkpoint
     of the last step."""
-    trained = [e for e in rundir.trained_events(run_dir) if "train/epoch" in e]
-    last = trained[-1] if trained else {"step": 0, "train/epoch": 0}
+    trained = [e for e in rundir.trained_events(run_dir) if measures.EPOCH in e]
+    last = trained[-1] if trained else {"step": 0, measures.EPOCH: 0}
     if (run_dir / rundir.MODEL).is_dir():
         return run_dir / rundir.MODEL, last
     if (run_dir / rundir.MODEL).is_dir() and link_below(run_dir / rundir.MODEL, run_dir) is not None:
@@ -80,11 +80,11 @@ def evaluate_run(run_dir: Path, overrides: list[str]) -> dict:
                 # A tied output layer is saved once: the Trainer then ties it instead of warning it is missing.
                 model._keys_to_ignore_on_save = list(model.all_tied_weights_keys)
             built.trainer._load_from_checkpoint(str(weights))
-            built.trainer.state.global_step, built.trainer.state.epoch = last["step"], last["train/epoch"]
+            built.trainer.state.global_step, built.trainer.state.epoch = last["step"], last[measures.EPOCH]
             log.info("Evaluating %s with the weights of %s (step %d)", run_dir, weights.name, last["step"])
             pipeline.evaluate(built, stopper)
         run_files.close()
         return {k: v for event in read_jsonl(run_dir / rundir.METRICS, root=run_dir) if event.get("stage") == stage
-                for k, v in event.items() if k not in ("step", "stage")}
+                for k, v in event.items() if k not in ("step", "stage", rundir.FINISHED)}
     finally:
         lock.release()

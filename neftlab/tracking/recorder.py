@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 from transformers import TrainerCallback
 
+from ..core import measures
 from ..core.rundir import RunFiles
 
 
@@ -23,8 +24,8 @@ def namespaced(logs: dict[str, Any], perplexity: bool = True) -> dict[str, Any]:
             out[key] = value
         else:
             out["train/" + key] = value
-    if "eval/loss" in out and perplexity:
-        out["eval/perplexity"] = math.exp(min(out["eval/loss"], 700.0))
+    if measures.EVAL_LOSS.key in out and perplexity:
+        out[measures.PERPLEXITY.key] = math.exp(min(out[measures.EVAL_LOSS.key], 700.0))
     return out
 
 
@@ -39,7 +40,7 @@ class Recorder(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         metrics = namespaced(logs or {}, perplexity=self.causal)
-        if "train/loss" in metrics:
+        if measures.TRAIN_LOSS.key in metrics:
             for source in self.sources:
                 metrics.update(source.metrics())
         self.files.log(state.global_step, metrics)

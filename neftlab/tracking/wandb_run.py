@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from ..config import LoggerConfig
-from ..core import rundir
+from ..core import measures, rundir
 from ..core.errors import first_line
 from ..core.files import jsonable, read_jsonl, read_text, read_yaml, write_text
 
@@ -41,10 +41,14 @@ def project(name: str | None) -> str:
     return name or os.environ.get("WANDB_PROJECT") or "neftlab"
 
 
-# What a dashboard should show for these by default: the best value of the run, not the last.
-SUMMARIES = {**{k: "min" for k in ("train/loss", "eval/loss", "eval/perplexity", "eval/train_loss_noise_off")},
-             **{k: "max" for k in ("eval/accuracy", "judge/win_rate", "judge/lc_win_rate",
-                                   "judge_vs_baseline/win_rate", "judge_vs_baseline/lc_win_rate")}}
+
+
+def summaries() -> dict[str, str]:
+    """What a dashboard shows by default for every measure with a direction: its best value of the run ("min" or
+    "max"), not the last; a judge's against another run's answers too (`measures.vs_baseline`)."""
+    best = {key: direction[:3] for key, direction in measures.directions().items()}
+    return {**best, **{measures.vs_baseline(m.key): best[m.key] for m in measures.declared("judge") if m.direction}}
+
 ANSWER_COLUMNS = ["prompt_id", "prompt", "answer", "tokens", "stop"]
 
 
@@ -65,29 +69,30 @@ class WandbRun:
                               entity=cfg.entity, group=group, name=name, job_type=job_type, tags=tags,
                               config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
                               id=run_id, resume="allow")
-        self.run.define_metric("train/global_step")
-        for key, best in SUMMARIES.items():
-            self.run.define_metric(key, step_metric="train/global_step", summary=best)
-        self.run.define_metric("*", step_metric="train/global_step", step_sync=True)
+        self.run.define_metric(measures.STEP)
+        for key, best in summaries().items():
+            self.run.define_metric(key, step_metric=measures.STEP, summary=best)
+        self.run.define_metric("*", step_metric=measures.STEP, step_sync=True)
         if mode == "offline":
             log.info("W&B is offline (no credentials found): upload later with `wandb sync %s`",
                      Path(self.run.dir).parent)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.run.log({**metrics, "train/global_step": step})
+        self.run.log({**metrics, measures.STEP: step})
 
     def log_answers(self, step: int, stage: str, samples: list[dict]) -> None:
         """The answers as a W&B Table (`answers/<stage>`), so that two runs can be compared answer by answer."""
         import wandb
         rows = [[s["prompt_id"], "\n\n".join(str(m.get("content", "")) for m in s["prompt"]), s["generation"],
                  s["tokens"], s["stop"]] for s in samples]
-        self.run.log({f"answers/{stage}": wandb.Table(columns=ANSWER_COLUMNS, data=rows), "train/global_step": step})
+        self.run.log({f"answers/{stage}": wandb.Table(columns=ANSWER_COLUMNS, data=rows), measures.STEP: step})
 
     def finish(self, summary: dict[str, Any], exit_code: int) -> None:
-        """The run's summary: the last value of every metric, and for those of `SUMMARIES` their best over the
+        """The run's summary: the last value of every metric, and for those of `summaries()` their best over the
         whole run, taken from metrics.jsonl. W&B keeps the best of what this process logged only: a resumed run's
         min or max would miss the values logged before the interruption (wandb/wandb#9684)."""
-        self.run.summary.update({k: v for k, v in summary.items() if k not in SUMMARIES})
+        best = summaries()  # the user's measures' declarations (summary.json's "measures") are no number of the run
+        self.run.summary.update({k: v for k, v in summary.items() if k not in best and k != rundir.MEASURES})
         self.run.summary.update(best_values(self.run_dir))
         self.run.finish(exit_code=exit_code)
 
@@ -114,13 +119,14 @@ def update_summary(run_dir: Path, values: dict[str, Any]) -> bool:
 
 
 def best_values(run_dir: Path) -> dict[str, dict]:
-    """{key: {"min" | "max": value}} over every event of the run's metrics.jsonl, for the keys of `SUMMARIES`,
+    """{key: {"min" | "max": value}} over every event of the run's metrics.jsonl, for the keys of `summaries()`,
     in the shape W&B's own `define_metric(summary=...)` gives them."""
+    best = summaries()
     found: dict[str, list[float]] = {}
     for event in read_jsonl(Path(run_dir) / rundir.METRICS, root=run_dir):
-        for key in SUMMARIES:
+        for key in best:
             value = event.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 found.setdefault(key, []).append(value)
-    return {key: {SUMMARIES[key]: (min if SUMMARIES[key] == "min" else max)(values)}
+    return {key: {best[key]: (min if best[key] == "min" else max)(values)}
             for key, values in found.items()}

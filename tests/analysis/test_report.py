@@ -11,6 +11,7 @@ from scipy import stats as st
 from neftlab import report
 from neftlab.analysis import plots
 from neftlab.analysis.runs import find_runs
+from neftlab.core import measures
 
 
 def fake_run(root, name, overrides, alpha, seed, eval_loss, status="completed", noise="uniform", pruning="off",
@@ -120,6 +121,35 @@ def test_report_pairs_arms_by_seed_against_plain_finetuning(study):
     assert "| method=neftune,seed=2 | neftune_2 | 2.2000 | 0.5000 | 75.0 | 0.700 | 0.420 | completed |" in text
     for png in ("answer_lengths.png", "win_rate_vs_length.png"):
         assert f"({png})" in text and (study / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_users_measure_is_reported_from_the_runs_own_declaration(study):
+    """Runs that computed a user's measure (eval.measures) keep its declaration in summary.json: the report shows
+    it as a column and a paired row in its own label and format without importing the user's code."""
+    declared = {"label": "answers asking back", "direction": "minimize", "fmt": "{:.2f}", "stage": "answers",
+                "column": True, "paired": True, "curve": False, "headline": False, "absent": None}
+    for path in study.glob("*/summary.json"):
+        method, seed = path.parent.name.split("_")
+        summary = json.loads(path.read_text())
+        value = 0.1 * int(seed) + (0.25 if method == "neftune" else 0.0)
+        path.write_text(json.dumps({**summary, "eval/questions": value, "measures": {"eval/questions": declared}}))
+    assert measures.get("eval/questions") is None  # not declared in this process
+    assert report.main([str(study)]) == 0
+    text = (study / "report.md").read_text()
+    assert "| method=neftune,seed=2 | neftune_2 | 2.2000 | 0.5000 | 75.0 | 0.45 | 0.700 | 0.420 | completed |" in text
+    assert "| run | dir | eval loss | accuracy | answer length (tokens) | answers asking back |" in text
+    assert ("| method=neftune | answers asking back | 3 | 0.20 | 0.45 | +0.25 | [+0.25, +0.25] | t | 0.250 | "
+            "0.500 |") in text
+    assert measures.get("eval/questions") == measures.Measure("eval/questions", **declared)
+
+
+def test_a_declaration_that_contradicts_a_known_measure_is_named_and_left_out(study, caplog):
+    path = study / "finetune_1" / "summary.json"
+    summary = json.loads(path.read_text())
+    path.write_text(json.dumps({**summary, "measures": {"eval/loss": {"label": "loss", "stage": "answers"}}}))
+    assert report.main([str(study)]) == 0
+    assert f"{path}: its measure eval/loss is not reported (measure eval/loss is declared twice" in caplog.text
+    assert measures.get("eval/loss") == measures.EVAL_LOSS
 
 
 def test_an_unreliable_judge_is_shown_but_draws_no_conclusion(study):

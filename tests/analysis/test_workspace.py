@@ -10,6 +10,7 @@ import wandb_workspaces.workspaces as ws
 from neftlab import workspace as workspace_cli
 from neftlab.analysis import workspace
 from neftlab.analysis.report import write_report
+from neftlab.core.measures import Measure, register
 from tests.helpers import TINY, sweep
 from tests.wandb_records import offline_run
 
@@ -86,6 +87,19 @@ def test_the_library_builds_and_serialises_the_workspace_and_report(tmp_path):
 def test_a_section_with_nothing_to_show_is_left_out():
     names = [name for name, _ in workspace.sections(study(answers=False, paired=[], history={"train/loss"}))]
     assert names == ["Training", "Evaluation", "Search space"]
+
+
+def test_panels_follow_the_declarations_a_noise_kinds_and_a_users_included():
+    """A noise kind's internals and a user's measure get their panels from their declarations alone."""
+    register(Measure("noise/laplace_scale", "Laplace scale", stage="noise", column=False, curve=True),
+             Measure("eval/questions", "answers asking back", "minimize", "{:.2f}", paired=True))
+    s = study(history={"train/loss", "eval/loss", "noise/laplace_scale", "noise/alpha", "noise/direction"},
+              summary={"eval/loss", "eval/questions", "judge_vs_baseline/win_rate", "noise/alpha"})
+    found = dict(workspace.sections(s))
+    assert [p.title for p in found["Training"]] == ["train/loss", "eval/loss"]
+    assert [p.title for p in found["Evaluation"] if isinstance(p, wr.BarPlot)] == [
+        "eval/loss", "eval/questions", "judge_vs_baseline/win_rate"]
+    assert [p.title for p in found["Noise and pruning internals"]] == ["noise/alpha", "noise/laplace_scale"]
 
 
 def test_several_groups_are_one_filter():

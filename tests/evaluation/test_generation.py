@@ -179,6 +179,9 @@ def test_generate_every_eval_answers_at_each_evaluation_once(tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "eval/diversity" in m] == [1, 2]
     assert [m["step"] for m in metrics if "efficiency/latency_ms_per_token" in m] == [2]
+    # each generation marked unfinished as its answers are written, and finished once its stage is done with it
+    assert [(m["step"], m["stage"], m["answers_finished"]) for m in metrics if "answers_finished" in m] == [
+        (1, "train", False), (1, "train", True), (2, "final", False), (2, "final", True)]
 
 
 def test_latency_is_timed_alone_at_batch_size_one(monkeypatch, lively):

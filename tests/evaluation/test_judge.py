@@ -2,6 +2,7 @@
 statistics, baselines, clear errors."""
 
 import json
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from neftlab import judge as judge_cli
 from neftlab.config import JudgeConfig
-from neftlab.core import stats
+from neftlab.core import rundir, stats
+from neftlab.core.files import read_jsonl
 from neftlab.evaluation.judge import answers, controls, judging, prompts
 from neftlab.evaluation.judge.prompts import _fit
 from neftlab.evaluation.judge.scoring import pairwise_preferences
@@ -150,6 +152,68 @@ def test_reference_baseline_uses_the_last_step_and_skips_empty_references(tmp_pa
     assert [p.prompt_id for p in pairs] == [0, 2, 3] and info["skipped"] == 1 and info["step"] == 8
     assert pairs[0].run == ANSWERS_A[0] and pairs[0].baseline == "Pears 0."
     assert "1 of 4 prompts have no reference answer: skipped" in caplog.text
+
+
+def evaluation(run_dir, stage, texts, step=8, finished=True, measured=True):
+    """One evaluation of a run as neftlab writes it: its answers, their measures and, when its stage finished, the
+    marker that it did."""
+    files = rundir.RunFiles(run_dir, keep=lambda row: True, stage=stage)
+    files.append_samples([{"prompt_id": i, "step": step, "prompt": prompt(i), "reference": f"Pears {i}.",
+                           "generation": t, "tokens": len(t.split()), "stop": "eos"} for i, t in enumerate(texts)])
+    if measured:
+        files.log(step, {"eval/response_length": 4.0})
+    if finished:
+        files.finish_answers()
+    files.close()
+    return run_dir
+
+
+def test_a_re_evaluation_killed_after_its_answers_and_measures_is_passed_over_and_named(tmp_path, caplog):
+    """`neftlab.evaluate RUN eval.max_new_tokens=2` killed -9 after it logged its answers' measures (during its
+    latency or harness stage): its stage never finished, so the judge reads the final answers and says why."""
+    run_dir = evaluation(tmp_path / "run", "final", ANSWERS_A)
+    evaluation(run_dir, "reeval-1", ["Ap", "A", "Fi", "Ch"], finished=False)
+    found = answers.final_answers(run_dir)
+    assert (found.step, found.stage) == (8, "final") and [r["generation"] for r in found.rows.values()] == ANSWERS_A
+    assert ("the answers of step 8 (stage reeval-1) are incomplete: their stage never finished (it was stopped or "
+            "killed after writing them); judging the last finished ones, of step 8 (stage final)") in caplog.text
+
+
+def test_a_finished_re_evaluation_is_judged(tmp_path, caplog):
+    run_dir = evaluation(tmp_path / "run", "final", ANSWERS_A)
+    evaluation(run_dir, "reeval-1", ANSWERS_B)
+    found = answers.final_answers(run_dir)
+    assert (found.step, found.stage) == (8, "reeval-1") and found.rows[0]["generation"] == ANSWERS_B[0]
+    assert caplog.text == ""
+
+
+def test_answers_whose_stage_never_finished_are_refused_with_their_stage(tmp_path):
+    run_dir = evaluation(tmp_path / "run", "final", ANSWERS_A, finished=False)
+    with pytest.raises(prompts.JudgeError, match=re.escape(
+            "samples.jsonl: the answers of step 8 (stage final) are incomplete: their stage never finished (it was "
+            "stopped or killed after writing them), and no earlier answers did; run that evaluation again")):
+        answers.final_answers(run_dir)
+
+
+def without_markers(run_dir):
+    """The run's metrics.jsonl as neftlab wrote it before answers had markers."""
+    events = [e for e in read_jsonl(run_dir / rundir.METRICS) if rundir.FINISHED not in e]
+    (run_dir / rundir.METRICS).write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+def test_answers_written_before_markers_are_read_as_then(tmp_path, caplog):
+    """A run of neftlab before the markers: its answers count as finished where their measures were logged after
+    them; a later re-evaluation of it by today's neftlab that was killed is passed over all the same."""
+    run_dir = evaluation(tmp_path / "run", "final", ANSWERS_A)
+    without_markers(run_dir)
+    evaluation(run_dir, "reeval-1", ["cut"], finished=False, measured=False)
+    assert answers.final_answers(run_dir).stage == "final"
+    assert "the answers of step 8 (stage reeval-1) are incomplete" in caplog.text
+    evaluation(run_dir, "reeval-2", ANSWERS_B, finished=False)
+    without_markers(run_dir)  # all of it as neftlab wrote it then
+    assert answers.final_answers(run_dir).stage == "reeval-2"  # its measures were logged after it
+    unmeasured = write_samples(tmp_path / "bare", ANSWERS_B)  # answers alone, no measures, no markers: the last
+    assert answers.final_answers(unmeasured).rows[3]["generation"] == ANSWERS_B[3]
 
 
 def test_win_rate_and_lc_intervals_are_bca_over_the_prompts_and_seeded():

@@ -65,7 +65,14 @@ def test_a_key_of_another_kind_is_refused_by_the_kinds_typed_config():
         typed({"_target_": "neftlab.methods.noise.uniform.Uniform", "adv_lr": 0.3})
 
 
-def test_a_target_that_is_not_a_kind_is_refused():
+def test_a_target_that_is_not_a_trusted_kind_is_refused(monkeypatch):
+    """A config alone never makes neftlab import code: a module outside neftlab must be named in $NEFTLAB_PLUGINS."""
+    monkeypatch.delenv("NEFTLAB_PLUGINS", raising=False)
+    with pytest.raises(ConfigError, match=r"^noise._target_=collections.OrderedDict is not trusted: neftlab imports a "
+                                          r"config's code only from the modules the environment names, so name it: "
+                                          r"export NEFTLAB_PLUGINS=collections$"):
+        typed({"_target_": "collections.OrderedDict"})
+    monkeypatch.setenv("NEFTLAB_PLUGINS", "collections,no_such_module")
     with pytest.raises(ConfigError, match=r"noise._target_='collections.OrderedDict' is not a noise kind"):
         typed({"_target_": "collections.OrderedDict"})
     with pytest.raises(ConfigError, match=r"noise._target_='no_such_module.Kind' cannot be imported"):
@@ -99,6 +106,7 @@ def user_kind(tmp_path, monkeypatch):
         alpha: 2.0
         """))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("NEFTLAB_PLUGINS", "triangular_noise")
     yield f"file://{tmp_path / 'conf'}"
     sys.modules.pop("triangular_noise", None)
 

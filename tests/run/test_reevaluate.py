@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -9,7 +10,10 @@ import pytest
 
 from neftlab import evaluate
 from neftlab.core.files import read_jsonl
-from neftlab.run.reevaluate import load_config
+from neftlab.evaluation import generation
+from neftlab.evaluation.judge.answers import final_answers
+from neftlab.run import reevaluate
+from neftlab.run.reevaluate import evaluate_run, load_config
 from tests.helpers import ROOT, TINY, run
 
 
@@ -85,3 +89,29 @@ def test_a_default_run_is_evaluated_again_from_the_command_line_without_wandb(fi
     assert "Traceback" not in proc.stderr and "missing keys" not in proc.stderr
     assert "eval/loss:" in proc.stdout
     assert sorted(finished.glob("wandb/offline-run-*")) == offline_runs and not (tmp_path / "wandb").exists()
+
+
+class Killed(BaseException):
+    """kill -9 in this process: nothing catches it, nothing after it runs."""
+
+
+def test_a_reevaluation_killed_after_its_answers_and_measures_is_not_judged(finished, tmp_path, monkeypatch, caplog):
+    """Issue 39's case: `neftlab.evaluate RUN eval.max_new_tokens=2` killed after it wrote its answers and their
+    measures (here in its latency stage): the judge reads the final answers and names the unfinished stage."""
+    run_dir = shutil.copytree(finished, tmp_path / "run")
+    before = len(read_jsonl(run_dir / "metrics.jsonl"))  # the training's, and any earlier re-evaluation's
+
+    def killed(*args, **kwargs):
+        raise Killed
+    monkeypatch.setattr(generation, "decoding_latency", killed)
+    monkeypatch.setattr(reevaluate, "run_id", lambda: "killed")  # this process's run id is an earlier test's too
+    with pytest.raises(Killed):
+        evaluate_run(run_dir, ["eval.max_new_tokens=2"])
+    events = read_jsonl(run_dir / "metrics.jsonl")[before:]
+    assert {e["stage"] for e in events} == {"reeval-killed"}
+    assert [e["answers_finished"] for e in events if "answers_finished" in e] == [False]
+    assert any("eval/response_length" in e for e in events)  # its measures were logged
+    last_finished = final_answers(finished)  # what the judge read before this re-evaluation
+    found = final_answers(run_dir)
+    assert (found.step, found.stage) == (last_finished.step, last_finished.stage) != (2, "reeval-killed")
+    assert "the answers of step 2 (stage reeval-killed) are incomplete: their stage never finished" in caplog.text

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from neftlab.tracking.recorder import namespaced
-from neftlab.tracking.wandb_run import wandb_mode
+from neftlab.core.measures import Measure, register
+from neftlab.tracking.wandb_run import best_values, summaries, wandb_mode
 from tests.helpers import TINY, cli, run
 from tests.wandb_records import offline_run
 
@@ -13,6 +14,20 @@ from tests.wandb_records import offline_run
 def test_trainer_keys_are_namespaced_like_the_wandb_callback():
     assert namespaced({"loss": 2.0, "eval_loss": 0.0, "train_loss": 1.5, "epoch": 1}) == {
         "train/loss": 2.0, "eval/loss": 0.0, "train/train_loss": 1.5, "train/epoch": 1, "eval/perplexity": 1.0}
+
+
+def test_every_measure_with_a_direction_shows_its_best_a_users_too(tmp_path):
+    register(Measure("eval/questions", "answers asking back", "minimize", "{:.2f}"))
+    best = summaries()
+    assert {k: best[k] for k in ("train/loss", "eval/loss", "eval/accuracy", "eval/questions", "judge/win_rate",
+                                 "judge_vs_baseline/win_rate", "judge_vs_baseline/lc_win_rate")} == {
+        "train/loss": "min", "eval/loss": "min", "eval/accuracy": "max", "eval/questions": "min",
+        "judge/win_rate": "max", "judge_vs_baseline/win_rate": "max", "judge_vs_baseline/lc_win_rate": "max"}
+    assert "eval/response_length" not in best  # a diagnostic has no best
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in (
+        {"step": 1, "eval/questions": 0.5, "eval/response_length": 3.0}, {"step": 2, "eval/questions": 0.25},
+        {"step": 3, "eval/questions": 0.75})))
+    assert best_values(tmp_path) == {"eval/questions": {"min": 0.25}}
 
 
 @pytest.mark.parametrize("env, mode, expected", [

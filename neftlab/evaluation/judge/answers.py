@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...core import rundir
+from ...core.measures import RESPONSE_LENGTH
 from ...core.files import read_jsonl
 from .prompts import JudgeError
 
@@ -31,8 +32,11 @@ class Answers:
 
 
 def final_answers(run_dir: Path) -> Answers:
-    """The run's last complete generation: the newest whose measures were logged after it (its answers are all
-    written before them), so a re-evaluation killed while it appended its answers is passed over, and said."""
+    """The run's last finished generation: the newest whose stage wrote its marker that it finished
+    (`rundir.marked_generations`), so that the answers of an evaluation stopped or killed after writing them (a
+    re-evaluation killed during its latency or harness stage) are passed over, and said; with none finished, the
+    judge refuses, naming the unfinished one. Answers written before markers existed are read as neftlab read them
+    then: finished when their measures were logged after them, else the last ones."""
     run_dir = Path(run_dir)
     path = run_dir / rundir.SAMPLES
     if not path.is_file():
@@ -40,14 +44,22 @@ def final_answers(run_dir: Path) -> Answers:
     found = rundir.generations(path, root=run_dir)
     if not found:
         raise JudgeError(f"{path} holds no answers (a causal run writes its answers there when it generates)")
-    done = {(e["step"], e.get("stage", rundir.TRAIN)) for e in read_jsonl(run_dir / rundir.METRICS, root=run_dir)
-            if "eval/response_length" in e}
-    complete = [key for key in found if key in done]
-    (step, stage) = complete[-1] if complete else list(found)[-1]
-    if (step, stage) != list(found)[-1]:
-        last = list(found)[-1]
-        log.warning("%s: the answers of step %d (stage %s) are incomplete (their generation was cut off): judging the "
-                    "last complete ones, of step %d (stage %s)", path, last[0], last[1], step, stage)
+    marked = rundir.marked_generations(run_dir)
+    logged = {(e["step"], e.get("stage", rundir.TRAIN)) for e in read_jsonl(run_dir / rundir.METRICS, root=run_dir)
+              if RESPONSE_LENGTH.key in e}
+    finished = [key for key in found if marked.get(key, key in logged)]
+    last = list(found)[-1]
+    if not finished and last not in marked:  # answers without markers or measures: as neftlab read them before
+        finished = [last]
+    if not finished:
+        raise JudgeError(f"{path}: the answers of step {last[0]} (stage {last[1]}) are incomplete: their stage never "
+                         "finished (it was stopped or killed after writing them), and no earlier answers did; run "
+                         "that evaluation again (python -m neftlab.evaluate RUN) to judge its answers")
+    step, stage = finished[-1]
+    if (step, stage) != last:
+        log.warning("%s: the answers of step %d (stage %s) are incomplete: their stage never finished (it was stopped "
+                    "or killed after writing them); judging the last finished ones, of step %d (stage %s)", path,
+                    last[0], last[1], step, stage)
     rows = {i: r for i, r in found[step, stage].items()
             if isinstance(r.get("generation"), str) and isinstance(r.get("prompt"), list)}
     if not rows:

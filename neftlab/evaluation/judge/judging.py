@@ -12,6 +12,7 @@ import numpy as np
 
 from ...config import JudgeConfig
 from ...core import rundir, stats
+from ...core.measures import LC_TERMS, LC_WIN_RATE, RELIABLE, WIN_RATE
 from ...core.files import read_json, write_json
 from .answers import pairs_for
 from .controls import CONTROLS, control_pairs, verdict
@@ -58,7 +59,7 @@ def judge_run(run_dir: Path, cfg: JudgeConfig, seed: int, batch_size: int = 8) -
     chars = np.array([(len(p.run), len(p.baseline)) for p in pairs])
     summary = {**stats.preference_summary(prefs, chars[:, 0], chars[:, 1], cfg.bootstrap, seed),
                **{f"judge/control_{name}": c["value"] for name, c in controls.items()},
-               "judge/reliable": reliable, "judge/truncated": truncated, "judge/skipped": info["skipped"],
+               RELIABLE.key: reliable, "judge/truncated": truncated, "judge/skipped": info["skipped"],
                "judge/seconds": time.perf_counter() - start}
     path = rundir.judge_file(run_dir, cfg.baseline)
     write_json(path, {
@@ -101,8 +102,8 @@ def add_instruction_terms(paths: list[Path], seed: int) -> list[Path]:
             lc = stats.length_controlled([p["preference"] for p in pairs], [p["run_chars"] for p in pairs],
                                          [p["baseline_chars"] for p in pairs],
                                          [difficulty[p["prompt_id"]] for p in pairs], seed, data.get("bootstrap", 2000))
-            data["summary"] = {**{k: v for k, v in data["summary"].items() if not k.startswith("judge/lc_win_rate")},
-                               **lc.fields("judge/lc_win_rate"), "judge/lc_instruction_terms": True}
+            data["summary"] = {**{k: v for k, v in data["summary"].items() if not k.startswith(LC_WIN_RATE.key)},
+                               **lc.fields(LC_WIN_RATE.key), LC_TERMS.key: True}
             data["instruction_difficulty_from"] = len(members)
             for p in pairs:
                 p["instruction_difficulty"] = difficulty[p["prompt_id"]]
@@ -118,6 +119,6 @@ def describe(s: dict) -> str:
         return f"{s[key]:.3f}{ci}"
     controls = ", ".join(f"{name} {s[f'judge/control_{name}']:.2f}" for name in CONTROLS
                          if isinstance(s.get(f"judge/control_{name}"), float))
-    trust = "passed its controls" if s.get("judge/reliable") else "UNRELIABLE: failed its controls, no conclusion"
-    return (f"win rate {rate('judge/win_rate')}, length-controlled {rate('judge/lc_win_rate')} "
-            f"({s['judge/win_rate_ci_method']}); judge {trust} ({controls})")
+    trust = "passed its controls" if s.get(RELIABLE.key) else "UNRELIABLE: failed its controls, no conclusion"
+    return (f"win rate {rate(WIN_RATE.key)}, length-controlled {rate(LC_WIN_RATE.key)} "
+            f"({s[WIN_RATE.key + '_ci_method']}); judge {trust} ({controls})")
