@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..core import measures, rundir
 from ..core.errors import NeftlabError
 from ..core.files import link_below, read_json, read_jsonl, read_yaml
+from ..methods import noise
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def find_runs(root: Path) -> tuple[list[Run], list[str], list[Path]]:
     if not root.is_dir():
         raise ReportError(f"{root} is not a directory (point it at a run, multirun or outputs/ directory)")
     paths = sorted(p for p in root.rglob(rundir.SUMMARY) if is_run(p, root))
+    noise.builtin()  # what neftlab's kinds log is declared: runs written before runs declared it themselves
     if not paths:
         raise ReportError(f"no neftlab run under {root}: no directory there holds a summary.json beside its "
                           ".hydra/config.yaml (point it at a run, multirun or outputs/ directory)")

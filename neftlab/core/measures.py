@@ -180,20 +180,8 @@ DECISIVE_WIN_RATE = Measure("judge/decisive_win_rate", "judge win rate, ties dec
                             column=False)
 N_PAIRS = Measure("judge/n_pairs", "judged pairs", None, "{:.0f}", "judge", column=False)
 
-# The noise kinds' internals, until each kind declares its own (issue 39's noise kinds): then these go.
-NOISE_ALPHA = Measure("noise/alpha", "noise alpha", None, "{:.3f}", "noise", column=False, curve=True)
-NOISE_STABILITY = Measure("noise/stability", "noise stability", None, "{:.4f}", "noise", column=False, curve=True)
-NOISE_THRESHOLD = Measure("noise/threshold", "noise threshold", None, "{:.4f}", "noise", column=False, curve=True)
-NOISE_MAGNITUDE = Measure("noise/mean_magnitude", "noise mean magnitude", None, "{:.4f}", "noise", column=False,
-                          curve=True)
-NOISE_DIRECTION = Measure("noise/direction", "noise alpha's direction", None, "{}", "noise", column=False)
-PADDED_RATIO = Measure("noise/padded_to_real_ratio", "padded to real tokens", None, "{:.3f}", "noise", column=False)
-NOISYTUNE_TENSORS = Measure("noise/noisytune_tensors", "tensors NoisyTune perturbed", None, "{:.0f}", "noise",
-                            column=False)
-
 register(TRAIN_LOSS, SKIPPED_BATCHES, EVAL_LOSS, PERPLEXITY, ACCURACY, MACRO_F1, NOISE_OFF_LOSS, GAP,
          RESPONSE_LENGTH, RESPONSE_WORDS, HIT_MAX, DIVERSITY, DISTINCT_2, DISTINCT_4, *REP.values(), PROMPTS_TRUNCATED,
          SPARSITY, ROWS_PRUNED, RATIO_TARGET, TIED_OUTPUT, PARAM_REDUCTION, TOTAL_PARAMS, NONZERO_PARAMS,
          LATENCY_TOKEN, UNPRUNED_LATENCY_TOKEN, LATENCY_SAMPLE, PEAK_MEMORY, LOSS_STD, HALF_DROP, WIN_RATE, LC_WIN_RATE,
-         RELIABLE, LC_TERMS, LENGTH_DIFF, DECISIVE_WIN_RATE, N_PAIRS, NOISE_ALPHA, NOISE_STABILITY, NOISE_THRESHOLD,
-         NOISE_MAGNITUDE, NOISE_DIRECTION, PADDED_RATIO, NOISYTUNE_TENSORS)
+         RELIABLE, LC_TERMS, LENGTH_DIFF, DECISIVE_WIN_RATE, N_PAIRS)

@@ -83,9 +83,9 @@ def build(cfg: Config, files: RunFiles, stopper: GracefulStop, resume: Resume | 
     if cfg.data.packing:  # transformers finds packed sequences in the position ids only without a KV cache
         model.config.use_cache = False
     user = tuple(user_measures(cfg.eval.measures, "eval.measures"))
-    files.declare(user)
     methods = factory.build(model, cfg.noise, cfg.pruning, cfg.seed, rank(), fresh=resume is None,
                             log_event=files.log)
+    files.declare(user + methods.noise.logs)  # a report reads them from the run, without importing a user's code
     callbacks = [Recorder(files, sources=[methods.noise], causal=cfg.model.causal), *methods.callbacks]
     prompts = generation.select_prompts(cfg.eval, data.prompts) if cfg.model.causal else []  # a bad file stops here
     if prompts and cfg.eval.generate_every_eval:

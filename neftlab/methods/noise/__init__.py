@@ -17,11 +17,11 @@ from typing import Optional, Union
 
 import torch
 
-from ...config.noise import CONF, is_kind_file, kind_class, option_file
+from ...config.noise import CONF, is_kind_file, kind_class, option_file, option_node
 from .embedding import ALPHA, DrawnConfig, DrawnNoise, EmbeddingConfig, EmbeddingNoise, ScheduledConfig
-from .kind import Logged, NoiseError, NoiseKind, Param
+from .kind import NoiseError, NoiseKind, Param
 
-__all__ = ["ALPHA", "DrawnConfig", "DrawnNoise", "EmbeddingConfig", "EmbeddingNoise", "Logged", "NoiseError", "NoiseKind",
+__all__ = ["ALPHA", "DrawnConfig", "DrawnNoise", "EmbeddingConfig", "EmbeddingNoise", "NoiseError", "NoiseKind",
            "Param", "ScheduledConfig", "attach"]
 
 
@@ -38,4 +38,11 @@ def attach(model: torch.nn.Module, kind: Union[str, type] = "uniform", seed: Opt
 
 
 def options_of_noise() -> list[str]:
+    """neftlab's own kinds: the files of conf/noise/ that name a class."""
     return sorted(p.stem for p in (CONF / "noise").glob("*.yaml") if is_kind_file(p.stem))
+
+
+def builtin() -> list[type]:
+    """neftlab's own kind classes, imported: what they log is then declared, for reports of runs written before
+    runs declared it themselves."""
+    return [kind_class(option_node(name)) for name in options_of_noise()]

@@ -13,10 +13,16 @@ import torch
 
 from ...config.checks import check
 from ...core.dist import all_reduce, local_rows
-from .embedding import ALPHA, DrawnConfig, DrawnNoise
-from .kind import Logged, Param
+from ...core.measures import Measure
+from .embedding import ALPHA, LIVE_ALPHA, DrawnConfig, DrawnNoise
+from .kind import Param
 
 log = logging.getLogger(__name__)
+
+# What the rule logs at each adjustment, besides alpha.
+STABILITY = Measure("noise/stability", "noise stability", None, "{:.4f}", "noise", column=False, curve=True)
+THRESHOLD = Measure("noise/threshold", "noise threshold", None, "{:.4f}", "noise", column=False, curve=True)
+DIRECTION = Measure("noise/direction", "noise alpha's direction", None, "{}", "noise", column=False)
 
 
 @dataclass
@@ -80,8 +86,8 @@ class DynamicAlpha:
         else:
             after = max(self.cfg.alpha_min, alpha - self.cfg.alpha_step)
         direction = (after > alpha) - (after < alpha)
-        return after, {"noise/stability": value, "noise/threshold": self.threshold, "noise/direction": direction,
-                       "noise/alpha": after}
+        return after, {STABILITY.key: value, THRESHOLD.key: self.threshold, DIRECTION.key: direction,
+                       LIVE_ALPHA.key: after}
 
     def state_dict(self) -> dict:
         return {"threshold": self.threshold}
@@ -95,9 +101,7 @@ class Dynamic(DrawnNoise):
     Config = DynamicConfig
     # alpha starts anywhere in NEFTune's searched range; alpha_max fixed at its top, so every start is allowed
     space = (ALPHA, Param("alpha_max", choices=(ALPHA.high,)))
-    logs = DrawnNoise.logs + (Logged("noise/stability", "embedding statistic"),
-                              Logged("noise/threshold", "stability threshold"),
-                              Logged("noise/direction", "alpha's move"))
+    logs = DrawnNoise.logs + (STABILITY, THRESHOLD, DIRECTION)
 
     def __init__(self, model: torch.nn.Module, cfg: Optional[DynamicConfig] = None, **kwargs):
         super().__init__(model, cfg, **kwargs)

@@ -18,11 +18,16 @@ import torch
 
 from ...config.checks import check, check_choice
 from ...config.noise import NoiseConfig
-from .kind import Logged, NoiseError, NoiseKind, Param
+from ...core.measures import Measure
+from .kind import NoiseError, NoiseKind, Param
 
 log = logging.getLogger(__name__)
 
 ALPHA = Param("alpha", 1.0, 20.0, log=True)  # NEFTune's alpha as the searches draw it: 1 to 20, log scale
+# What an embedding kind logs at each logging step.
+LIVE_ALPHA = Measure("noise/alpha", "noise alpha", None, "{:.3f}", "noise", column=False, curve=True)
+MAGNITUDE = Measure("noise/mean_magnitude", "noise mean magnitude", None, "{:.4f}", "noise", column=False, curve=True)
+PADDED_RATIO = Measure("noise/padded_to_real_ratio", "padded to real tokens", None, "{:.3f}", "noise", column=False)
 
 
 @dataclass
@@ -84,8 +89,7 @@ class EmbeddingNoise(NoiseKind):
     """The hooks on a model's input embedding; `perturb` is what the embedding output gets in training."""
 
     Config = EmbeddingConfig
-    logs = (Logged("noise/alpha", "noise alpha"), Logged("noise/mean_magnitude", "mean alpha/sqrt(L d)"),
-            Logged("noise/padded_to_real_ratio", "padded/real magnitude"))
+    logs = (LIVE_ALPHA, MAGNITUDE, PADDED_RATIO)
 
     def __init__(self, model: torch.nn.Module, cfg: Optional[EmbeddingConfig] = None, **kwargs):
         super().__init__(model, cfg, **kwargs)
@@ -191,11 +195,11 @@ class EmbeddingNoise(NoiseKind):
         return None if self._magnitude is None else float(self._magnitude)
 
     def metrics(self) -> dict:
-        out = {"noise/alpha": self.alpha}
+        out = {LIVE_ALPHA.key: self.alpha}
         magnitude = self.mean_magnitude  # the magnitude's one host sync, at logging
         if magnitude is not None:
-            out["noise/mean_magnitude"] = magnitude
-            out["noise/padded_to_real_ratio"] = self.padded_ratio
+            out[MAGNITUDE.key] = magnitude
+            out[PADDED_RATIO.key] = self.padded_ratio
         return out
 
     def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:

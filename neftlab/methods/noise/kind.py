@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 
 from ...config.noise import NoiseConfig
 from ...core.errors import NeftlabError
+from ...core.measures import Measure, register
 
 
 class NoiseError(NeftlabError, RuntimeError):
@@ -46,14 +47,6 @@ class Param:
             trial.suggest_float(name, self.low, self.high, log=self.log)
 
 
-@dataclass(frozen=True)
-class Logged:
-    """A number a kind logs during training: its key and its label (W&B's internals panels read these)."""
-
-    key: str
-    label: str
-
-
 class NoiseKind(TrainerCallback):
     """A kind of noise, and the Trainer callback that moves it during training (a schedule, the dynamic rule).
     Subclasses set the class attributes and override what they do; the base does nothing, which is `noise=none`."""
@@ -61,9 +54,13 @@ class NoiseKind(TrainerCallback):
     name: ClassVar[str] = "none"
     Config: ClassVar[type] = NoiseConfig
     space: ClassVar[tuple[Param, ...]] = ()  # what a search draws for this kind; empty: not searched
-    logs: ClassVar[tuple[Logged, ...]] = ()  # what it logs during training (`metrics`, `events`)
+    logs: ClassVar[tuple[Measure, ...]] = ()  # what it logs during training, declared (stage "noise")
     drawn: ClassVar[bool] = False  # noise drawn afresh per token each batch: antithetic passes and schedules apply
     state_key: ClassVar[str] = "noise"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register(*cls.logs)  # the report and W&B's internals panels read them from the measures' registry
 
     def __init__(self, model: torch.nn.Module, cfg: Optional[NoiseConfig] = None, seed: Optional[int] = None,
                  log_event: Optional[Callable[[int, dict], None]] = None):

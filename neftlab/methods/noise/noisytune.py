@@ -9,7 +9,8 @@ import torch
 
 from ...config.checks import check
 from ...config.noise import NoiseConfig
-from .kind import Logged, NoiseKind, Param
+from ...core.measures import Measure
+from .kind import NoiseKind, Param
 
 
 @dataclass
@@ -45,7 +46,7 @@ class NoisyTune(NoiseKind):
     name = "noisytune"
     Config = NoisyTuneConfig
     space = (Param("intensity", 0.05, 0.5),)  # around the paper's 0.15
-    logs = (Logged("noise/noisytune_tensors", "tensors perturbed"),)
+    logs = (Measure("noise/noisytune_tensors", "tensors NoisyTune perturbed", None, "{:.0f}", "noise", column=False),)
 
     def prepare(self, model: torch.nn.Module, seed: int) -> None:
-        self.log_event(0, {"noise/noisytune_tensors": noisytune(model, self.cfg.intensity, seed)})
+        self.log_event(0, {self.logs[0].key: noisytune(model, self.cfg.intensity, seed)})
