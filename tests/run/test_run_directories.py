@@ -5,6 +5,7 @@ one line, and a sweep keeps one directory whatever process runs its jobs."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -14,8 +15,9 @@ from neftlab.config import ConfigError
 from neftlab.core import rundir
 from neftlab.core.files import read_jsonl
 from neftlab.run import pipeline
-from tests.helpers import TINY, compose_cfg, run, subprocess_run
-from tests.run.crashes import CHAOS, assert_resumed_to_reference, crashed, once_each, rerun, tree
+from tests.helpers import ROOT, TINY, compose_cfg, run, subprocess_run
+from tests.run.crashes import (CHAOS, assert_resumed_to_reference, command, crashed, once_each, rerun, tree,
+                               wait_for)
 
 
 def test_a_completed_run_is_never_written_into(completed, tmp_path):
@@ -193,6 +195,13 @@ def test_a_parallel_sweep_has_one_directory_an_exit_code_and_finishes_on_rerun(t
     assert "1 job(s) were already completed: their results are reused" in proc.stderr
     assert list((tmp_path / "multiruns").iterdir()) == [sweep] and tree(sweep / "0") == first
     assert json.loads((sweep / "1" / "summary.json").read_text())["status"] == "completed"
-    proc = rerun(tmp_path, "hydra/launcher=parallel", "data=alpaca", paths, multirun=True)
-    assert len(list((tmp_path / "multiruns").iterdir())) == 2  # a finished sweep is not continued: a new one
+    # A finished sweep is not continued: the same command makes a new one (stopped once it has its directory).
+    again = subprocess.Popen(command(tmp_path, "hydra/launcher=parallel", "data=alpaca", paths, multirun=True),
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        wait_for(again, lambda: len(list((tmp_path / "multiruns").iterdir())) == 2, "a second sweep directory")
+    finally:
+        os.killpg(again.pid, signal.SIGKILL)
+    assert "Continuing" not in again.communicate(timeout=60)[1]
 

@@ -128,12 +128,14 @@ def test_a_heartbeat_renews_the_running_trials(journal, monkeypatch):
 
 def _search(tmp_path: Path, name: str, storage: str, *extra: str) -> subprocess.Popen:
     """A sweeper process of a tiny NEFTune search (each process with its own sweep directory, as on its own
-    machine), in its own session so that it can be killed whole."""
+    machine), in its own session so that it can be killed whole. Its trials train one step and answer nothing
+    (`extra` may ask for more): what is shared is the study, whatever its trials do."""
     log = (tmp_path / f"{name}.log").open("w")
     return subprocess.Popen(
         [sys.executable, "-m", "neftlab", "-m", "hparams_search=neftune", "size=tiny", "logger=none",
          f"output_root={tmp_path}", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
-         f"hydra.sweep.dir={tmp_path}/{name}", "hydra/sweeper/sampler=random", *extra],
+         f"hydra.sweep.dir={tmp_path}/{name}", "hydra/sweeper/sampler=random", "trainer.max_steps=1",
+         "eval.num_generations=0", *extra],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
 
 
