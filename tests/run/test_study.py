@@ -232,7 +232,7 @@ def test_a_search_stopped_mid_trial_gives_the_trial_back_and_the_same_command_re
     """A stop signal while a trial trains: the run saves a checkpoint, the trial goes back to the study (failed,
     and queued with its parameters), and the same command again resumes that run rather than training anew."""
     storage = f"journal:{tmp_path}/study.journal"
-    args = (storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=3", "trainer.max_steps=30")
+    args = (storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=3", "trainer.max_steps=10")
     first = _search(tmp_path, "a", *args)
     metrics, deadline = tmp_path / "a" / "0" / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and "train/loss" in metrics.read_text()):
