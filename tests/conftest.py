@@ -1,4 +1,5 @@
-"""Shared fixtures and the suite's marks. Nothing here reaches the hub; the helpers are in tests/helpers.py."""
+"""Shared fixtures and the suite's marks. Nothing here reaches the hub; the helpers are in tests/helpers.py, the fault
+tests' crash states in tests/run/crashes.py."""
 
 import os
 
@@ -43,3 +44,27 @@ def llama_tokenizer():
 def bert_tokenizer():
     from neftlab import models
     return models.load_tokenizer(compose("model=bert_tiny").model)
+
+
+@pytest.fixture(scope="session")
+def completed(tmp_path_factory):
+    """One uninterrupted 4-step run that keeps every checkpoint (tests/run/crashes.py: BASE): the reference and the
+    source of crash states, run once for every fault test that reads it."""
+    from tests.helpers import run
+    from tests.run.crashes import BASE
+    folder = tmp_path_factory.mktemp("completed") / "run"
+    outcome, summary = run(*BASE, out_dir=folder)
+    assert summary["status"] == "completed", outcome.message
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The uninterrupted run of CHAOS (tests/run/crashes.py: 6 steps, evaluations with answers at steps 2 and 4),
+    run once for every fault test that reads it."""
+    from tests.helpers import run
+    from tests.run.crashes import CHAOS
+    folder = tmp_path_factory.mktemp("reference") / "run"
+    outcome, summary = run(*CHAOS, out_dir=folder)
+    assert summary["status"] == "completed", outcome.message
+    return folder

@@ -72,7 +72,7 @@ def sweep_jobs(experiment: str, *overrides: str) -> list[list[str]]:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_tiny_variant_runs_end_to_end(tmp_path, experiment):
     """Each job of the experiment's sweep, in this process (the sweep machinery itself: tests/run/test_search.py,
-    tests/run/test_faults.py)."""
+    tests/run/test_interrupts.py)."""
     jobs = sweep_jobs(experiment, "size=tiny", "seed=1")
     assert len(jobs) == JOBS_AT_ONE_SEED[experiment]
     for n, job in enumerate(jobs):

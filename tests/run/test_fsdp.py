@@ -77,11 +77,14 @@ def answers(model) -> list[str]:
     return [s["generation"] for s in sorted(samples, key=lambda s: s["prompt_id"])]
 
 
-def lane(rank, world, store, device, check, *args):
-    """A rank of the lane: `check(model, rank, *args)` on the sharded model, on a CPU mesh over gloo or a CUDA one
-    over NCCL (a GPU a rank). The model (and FSDP's references to the group) is freed before the group is destroyed:
-    the other order crashes a rank at exit."""
+def lane(rank, world, store, device, checks, results):
+    """A rank of the lane: each of `checks`, (name, check, tied, expected), as `check(model, rank, tied, expected)`
+    on a fresh sharded model, on a CPU mesh over gloo or a CUDA one over NCCL (a GPU a rank). All in one pair of
+    processes, since starting them is most of the time; each check's outcome goes to results/<name>-<rank> ("ok",
+    or its traceback), and the first that fails ends the rank. The model (and FSDP's references to the group) is
+    freed before the group is destroyed: the other order crashes a rank at exit."""
     import gc
+    import traceback
     from torch.distributed.device_mesh import init_device_mesh
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -89,14 +92,51 @@ def lane(rank, world, store, device, check, *args):
                             world_size=world)
     model = None
     try:
-        model = tiny(args[0], device)
-        shard_like_accelerate(model, init_device_mesh(device, (world,)))
-        check(model, rank, *args)
+        for name, check, tied, expected in checks:
+            try:
+                model = tiny(tied, device)
+                shard_like_accelerate(model, init_device_mesh(device, (world,)))
+                check(model, rank, tied, expected)
+            except BaseException:
+                (results / f"{name}-{rank}").write_text(traceback.format_exc())
+                raise
+            (results / f"{name}-{rank}").write_text("ok")
+            model = None
+            gc.collect()
+            dist.barrier()
     finally:
         del model
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+
+
+def expected_shards(tied: bool, device: str) -> dict:
+    model = tiny(tied, device)
+    return {"linear": len(pruning.targets(model, "all_linear")), "tied": pruning.output_tied(model),
+            "stability": stability(model.get_input_embeddings().weight)}
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def lane_results(request, tmp_path_factory):
+    """Every check of this file on one device, each against what one process gives, in one spawn of 2 ranks."""
+    device, folder = request.param, tmp_path_factory.mktemp("fsdp")
+    checks = [("row shards tied", worker, True, expected_shards(True, device)),
+              ("row shards untied", worker, False, expected_shards(False, device)),
+              ("synced generation", generate_worker, True, answers(tiny(True, device))),
+              ("state", state_worker, True, expected_state(device, folder))]
+    try:
+        spawn(lane, folder / "store", device, checks, folder)
+    except (Exception, pytest.fail.Exception):
+        pass  # each test reads its check's outcome, and says why it has none
+    return folder
+
+
+def passed(results, name: str) -> None:
+    for rank in (0, 1):
+        outcome = results / f"{name}-{rank}"
+        assert outcome.exists(), f"{name}: not run on rank {rank}: an earlier check failed there, or the rank died"
+        assert outcome.read_text() == "ok", outcome.read_text()
 
 
 def worker(model, rank, tied, expected):
@@ -125,14 +165,11 @@ def worker(model, rank, tied, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_fsdp2_row_shards_give_the_single_process_results(tmp_path, tied, device):
-    model = tiny(tied, device)
-    expected = {"linear": len(pruning.targets(model, "all_linear")), "tied": pruning.output_tied(model),
-                "stability": stability(model.get_input_embeddings().weight)}
+def test_fsdp2_row_shards_give_the_single_process_results(lane_results, tied):
+    expected = expected_shards(tied, "cpu")
     assert expected["linear"] == 14 and expected["tied"] == tied
-    spawn(lane, tmp_path / "store", device, worker, tied, expected)
+    passed(lane_results, f"row shards {'tied' if tied else 'untied'}")
 
 
 def generate_worker(model, rank, tied, expected):
@@ -140,9 +177,8 @@ def generate_worker(model, rank, tied, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("device", DEVICES)
-def test_synced_generation_with_unequal_prompt_counts_gives_the_single_process_answers(tmp_path, device):
-    spawn(lane, tmp_path / "store", device, generate_worker, True, answers(tiny(True, device)))
+def test_synced_generation_with_unequal_prompt_counts_gives_the_single_process_answers(lane_results):
+    passed(lane_results, "synced generation")
 
 
 def pruned(model, method: str, scope: str) -> tuple[PruningCallback, dict]:
@@ -229,12 +265,15 @@ def state_worker(model, rank, tied, expected):
         assert all([torch.equal(full(w), want) for w, want in zip(restored.weights, weights)]), (method, scope)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("device", DEVICES)
-def test_noise_freelb_pruning_and_their_checkpoint_state_under_fsdp2_equal_the_single_process(tmp_path, device):
-    expected = {"noised": noised_logits(tiny(True, device), 7).cpu(), "dir": tmp_path, "pruned": [],
+def expected_state(device: str, folder) -> dict:
+    expected = {"noised": noised_logits(tiny(True, device), 7).cpu(), "dir": folder, "pruned": [],
                 "freelb": freelb_grads(tiny(True, device), sharded=False)}
     for method, scope in PRUNINGS:
         pruner, logged = pruned(tiny(True, device), method, scope)
         expected["pruned"].append(([w.detach().cpu().clone() for w in pruner.weights], logged["pruning/sparsity"]))
-    spawn(lane, tmp_path / "store", device, state_worker, True, expected)
+    return expected
+
+
+@pytest.mark.slow
+def test_noise_freelb_pruning_and_their_checkpoint_state_under_fsdp2_equal_the_single_process(lane_results):
+    passed(lane_results, "state")

@@ -71,6 +71,11 @@ def test_pareto_front():
     assert pareto_front([[2.0], [1.0], [1.0]], ["minimize"]) == [False, True, True]
 
 
+# A trial as short as these tests need: one step and no answers (each objective is read from the held-out loss and
+# the pruning figures, and what a search records and reports does not depend on how long its runs trained).
+SHORT = ["trainer.max_steps=1", "eval.num_generations=0"]
+
+
 def _study(storage: str):
     import optuna
     return optuna.load_study(study_name="neftune_search_tiny", storage=storage)
@@ -81,7 +86,7 @@ def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
     """Three trials, one of which fails its config check (the seeded random sampler draws alpha 5, 1, -1), then
     the same study taken to four in all (a sampler seeded to draw 5): n_trials is the study's total."""
     storage = f"sqlite:///{tmp_path}/study.db"
-    common = ["-m", "hparams_search=neftune", "size=tiny", "logger=none", f"hydra.sweeper.storage={storage}",
+    common = ["-m", "hparams_search=neftune", "size=tiny", *SHORT, "logger=none", f"hydra.sweeper.storage={storage}",
               "noise=uniform", "noise.alpha=choice(1,5,-1)"]
     proc, _ = cli(*common, "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=1", "hydra.sweeper.n_trials=3",
                   f"hydra.sweep.dir={tmp_path}/first", out_dir=tmp_path / "unused")
@@ -110,7 +115,7 @@ def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_multi_objective_search_gives_a_pareto_front(tmp_path):
-    proc, _ = cli("-m", "hparams_search=sparse_neft", "size=tiny", "logger=none", "hydra.sweeper.n_trials=3",
+    proc, _ = cli("-m", "hparams_search=sparse_neft", "size=tiny", *SHORT, "logger=none", "hydra.sweeper.n_trials=3",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
                   out_dir=tmp_path / "unused")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -144,7 +149,7 @@ def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude
     params = yaml.safe_load((ROOT / "conf" / "hparams_search" / "perturbations.yaml").read_text())["hydra"]["sweeper"]["params"]
     assert params["noise"] == f"choice({', '.join(k for k in NOISE_KINDS if k != 'none')})"
     assert set(NOISE_MAGNITUDES) == set(NOISE_KINDS) - {"none"}
-    proc, _ = cli("-m", "hparams_search=perturbations", "size=tiny", "logger=none", "hydra.sweeper.n_trials=2",
+    proc, _ = cli("-m", "hparams_search=perturbations", "size=tiny", *SHORT, "logger=none", "hydra.sweeper.n_trials=2",
                   "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
                   out_dir=tmp_path / "unused")
@@ -189,7 +194,7 @@ def test_a_study_written_by_optuna_2_10_is_copied_aside_upgraded_and_continued(t
     import sqlite3
     study = tmp_path / "study.db"
     shutil.copy(ROOT / "tests" / "fixtures" / "optuna210_study.db", study)
-    proc, _ = cli("-m", "hparams_search=neftune", "size=tiny", "logger=none", "hydra.sweeper.n_trials=4",
+    proc, _ = cli("-m", "hparams_search=neftune", "size=tiny", *SHORT, "logger=none", "hydra.sweeper.n_trials=4",
                   f"hydra.sweeper.storage=sqlite:///{study}", f"hydra.sweep.dir={tmp_path}/sweep",
                   out_dir=tmp_path / "unused")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -128,12 +128,14 @@ def test_a_heartbeat_renews_the_running_trials(journal, monkeypatch):
 
 def _search(tmp_path: Path, name: str, storage: str, *extra: str) -> subprocess.Popen:
     """A sweeper process of a tiny NEFTune search (each process with its own sweep directory, as on its own
-    machine), in its own session so that it can be killed whole."""
+    machine), in its own session so that it can be killed whole. Its trials train one step and answer nothing
+    (`extra` may ask for more): what is shared is the study, whatever its trials do."""
     log = (tmp_path / f"{name}.log").open("w")
     return subprocess.Popen(
         [sys.executable, "-m", "neftlab", "-m", "hparams_search=neftune", "size=tiny", "logger=none",
          f"output_root={tmp_path}", f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared",
-         f"hydra.sweep.dir={tmp_path}/{name}", "hydra/sweeper/sampler=random", *extra],
+         f"hydra.sweep.dir={tmp_path}/{name}", "hydra/sweeper/sampler=random", "trainer.max_steps=1",
+         "eval.num_generations=0", *extra],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ})
 
 
@@ -230,7 +232,7 @@ def test_a_search_stopped_mid_trial_gives_the_trial_back_and_the_same_command_re
     """A stop signal while a trial trains: the run saves a checkpoint, the trial goes back to the study (failed,
     and queued with its parameters), and the same command again resumes that run rather than training anew."""
     storage = f"journal:{tmp_path}/study.journal"
-    args = (storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=3", "trainer.max_steps=30")
+    args = (storage, "hydra.sweeper.n_trials=1", "hydra.sweeper.sampler.seed=3", "trainer.max_steps=10")
     first = _search(tmp_path, "a", *args)
     metrics, deadline = tmp_path / "a" / "0" / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and "train/loss" in metrics.read_text()):

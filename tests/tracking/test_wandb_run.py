@@ -79,7 +79,7 @@ def test_failed_job_marks_its_wandb_run_failed(tmp_path):
 def test_a_resumed_runs_summary_holds_the_best_value_of_the_whole_run(tmp_path):
     """W&B's own min/max summaries see only what the resumed process logged (wandb/wandb#9684): here the lowest
     training loss is step 1's, logged before the interruption, and the rising loss after it must not replace it."""
-    from tests.run.test_faults import crashed
+    from tests.run.crashes import crashed
     overrides = ["model=llama_tiny", *TINY, "trainer.max_steps=6", "trainer.save_steps=2",
                  "trainer.save_total_limit=null", "trainer.learning_rate=0.3", "logger=wandb", "logger.mode=offline"]
     outcome, reference = run(*overrides, out_dir=tmp_path / "reference")
