@@ -6,10 +6,8 @@ import re
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from neftlab.config import ConfigError
-from neftlab.config.compose import spelled_out
 from neftlab.analysis.report import write_report
 from tests.helpers import CONF, ROOT, compose_cfg, run
 
@@ -29,20 +27,6 @@ def test_the_plan_is_all_there():
 def test_an_option_that_composed_another_options_run_names_its_one_spelling(old, new):
     with pytest.raises(ConfigError, match=rf"^{old}: {old} is now {re.escape(new)} \("):
         compose_cfg(old)
-
-
-def test_no_two_options_compose_the_same_run():
-    """One spelling for each run: every option --help lists, composed alone, is a config of its own."""
-    from neftlab.config.compose import PICKED, default_option, options
-    seen = {}
-    for group in PICKED:
-        for option in options(group):
-            if group in ("experiment", "hparams_search") or option == default_option(group):
-                continue  # sweeps: their runs are the grid's; a group's default option is the default run
-            with initialize_config_dir(config_dir=CONF):
-                text = OmegaConf.to_yaml(spelled_out(compose("config", [f"{group}={option}"])))
-            assert text not in seen, f"{group}={option} composes the same run as {seen.get(text)}"
-            seen[text] = f"{group}={option}"
 
 
 def test_tiny_size_keeps_the_untouched_model_untrained():

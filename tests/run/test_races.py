@@ -100,7 +100,7 @@ def test_two_containers_in_the_same_second_get_two_run_directories(tmp_path):
     if subprocess.run(["unshare", "-fp", "--mount-proc", "true"], capture_output=True).returncode:
         pytest.skip("unshare cannot make a PID namespace here")
     command = ["unshare", "-fp", "--mount-proc", sys.executable, "-m", "neftlab", "size=tiny", "logger=none",
-               "method=original", "eval.num_generations=0", f"output_root={tmp_path}"]
+               "trainer.max_steps=0", "eval.num_generations=0", f"output_root={tmp_path}"]
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=600)[1] for p in procs]

@@ -30,8 +30,7 @@ def test_a_completed_run_is_never_written_into(completed, tmp_path):
     # An explicit resume of an interrupted run with another config names the keys that differ.
     interrupted = crashed(completed, tmp_path, at=2)
     proc = rerun(tmp_path, f"trainer.resume={interrupted}", "noise=uniform", "noise.alpha=15")
-    assert proc.returncode == 1 and "that run's config differs in noise.alpha: 5.0 -> 15.0" in proc.stderr
-    assert "noise.kind: 'none' -> 'uniform'" in proc.stderr
+    assert proc.returncode == 1 and "that run's config differs in noise.kind: 'none' -> 'uniform'; resume" in proc.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
@@ -78,8 +77,8 @@ def test_a_completed_runs_directory_is_reused_or_refused_without_a_write(complet
     before = tree(run)
     proc = rerun(tmp_path, "noise=uniform", "noise.alpha=15", "seed=7", f"hydra.run.dir={run}")
     assert proc.returncode == 1 and tree(run) == before  # .hydra/ and neftlab.log included
-    assert (f"output directory {run} already holds a completed run with another config (noise.alpha: 5.0 -> 15.0; "
-            "noise.kind: 'none' -> 'uniform'; seed: 42 -> 7)") in proc.stderr
+    assert (f"output directory {run} already holds a completed run with another config (noise.kind: 'none' -> "
+            "'uniform'; seed: 42 -> 7)") in proc.stderr  # another kind: its name says it, not each of its keys
     proc = rerun(tmp_path, f"hydra.run.dir={run}", "eval.max_new_tokens=3")
     assert proc.returncode == 0 and tree(run) == before
     assert f"{run} is already completed with this config: its result is reused" in proc.stderr
