@@ -120,11 +120,12 @@ def own_keys(cls: type) -> list[str]:
     return [f.name for f in fields(cls.Config) if f.name not in (TARGET, "kind")]
 
 
-def typed(node: Any, key: str = "noise") -> NoiseConfig:
+def typed(node: Any, key: str = "noise", cls: Optional[type] = None) -> NoiseConfig:
     """The kind's own typed config from a composed noise node: a key the kind does not read is refused in one line
     naming the kind's keys. A node without `_target_` is a flat config saved before kinds had classes: the keys of
-    the other kinds, which it holds at their defaults, are dropped instead."""
-    cls = kind_class(node, key)
+    the other kinds, which it holds at their defaults, are dropped instead. `cls`: the kind class itself, which a
+    script hands over (`NoiseKind.attach`), so nothing is imported by name."""
+    cls = cls or kind_class(node, key)
     values = _plain(node)
     legacy = TARGET not in values
     target = values.pop(TARGET, None) or f"{cls.__module__}.{cls.__qualname__}"

@@ -63,10 +63,10 @@ def test_tiny_variant_runs_end_to_end(tmp_path, experiment):
         outcome, summary = run(f"experiment={experiment}", "size=tiny", "seed=1", "logger=none", *job,
                                out_dir=tmp_path / str(n), root=tmp_path)
         assert summary["status"] == "completed", outcome.message
-        if experiment == "baselines" and n == 0:
-            assert "train/loss" not in summary  # original is eval only
-    if experiment == "baselines":
-        assert write_report(tmp_path).read_text().count("| completed |") == 5
+    if experiment == "baselines":  # noise x pruning: plain fine-tuning, NEFTune, pruning, Sparse-NEFT
+        assert sorted(job for job in jobs) == sorted([f"noise={n}", f"pruning={p}", "seed=1"] for n in ("none", "uniform")
+                                                    for p in ("off", "l1"))
+        assert write_report(tmp_path).read_text().count("| completed |") == 4
 
 
 def test_the_tiny_size_shows_each_feature_act(tmp_path):

@@ -74,7 +74,7 @@ class NoiseKind(TrainerCallback):
     def attach(cls, model: torch.nn.Module, seed: Optional[int] = None, **params) -> "NoiseKind":
         """This kind on `model` with its config's keys as keyword arguments, checked as a run's would be."""
         from ...config.noise import typed
-        return cls(model, typed({"_target_": f"{cls.__module__}.{cls.__qualname__}", **params}), seed=seed)
+        return cls(model, typed({"_target_": f"{cls.__module__}.{cls.__qualname__}", **params}, cls=cls), seed=seed)
 
     @property
     def driven(self) -> bool:
