@@ -8,6 +8,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from neftlab.config import compose, register  # noqa: E402
+from tests.slurm_cluster import slurm_cluster  # noqa: E402, F401 - the session's one SLURM cluster, a fixture
 
 register()
 
