@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 TINY = ["size=tiny", "logger=none"]
 ON_SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1"]
-LONG = ["trainer.max_steps=20", "trainer.save_steps=4"]  # long enough to be stopped mid-training
+LONG = ["trainer.max_steps=12", "trainer.save_steps=4"]  # long enough to be stopped mid-training
 LIVE = {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "CONFIGURING", "SUSPENDED"}
 
 
@@ -87,7 +87,16 @@ def test_a_sweep_through_slurm_matches_the_local_launcher_and_is_finished_by_its
     assert f"Continuing the unfinished sweep {sweep}" in text
     assert "1 job(s) were already completed: their results are reused" in text
     assert _summary(sweep / "1")["status"] == "completed"
-    assert not LIVE & set(slurm_cluster.jobs().values())
+    assert not LIVE & set(_settled(slurm_cluster).values())
+
+
+def _settled(cluster) -> dict[str, str]:
+    """Every job's state once none is live: a job's last process may still be exiting when the sweep has its
+    result."""
+    deadline = time.monotonic() + 60
+    while LIVE & set((jobs := cluster.jobs()).values()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return jobs
 
 
 def _running_job(cluster) -> str:
@@ -103,7 +112,7 @@ def _running_job(cluster) -> str:
 def test_a_stopped_job_is_requeued_and_resumed_while_the_sweep_waits(slurm_cluster, tmp_path, uninterrupted, stop):
     proc = _sweep(tmp_path, *LONG)
     log = tmp_path / "sweep.log"
-    _wait(lambda: any(tmp_path.glob("multiruns/*/0/checkpoints/checkpoint-8")), "checkpoint-8", proc, log)
+    _wait(lambda: any(tmp_path.glob("multiruns/*/0/checkpoints/checkpoint-4")), "checkpoint-4", proc, log)
     job = _running_job(slurm_cluster)
     subprocess.run([*stop, job], check=True)
     _wait(lambda: slurm_cluster.jobs().get(job) == "PENDING", "the job requeued", proc, log)
@@ -114,13 +123,13 @@ def test_a_stopped_job_is_requeued_and_resumed_while_the_sweep_waits(slurm_clust
     summary = _summary(run_dir)
     assert summary["status"] == "completed" and summary["eval/loss"] == uninterrupted
     assert f"Resuming {run_dir} from checkpoint-" in (run_dir / "neftlab.log").read_text()
-    assert slurm_cluster.jobs()[job] == "COMPLETED"  # nothing left to run behind the sweep's back
+    assert _settled(slurm_cluster)[job] == "COMPLETED"  # and nothing left to run behind the sweep's back
 
 
 def test_a_cancelled_job_is_named_and_the_same_command_resumes_it(slurm_cluster, tmp_path, uninterrupted):
     proc = _sweep(tmp_path, *LONG)
     log = tmp_path / "sweep.log"
-    _wait(lambda: any(tmp_path.glob("multiruns/*/0/checkpoints/checkpoint-8")), "checkpoint-8", proc, log)
+    _wait(lambda: any(tmp_path.glob("multiruns/*/0/checkpoints/checkpoint-4")), "checkpoint-4", proc, log)
     job = _running_job(slurm_cluster)
     subprocess.run(["scancel", job], check=True)
     text = _finish(tmp_path, proc)
@@ -134,4 +143,4 @@ def test_a_cancelled_job_is_named_and_the_same_command_resumes_it(slurm_cluster,
     assert proc.returncode == 0, text[-3000:]
     assert _summary(run_dir)["eval/loss"] == uninterrupted
     assert f"Resuming {run_dir} from checkpoint-" in (run_dir / "neftlab.log").read_text()
-    assert not LIVE & set(slurm_cluster.jobs().values())
+    assert not LIVE & set(_settled(slurm_cluster).values())
