@@ -37,7 +37,7 @@ def _config(folder: Path, host: str) -> str:
         f"SlurmctldLogFile={folder}/slurmctld.log", f"SlurmdLogFile={folder}/slurmd.log",
         # no cgroups in a container: processes tracked by their parentage, tasks not bound
         "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory", "DefMemPerCPU=1024",
         "ReturnToService=2", "MpiDefault=none", "SchedulerType=sched/backfill",
         f"NodeName={host} CPUs={cpus} RealMemory={memory} State=UNKNOWN",
         f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP", ""])

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -144,3 +145,89 @@ def test_a_cancelled_job_is_named_and_the_same_command_resumes_it(slurm_cluster,
     assert _summary(run_dir)["eval/loss"] == uninterrupted
     assert f"Resuming {run_dir} from checkpoint-" in (run_dir / "neftlab.log").read_text()
     assert not LIVE & set(_settled(slurm_cluster).values())
+
+
+def _recipe(n: int) -> str:
+    """The n-th shell block of docs/sweeps.md's SLURM search recipes."""
+    text = (ROOT / "docs" / "sweeps.md").read_text().split("**A search on a SLURM cluster**")[1]
+    return textwrap.dedent(text.split("```bash\n")[n + 1].split("```")[0])
+
+
+def _tiny(recipe: str, tmp_path: Path, **more: str) -> str:
+    """A recipe sized for this node: tiny runs, 4 trials, no GPU, the shared file system under tmp_path."""
+    for old, new in {"size=gpu": "size=tiny logger=none", "hydra.sweeper.n_trials=30": "hydra.sweeper.n_trials=4",
+                     "/shared/neftlab": str(tmp_path), "python -m": f"{sys.executable} -m", **more}.items():
+        assert old in recipe, old
+        recipe = recipe.replace(old, new)
+    return recipe
+
+
+def _study(tmp_path: Path):
+    import optuna
+    from neftlab.run.study import open_storage
+    return optuna.load_study(study_name="neftune_search_tiny",
+                             storage=open_storage(f"journal:{tmp_path}/neftune_search.journal"))
+
+
+def _complete_without_repeats(tmp_path: Path) -> list:
+    """The study's trials, once it has ended at n_trials=4 completed trials, each run trained once."""
+    from optuna.trial import TrialState
+
+    from neftlab.run.study import counted
+    trials = _study(tmp_path).trials
+    assert len(counted(trials)) == 4 and all(t.state == TrialState.COMPLETE for t in counted(trials))
+    assert not any(t.state == TrialState.RUNNING for t in trials)
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/experiments/*/*/*/summary.json")]
+    done = [r for r in runs if r.get("status") == "completed"]
+    assert sorted(r["eval/loss"] for r in done) == sorted(t.value for t in counted(trials))  # none trained twice
+    return trials
+
+
+def test_the_recipe_of_sweepers_on_the_login_node_submitting_their_trials(slurm_cluster, tmp_path):
+    script = _tiny(_recipe(0), tmp_path, **{
+        "for i in 1 2 3": "for i in 1 2",
+        "hydra.launcher.partition=gpu hydra.launcher.gpus_per_node=1": "hydra.launcher.partition=debug "
+        "hydra.launcher.gpus_per_node=0 hydra.launcher.cpus_per_task=1 hydra.launcher.mem_gb=1"})
+    subprocess.run(["bash", "-c", script + "wait\n"], cwd=tmp_path, check=True, timeout=600)
+    for i in (1, 2):
+        log = (tmp_path / f"sweeper_{i}.log").read_text()
+        assert "Traceback" not in log and "Bypassing sacct" not in log, log[-3000:]
+    trials = _complete_without_repeats(tmp_path)
+    assert len(trials) == 4
+    assert not LIVE & set(_settled(slurm_cluster).values())
+
+
+def _array_task(run: Path) -> str:
+    """The SLURM array task (JOB_TASK) of the sweeper whose trial trains in `run`: its pid in the sweep's ledger,
+    its task in that process's environment (one node: /proc holds it)."""
+    pid = [json.loads(line) for line in (run.parent / "jobs.jsonl").read_text().splitlines()][-1]["pid"]
+    env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+    return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+
+
+def test_the_recipe_of_an_sbatch_array_of_sweepers_with_one_task_cancelled_mid_trial(slurm_cluster, tmp_path):
+    script = _tiny(_recipe(1), tmp_path, **{"--array=0-3 --gpus=1": "--array=0-1",
+                                            "size=tiny logger=none": "size=tiny logger=none " + " ".join(LONG)})
+    (tmp_path / "search.sbatch").write_text(script)
+    submitted = subprocess.run(["sbatch", "--parsable", "search.sbatch"], cwd=tmp_path, capture_output=True, text=True)
+    assert submitted.returncode == 0, submitted.stderr
+    array = submitted.stdout.strip()
+    deadline = time.monotonic() + 300
+    while not (started := list(tmp_path.glob("outputs/experiments/*/*/*/checkpoints/checkpoint-4"))):
+        assert time.monotonic() < deadline, slurm_cluster.jobs()
+        time.sleep(0.2)
+    run = started[0].parent.parent
+    cancelled = _array_task(run)
+    subprocess.run(["scancel", cancelled], check=True)
+    deadline = time.monotonic() + 600
+    while LIVE & {state for job, state in slurm_cluster.jobs().items() if job.startswith(f"{array}_")}:
+        assert time.monotonic() < deadline, slurm_cluster.jobs()
+        time.sleep(1)
+    assert slurm_cluster.jobs()[cancelled] == "CANCELLED"
+    trials = _complete_without_repeats(tmp_path)
+    (stopped,) = [t for t in trials if t.system_attrs.get("failed_trial") is None and t.state.name == "FAIL"]
+    retry = next(t for t in trials if t.system_attrs.get("failed_trial") == stopped.number)
+    assert retry.params == stopped.params and retry.state.name == "COMPLETE"  # tried again
+    assert f"Resuming {run} from checkpoint-" in (run / "neftlab.log").read_text()  # from the stopped run's checkpoint
+    for out in tmp_path.glob("slurm-*.out"):
+        assert "Traceback" not in out.read_text(), out.read_text()[-3000:]
