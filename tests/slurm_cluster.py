@@ -86,9 +86,11 @@ class Cluster:
                              check=True).stdout
         return dict(line.split() for line in out.splitlines() if line.strip())
 
-    def release(self, job: str) -> None:
-        """A requeued job waits about 2 minutes (its BeginTime) before it runs again: now, for a test."""
-        subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now"], check=True, capture_output=True)
+    def release(self, job: str, *changes: str) -> None:
+        """A requeued job waits about 2 minutes (its BeginTime) before it runs again: now, for a test, with
+        `changes` (timelimit=10, say)."""
+        subprocess.run(["scontrol", "update", f"jobid={job}", "starttime=now", *changes], check=True,
+                       capture_output=True)
 
     def stop(self) -> None:
         subprocess.run(["scancel", "--full", "--user=root"], capture_output=True)
