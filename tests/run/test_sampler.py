@@ -4,7 +4,7 @@ sweeper builds, not from the config alone; another sampler named on the command 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from optuna.samplers import RandomSampler, TPESampler
+from optuna.samplers import GPSampler, RandomSampler, TPESampler
 
 from tests.helpers import CONF
 
@@ -36,3 +36,8 @@ def test_tpe_can_still_be_run_as_optuna_2_ran_it():
     sampler = _sampler("hparams_search=neftune", "hydra.sweeper.sampler.multivariate=false",
                        "hydra.sweeper.sampler.constant_liar=false")
     assert (sampler._multivariate, sampler._constant_liar) == (False, False)
+
+
+def test_the_gaussian_process_sampler_is_an_option():
+    sampler = _sampler("hparams_search=neftune", "hydra/sweeper/sampler=gp", "hydra.sweeper.sampler.seed=3")
+    assert type(sampler) is GPSampler and sampler._n_startup_trials == 10
