@@ -16,12 +16,14 @@ register()
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu run where CUDA is, and are skipped elsewhere (CI has no GPU). Under pytest-xdist
     (`--dist loadgroup`, as gpu-check runs the suite) the torchrun tests run one after another on one worker: every
-    torchrun job listens on its default port."""
+    torchrun job listens on its default port; and so do the SLURM tests, which share one cluster."""
     import torch
     cuda = torch.cuda.is_available()
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in ("test_dist", "test_gpu"):
             item.add_marker(pytest.mark.xdist_group("torchrun"))
+        if "slurm_cluster" in getattr(item, "fixturenames", ()):  # one worker, so one cluster for them all
+            item.add_marker(pytest.mark.xdist_group("slurm"))
         if item.get_closest_marker("gpu") and not cuda:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 

@@ -93,7 +93,14 @@ class Cluster:
                        capture_output=True)
 
     def stop(self) -> None:
+        """Every job cancelled and gone (its slurmstepd would outlive slurmd), then the daemons this cluster
+        started."""
         subprocess.run(["scancel", "--full", "--user=root"], capture_output=True)
+        deadline = time.monotonic() + 60
+        while self.daemons and time.monotonic() < deadline and subprocess.run(
+                ["squeue", "-h", "--states=RUNNING,COMPLETING,PENDING,SUSPENDED"], capture_output=True,
+                text=True).stdout.strip():
+            time.sleep(0.5)
         for daemon in reversed(self.daemons):
             daemon.terminate()
             try:

@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ROOT, run
-
-pytestmark = pytest.mark.slow
+from tests.slurm_cluster import why_not
 
 TINY = ["size=tiny", "logger=none"]
 ON_SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
@@ -69,6 +68,7 @@ def uninterrupted(tmp_path_factory) -> float:
     return summary["eval/loss"]
 
 
+@pytest.mark.slow
 def test_a_sweep_through_slurm_matches_the_local_launcher_and_is_finished_by_its_rerun(slurm_cluster, tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"instruction": f"Say {i}", "output": f"{i} it is"}) + "\n" for i in range(40)))
@@ -100,11 +100,21 @@ def _settled(cluster) -> dict[str, str]:
     return jobs
 
 
+def test_where_the_cluster_cannot_be_had_the_tests_say_why_in_one_line(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert why_not() == ("a SLURM cluster needs root to start slurmctld and slurmd (run the tests as root, as CI "
+                         "does)")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "slurmd" else f"/usr/sbin/{name}")
+    assert why_not() == "SLURM is not installed (slurmd not found): apt-get install slurm-wlm (.ci/run does)"
+
+
 def _running_job(cluster) -> str:
     (job,) = [j for j, state in cluster.jobs().items() if state == "RUNNING"]
     return job
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [
     ["scontrol", "requeue"],  # what a preemption that requeues does: SIGTERM, the job pending again
     ["scancel", "--signal=USR2"],  # submitit's time-limit warning (--signal=USR2@signal_delay_s), as SLURM sends it
@@ -127,6 +137,7 @@ def test_a_stopped_job_is_requeued_and_resumed_while_the_sweep_waits(slurm_clust
     assert _settled(slurm_cluster)[job] == "COMPLETED"  # and nothing left to run behind the sweep's back
 
 
+@pytest.mark.slow
 def test_a_cancelled_job_is_named_and_the_same_command_resumes_it(slurm_cluster, tmp_path, uninterrupted):
     proc = _sweep(tmp_path, *LONG)
     log = tmp_path / "sweep.log"
@@ -183,6 +194,7 @@ def _complete_without_repeats(tmp_path: Path) -> list:
     return trials
 
 
+@pytest.mark.slow
 def test_the_recipe_of_sweepers_on_the_login_node_submitting_their_trials(slurm_cluster, tmp_path):
     script = _tiny(_recipe(0), tmp_path, **{
         "for i in 1 2 3": "for i in 1 2",
@@ -205,6 +217,7 @@ def _array_task(run: Path) -> str:
     return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
 
 
+@pytest.mark.slow
 def test_the_recipe_of_an_sbatch_array_of_sweepers_with_one_task_cancelled_mid_trial(slurm_cluster, tmp_path):
     script = _tiny(_recipe(1), tmp_path, **{"--array=0-3 --gpus=1": "--array=0-1",
                                             "size=tiny logger=none": "size=tiny logger=none " + " ".join(LONG)})
