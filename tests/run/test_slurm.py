@@ -109,6 +109,25 @@ def test_where_the_cluster_cannot_be_had_the_tests_say_why_in_one_line(monkeypat
     assert why_not() == "SLURM is not installed (slurmd not found): apt-get install slurm-wlm (.ci/run does)"
 
 
+@pytest.mark.parametrize("accounting", [True, False])
+def test_the_jobs_states_come_from_sacct_where_it_answers_else_from_squeue(monkeypatch, accounting):
+    """sacct's words where the cluster keeps accounting ("CANCELLED by 0"); else squeue's, and a job squeue no longer
+    knows has ended (the cluster's own jobs run without accounting above)."""
+    from neftlab.run import slurm
+
+    def answer(command, **kwargs):
+        if command[0] == "sacct" and not accounting:
+            raise subprocess.CalledProcessError(1, command, stderr="Slurm accounting storage is disabled")
+        out = "JobID|State|NodeList\n7|CANCELLED by 0|vm\n8|RUNNING|vm\n" if command[0] == "sacct" else "8|RUNNING|vm\n"
+        return subprocess.CompletedProcess(command, 0, stdout=out)
+
+    monkeypatch.setattr(slurm.subprocess, "run", answer)
+    watcher = slurm._watcher()
+    assert [watcher.is_done(job, mode="force") for job in ("7", "8")] == [True, False]
+    assert watcher.get_state("7", mode="cache") == ("CANCELLED by 0" if accounting else "ENDED")
+    assert watcher.accounting is accounting
+
+
 def _running_job(cluster) -> str:
     (job,) = [j for j, state in cluster.jobs().items() if state == "RUNNING"]
     return job
