@@ -149,8 +149,8 @@ class SlurmLauncher(SubmititSlurmLauncher):
 
 
 def in_slurm_job() -> bool:
-    """Whether this process is a sweep's job that the SLURM launcher submitted."""
-    return "SUBMITIT_FOLDER" in os.environ and "SLURM_JOB_ID" in os.environ
+    """Whether this process is a sweep's job that the SLURM launcher submitted (submitit's own test)."""
+    return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
 
 
 def stopped(exit_code: int) -> None:
@@ -163,7 +163,13 @@ def stopped(exit_code: int) -> None:
     if exit_code - 128 in WARNINGS:
         import submitit
         job = submitit.JobEnvironment().job_id
-        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
-        log.warning("SLURM job %s requeued: its next run resumes from the checkpoint", job)
+        try:
+            subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as e:  # a job that may not be requeued (--no-requeue), say
+            reason = (getattr(e, "stderr", None) or str(e)).strip().splitlines()[-1]
+            log.warning("SLURM job %s could not be requeued (%s): the same sweep command again resumes it", job,
+                        reason)
+        else:
+            log.warning("SLURM job %s requeued: its next run resumes from the checkpoint", job)
     raise SystemExit(exit_code)
 

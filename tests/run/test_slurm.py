@@ -128,6 +128,29 @@ def test_the_jobs_states_come_from_sacct_where_it_answers_else_from_squeue(monke
     assert watcher.accounting is accounting
 
 
+def test_a_stopped_job_leaves_no_result_in_slurm_and_asks_to_be_requeued_after_a_warning(monkeypatch, caplog):
+    from neftlab.run import slurm
+    asked = []
+
+    def refuse(command, **kwargs):
+        asked.append(command)
+        raise subprocess.CalledProcessError(1, command, stderr="scontrol: error: Requested operation is disabled")
+
+    monkeypatch.setattr(slurm.subprocess, "run", refuse)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert slurm.stopped(128 + signal.SIGUSR2) is None and not asked  # outside SLURM: nothing
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")  # as submitit's batch script sets it
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    with pytest.raises(SystemExit) as ended:
+        slurm.stopped(128 + signal.SIGTERM)  # SLURM has requeued it already, or cancelled it
+    assert ended.value.code == 128 + signal.SIGTERM and not asked
+    with pytest.raises(SystemExit):
+        slurm.stopped(128 + signal.SIGUSR2)
+    assert asked == [["scontrol", "requeue", "7"]]
+    assert "SLURM job 7 could not be requeued (scontrol: error: Requested operation is disabled): the same sweep " \
+           "command again resumes it" in caplog.text
+
+
 def _running_job(cluster) -> str:
     (job,) = [j for j, state in cluster.jobs().items() if state == "RUNNING"]
     return job
