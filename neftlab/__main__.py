@@ -28,11 +28,14 @@ def task(dict_cfg: DictConfig) -> Any:
     # Imported here, not above, for speed alone: --help, --cfg and a refused command line need no torch (5 s).
     from .run.job import JobContext, run_job
     from .run.launch import LAUNCHER_PID_ENV
+    from .run.slurm import stopped
     ctx = JobContext.from_hydra()
     outcome = run_job(dict_cfg, ctx)
     if ctx.multirun:
         if outcome.status == "interrupted" and os.environ.get(LAUNCHER_PID_ENV) == str(os.getpid()):
             raise SystemExit(outcome.exit_code)  # a stop of the sweep's own process ends the sweep
+        if outcome.status == "interrupted":
+            stopped(outcome.exit_code)  # a job in SLURM leaves no result: the sweep waits for its next run
         return outcome.objective  # None for a failed job: an optimizing sweeper records a failed trial, and goes on
     if text := closing(outcome):
         print(text, file=sys.stderr)
@@ -81,6 +84,9 @@ def main() -> None:
     if moved:
         print(f"Error: {moved}", file=sys.stderr)
         sys.exit(2)
+    from hydra.core.plugins import Plugins
+    from .run.slurm import SlurmLauncher
+    Plugins.instance().register(SlurmLauncher)  # hydra/launcher=slurm: Hydra builds a launcher only from a plugin
     try:
         _app()  # a failed run, or a sweep with failed jobs, exits non-zero from within (task)
     except KeyboardInterrupt:  # Ctrl-C outside a run's own handling (startup, between sweep jobs)

@@ -4,10 +4,12 @@ files (`rundir.RunFiles` sends each event here too), its answers as a Table, and
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import netrc
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -52,8 +54,22 @@ def summaries() -> dict[str, str]:
 ANSWER_COLUMNS = ["prompt_id", "prompt", "answer", "tokens", "stop"]
 
 
+def _teardown_at_exit() -> None:
+    """W&B's own exit hook, run here first: W&B's service process (wandb-core) may be gone by then, killed by a
+    job's cleanup say, and W&B's hook would print a traceback after a run that completed; here it is one line."""
+    import wandb
+    try:
+        wandb.teardown()
+    except Exception as e:  # noqa: BLE001 - whatever the lost connection raises
+        print(f"W&B's service process had ended before this one ({first_line(e, 200)}): "
+              "records sent to it after that are missing from the W&B run; the run's own files are complete",
+              file=sys.stderr)
+
+
 class WandbRun:
     """One W&B run per job, neftlab's resolved config its config."""
+
+    hooked = False  # _teardown_at_exit is registered (after W&B's own hook, so that it runs first)
 
     def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, name: str, group: str | None,
                  job_type: str, tags: list[str]):
@@ -69,6 +85,9 @@ class WandbRun:
                               entity=cfg.entity, group=group, name=name, job_type=job_type, tags=tags,
                               config=config, dir=str(run_dir), mode=mode, reinit="finish_previous",
                               id=run_id, resume="allow")
+        if not WandbRun.hooked:
+            atexit.register(_teardown_at_exit)
+            WandbRun.hooked = True
         self.run.define_metric(measures.STEP)
         for key, best in summaries().items():
             self.run.define_metric(key, step_metric=measures.STEP, summary=best)

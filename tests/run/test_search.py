@@ -235,8 +235,8 @@ def _docs_search_commands(section: str) -> list[list[str]]:
 
 
 def test_the_slurm_recipes_compose_to_a_shared_study():
-    """The SLURM recipes cannot run here: they compose to neftlab's sweeper on one journal study, which the
-    sharing tests (tests/run/test_study.py) run with local processes."""
+    """The SLURM recipes compose to neftlab's sweeper on one journal study (tests/run/test_slurm.py runs them, sized
+    tiny, on a one-node cluster)."""
     commands = _docs_search_commands("**A search on a SLURM cluster**")
     assert len(commands) == 2
     for overrides in commands:
