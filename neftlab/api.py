@@ -1,0 +1,55 @@
+"""neftlab's noise in a training script of one's own (docs/trl.md): `noise_for` gives a built Hugging Face
+`Trainer` or TRL `SFTTrainer` a noise kind, the same class the runner builds, with its per-sequence scale
+alpha / sqrt(L_i * d) under padding, left padding and padding-free packing. It imports nothing of Hydra, W&B or the
+runner, so a script pays only for the noise::
+
+    import neftlab
+    trainer = SFTTrainer(model=..., args=SFTConfig(packing=True, ...), train_dataset=...)
+    neftlab.noise_for(trainer, "uniform", alpha=5.0)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from .methods.noise import NoiseError, NoiseKind, attach
+from .methods.noise.kind import rank_seed
+
+
+def noise_for(trainer: Any, kind: Union[str, type] = "uniform", seed: Optional[int] = None, **keys) -> NoiseKind:
+    """Attach noise of `kind` (a name of neftlab's kinds, or a kind class of one's own) to `trainer`'s model, with
+    the kind's config keys as keyword arguments, checked as a run's are, and add the kind to the trainer's
+    callbacks (a schedule and the dynamic rule move alpha through them). Each data-parallel rank draws its own
+    stream, from `seed` (default: the trainer's `args.seed`) as the runner's ranks do. Noise acts in training mode
+    only; `.remove()` on the returned kind detaches it.
+
+    Refused in one line: the trainer's own `neftune_noise_alpha` set too (the noise would be applied twice), and
+    the kinds that need neftlab's runner: more than one pass per batch (FreeLB, antithetic noise: the runner's
+    PassesTrainer drives them) or a change to the weights before training (NoisyTune)."""
+    args = trainer.args
+    alpha = getattr(trainer, "neftune_noise_alpha", None)
+    alpha = getattr(args, "neftune_noise_alpha", None) if alpha is None else alpha
+    if alpha is not None:
+        raise NoiseError(f"neftune_noise_alpha={alpha} is set in the trainer's args and neftlab's noise would be "
+                         "applied on top of it: unset neftune_noise_alpha (noise 'uniform' with alpha is NEFTune, "
+                         "scaled per sequence)")
+    noise = attach(trainer.model, kind, seed=rank_seed(args.seed if seed is None else seed, args.process_index),
+                   **keys)
+    why = runner_only(noise)
+    if why is not None:
+        noise.remove()
+        raise NoiseError(f"noise kind {noise.name} {why}, which a Trainer of your own does not do: train it with "
+                         f"neftlab's runner (python -m neftlab noise={noise.name})")
+    trainer.add_callback(noise)
+    return noise
+
+
+def runner_only(noise: NoiseKind) -> Optional[str]:
+    """Why `noise` needs neftlab's runner, or None where a Trainer's one pass per batch and its callbacks do."""
+    if noise.driven:
+        return (f"needs each batch's passes ({noise.passes}) driven and reset by neftlab.methods.passes."
+                "PassesTrainer")
+    if type(noise).prepare is not NoiseKind.prepare:
+        return "changes the pretrained weights once before training (prepare), and never on a resume"
+    return None
