@@ -157,6 +157,13 @@ def test_the_docs_example_gives_each_packed_sequence_its_own_scale_and_neftune_a
     assert torch.equal(saved.get_input_embeddings().weight, ours["trainer"].model.get_input_embeddings().weight)
 
 
+def test_the_readmes_recipe_is_the_docs_example_run_here():
+    """Its lines are the docs' example's, which the test above runs."""
+    readme = (ROOT / "README.md").read_text().split("## Recipes")[1].split("## Documentation")[0]
+    (recipe,) = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert NOISE_LINE in recipe and [line for line in recipe.splitlines() if line not in EXAMPLE.splitlines()] == []
+
+
 def test_a_kind_of_ones_gets_each_sequence_length_exactly_from_position_ids_or_cu_seq_lens(llama_tokenizer, tmp_path):
     """A user's own kind, on a padding-free batch of TRL's collator: every token's noise is alpha/sqrt(L_i d) of its
     own sequence. The same without position ids, from `cu_seq_lens_q` alone (transformers' flattening collator
