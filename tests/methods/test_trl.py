@@ -4,6 +4,7 @@ left padding, ranks, the refusals, a run saved and reloaded, the runner's noise 
 without Hydra or W&B. docs/trl.md's example runs here as written."""
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -56,11 +57,12 @@ def model_dir(tmp_path_factory, llama_tokenizer):
     return path
 
 
-def sft(model, tokenizer, out, **args) -> SFTTrainer:
+def sft(model, tokenizer, out, peft_config=None, **args) -> SFTTrainer:
     """The docs' packed, padding-free SFTTrainer on its data, in fp32 on the CPU."""
     config = SFTConfig(output_dir=str(out), packing=True, max_length=256, per_device_train_batch_size=4,
                        max_steps=2, report_to="none", bf16=False, use_cpu=True, save_strategy="no", **args)
-    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(DATA), processing_class=tokenizer)
+    return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(DATA), processing_class=tokenizer,
+                      peft_config=peft_config)
 
 
 class Recorder:
@@ -176,15 +178,29 @@ def test_a_kind_of_ones_gets_each_sequence_length_exactly_from_position_ids_or_c
     flattened = DataCollatorWithFlattening(return_position_ids=False, return_flash_attn_kwargs=True)(
         [{"input_ids": batch["input_ids"][0, a:b].tolist()} for a, b in sequences(batch["position_ids"][0].tolist())])
     assert "position_ids" not in flattened and "attention_mask" not in flattened
-    model.train()
     for inputs in (batch, flattened):
-        with Recorder() as recorder:
-            model(**inputs)
-        ((added, _),) = recorder.forwards
-        row = inputs["input_ids"].shape[1]
-        cu = inputs["cu_seq_lens_q"].tolist()
-        expected = torch.cat([torch.full((b - a,), ALPHA / math.sqrt((b - a) * DIM)) for a, b in zip(cu, cu[1:])])
-        assert cu[-1] == row and torch.allclose(added[0], expected[:, None].expand(row, DIM), rtol=1e-4, atol=0)
+        assert_each_sequence_gets_its_own_scale(model, inputs)
+
+
+def assert_each_sequence_gets_its_own_scale(model, inputs):
+    """With the kind of ones: every token's noise is alpha/sqrt(L_i d), L_i its sequence's span of cu_seq_lens."""
+    with Recorder() as recorder:
+        model.train()(**inputs)
+    ((added, _),) = recorder.forwards
+    row = inputs["input_ids"].shape[1]
+    cu = inputs["cu_seq_lens_q"].tolist()
+    expected = torch.cat([torch.full((b - a,), ALPHA / math.sqrt((b - a) * DIM)) for a, b in zip(cu, cu[1:])])
+    assert cu[-1] == row and torch.allclose(added[0], expected[:, None].expand(row, DIM), rtol=1e-4, atol=0)
+
+
+def test_a_lora_model_gets_the_noise_on_its_base_embedding(llama_tokenizer, tmp_path):
+    """SFTTrainer wraps the model in PEFT's LoRA: noise_for reaches the base model's embedding through it."""
+    from peft import LoraConfig, PeftModel
+    trainer = sft(tiny_llama(llama_tokenizer), llama_tokenizer, tmp_path,
+                  peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(trainer.model, PeftModel)
+    neftlab.noise_for(trainer, Ones, alpha=ALPHA)
+    assert_each_sequence_gets_its_own_scale(trainer.model, next(iter(trainer.get_train_dataloader())))
 
 
 @pytest.mark.parametrize("side, positions", [("right", None), ("left", None), ("left", "cumsum"),
@@ -239,6 +255,45 @@ def test_the_api_draws_the_runners_noise_on_the_same_batch_and_each_rank_its_own
     api1 = added(rank1.model, batch)
     assert torch.equal(api1, runner_noise(tiny_llama(llama_tokenizer), batch, rank=1, seed=7))
     assert not torch.equal(api, api1)
+
+
+DDP = """
+import sys, torch, neftlab
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2))
+data = [{"input_ids": row, "labels": row} for row in torch.arange(64).view(8, 8)]
+args = TrainingArguments(output_dir=sys.argv[1], max_steps=1, per_device_train_batch_size=2, seed=3,
+                         report_to="none", use_cpu=True, save_strategy="no")
+trainer = Trainer(model=model, args=args, train_dataset=data)
+noise = neftlab.noise_for(trainer, "uniform", alpha=5.0)
+seen = []
+model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append((i[0], o - m.weight[i[0]])))
+trainer.train()
+torch.save({"world": args.world_size, "ids": seen[0][0], "noise": seen[0][1].detach()},
+           f"{sys.argv[1]}/rank{args.process_index}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_each_ddp_rank_draws_the_runners_noise_for_its_rank(tmp_path):
+    """Two ranks under torchrun (gloo): each rank's noise_for draws, on its own batch, the noise the runner draws on
+    that rank with the same seed, and the ranks' streams differ."""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script),
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for rank, seen in enumerate(ranks):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+        batch = {"input_ids": seen["ids"], "labels": seen["ids"]}
+        assert torch.allclose(seen["noise"], runner_noise(model, batch, rank=rank, seed=3), rtol=0, atol=1e-6)
+    assert not torch.equal(ranks[0]["noise"], ranks[1]["noise"])
 
 
 def test_two_steps_train_save_and_reload_with_no_noise_at_evaluation(llama_tokenizer, tmp_path):
