@@ -297,18 +297,20 @@ def test_each_ddp_rank_draws_the_runners_noise_for_its_rank(tmp_path):
 
 
 def test_two_steps_train_save_and_reload_with_no_noise_at_evaluation(llama_tokenizer, tmp_path):
-    """The noise moves the training loss and the weights train; evaluation sees none (the same loss twice, and the
-    same as with the noise removed), and the saved model reloads without a hook, to the same evaluation loss."""
+    """The noise moves the training loss and the weights train, its schedule moved by the trainer's steps (the kind
+    is among its callbacks); evaluation sees none (the same loss twice, and the same as with the noise removed),
+    and the saved model reloads without a hook, to the same evaluation loss."""
     trainer = sft(tiny_llama(llama_tokenizer), llama_tokenizer, tmp_path)
     trainer.eval_dataset = trainer.train_dataset
     before = trainer.model.get_input_embeddings().weight.detach().clone()
-    noise = neftlab.noise_for(trainer, "uniform", alpha=ALPHA)
+    noise = neftlab.noise_for(trainer, "uniform", alpha=ALPHA, schedule="linear")
     batch = next(iter(trainer.get_train_dataloader()))
     with torch.no_grad():
         trainer.model.train()
         noisy, noisy_again = trainer.model(**batch).loss, trainer.model(**batch).loss
     assert noisy != noisy_again  # fresh noise at each training forward
     trainer.train()
+    assert noise.alpha == ALPHA * (1 - 1 / 2)  # linear, set before the second of two steps
     assert not torch.equal(before, trainer.model.get_input_embeddings().weight)
     evaluated = [trainer.evaluate()["eval_loss"] for _ in range(2)]
     trainer.save_model(str(tmp_path / "saved"))
