@@ -47,6 +47,8 @@ def noise_for(trainer: Any, kind: Union[str, type] = "uniform", seed: Optional[i
 
 def runner_only(noise: NoiseKind) -> Optional[str]:
     """Why `noise` needs neftlab's runner, or None where a Trainer's one pass per batch and its callbacks do."""
+    if getattr(noise.cfg, "antithetic", False):
+        return "with antithetic=True trains each batch twice, on x + eps then on x - eps, driven by PassesTrainer"
     if noise.driven:
         return (f"needs each batch's passes ({noise.passes}) driven and reset by neftlab.methods.passes."
                 "PassesTrainer")
