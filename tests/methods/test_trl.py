@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 from types import SimpleNamespace
-from typing import Optional
 
 import pytest
 import torch
