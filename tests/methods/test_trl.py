@@ -6,6 +6,7 @@ without Hydra or W&B. docs/trl.md's example runs here as written."""
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -59,7 +60,7 @@ def model_dir(tmp_path_factory, llama_tokenizer):
 def sft(model, tokenizer, out, peft_config=None, **args) -> SFTTrainer:
     """The docs' packed, padding-free SFTTrainer on its data, in fp32 on the CPU."""
     config = SFTConfig(output_dir=str(out), packing=True, max_length=256, per_device_train_batch_size=4,
-                       max_steps=2, report_to="none", bf16=False, use_cpu=True, save_strategy="no", **args)
+                       max_steps=2, report_to="none", bf16=False, use_cpu=True, **{"save_strategy": "no", **args})
     return SFTTrainer(model=model, args=config, train_dataset=Dataset.from_list(DATA), processing_class=tokenizer,
                       peft_config=peft_config)
 
@@ -320,6 +321,23 @@ def test_two_steps_train_save_and_reload_with_no_noise_at_evaluation(llama_token
     reloaded = sft(model, llama_tokenizer, tmp_path / "reloaded")
     reloaded.eval_dataset = reloaded.train_dataset
     assert reloaded.evaluate()["eval_loss"] == pytest.approx(evaluated[0], rel=1e-6)
+
+
+def test_a_resumed_run_draws_the_noise_the_uninterrupted_one_drew(llama_tokenizer, tmp_path):
+    """Each checkpoint holds the noise's stream (a file per rank); resuming from it, the second step's noise is the
+    uninterrupted run's second, to the bit."""
+    def train(resume) -> list:
+        trainer = sft(tiny_llama(llama_tokenizer), llama_tokenizer, tmp_path, save_strategy="steps", save_steps=1)
+        neftlab.noise_for(trainer, "uniform", alpha=ALPHA)
+        with Recorder() as recorder:
+            trainer.train(resume_from_checkpoint=resume)
+        return [noise for noise, _ in recorder.forwards]
+
+    whole = train(None)
+    assert (tmp_path / "checkpoint-1" / "neftlab_noise_rank0.pt").is_file()
+    shutil.rmtree(tmp_path / "checkpoint-2")
+    resumed = train(True)
+    assert len(whole) == 2 and len(resumed) == 1 and torch.equal(resumed[0], whole[1])
 
 
 def one_line_error(call) -> str:
