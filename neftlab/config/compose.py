@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from typing import Iterable, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..core.errors import ConfigError
@@ -131,6 +130,7 @@ def check_command_line(overrides: Iterable[str]) -> Optional[str]:
 
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore; conf/*/*.yaml extend them via their defaults list."""
+    from hydra.core.config_store import ConfigStore  # here, not above: the config's schemas import without Hydra
     register_resolvers()
     if not OmegaConf.has_resolver("neftlab_groups"):
         OmegaConf.register_resolver("neftlab_groups", groups_help)

@@ -12,6 +12,7 @@ import torch
 from ..config import PruningConfig
 from ..config.noise import NoiseConfig, kind_class
 from .noise import NoiseKind
+from .noise.kind import rank_seed
 from .pruner import PruningCallback
 
 
@@ -41,7 +42,7 @@ def build(model: torch.nn.Module, noise: NoiseConfig, pruning: PruningConfig, se
     """The methods of a run. Each rank draws its own noise (its own stream, from `seed` and `rank`). `fresh`: a run
     that starts from its pretrained weights (not a resumed one, whose checkpoint holds NoisyTune's perturbed
     weights already), which the kind prepares with the run's seed, the same on every rank."""
-    kind = kind_class(noise)(model, noise, seed=seed + 1_000_003 * rank, log_event=log_event)
+    kind = kind_class(noise)(model, noise, seed=rank_seed(seed, rank), log_event=log_event)
     if fresh:
         kind.prepare(model, seed)
     pruner = PruningCallback(model, pruning, log_event) if pruning.method != "off" else None

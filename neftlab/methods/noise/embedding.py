@@ -1,8 +1,9 @@
 """Noise on the input embeddings, the hooks every embedding kind shares: a pre-hook on the whole model catches the
 attention mask, the position ids and the labels; a hook on the input-embedding layer adds the kind's noise to the
 real tokens only, in training mode only, scaled per sequence by alpha / sqrt(L_i * d) (NEFTune's formula, with
-L_i the sequence's own real length: a row of a padded batch, or a run of position ids restarting at 0 in a
-packed row). `.alpha` is live: a schedule (`DrawnNoise`) or the dynamic rule moves it during training.
+L_i the sequence's own real length: a row of a padded batch, or in a packed row a run of position ids restarting at
+0, or without position ids a span of `cu_seq_lens_q`, the flash-attention boundaries). `.alpha` is live: a
+schedule (`DrawnNoise`) or the dynamic rule moves it during training.
 
 A drawn kind only says how its unit noise is drawn (`sample`); FreeLB starts from this noise and climbs the loss.
 """
@@ -28,6 +29,8 @@ ALPHA = Param("alpha", 1.0, 20.0, log=True)  # NEFTune's alpha as the searches d
 LIVE_ALPHA = Measure("noise/alpha", "noise alpha", None, "{:.3f}", "noise", column=False, curve=True)
 MAGNITUDE = Measure("noise/mean_magnitude", "noise mean magnitude", None, "{:.4f}", "noise", column=False, curve=True)
 PADDED_RATIO = Measure("noise/padded_to_real_ratio", "padded to real tokens", None, "{:.3f}", "noise", column=False)
+TWICE = ("this embedding already has noise attached (neftlab's or the Trainer's neftune_noise_alpha); noise is never "
+         "applied twice")
 
 
 @dataclass
@@ -101,11 +104,10 @@ class EmbeddingNoise(NoiseKind):
         # With a seed the noise has its own random stream (the runner gives each rank its own seed, so data-
         # parallel ranks draw different noise); without, it draws from torch's global generator.
         self._generator, self._pending_state = None, None
-        self._mask = self._positions = self._labels = None
+        self._mask = self._positions = self._labels = self._cu_seq_lens = None
         self._padded_ratio: Optional[torch.Tensor] = None
         if getattr(self.embedding, "_neftlab_noise", None) is not None or hasattr(self.embedding, "neftune_noise_alpha"):
-            raise NoiseError("this embedding already has noise attached (neftlab's or the Trainer's "
-                             "neftune_noise_alpha); noise is never applied twice")
+            raise NoiseError(TWICE)
         self.embedding._neftlab_noise = self
         self._handles = [model.register_forward_pre_hook(self._catch_inputs, with_kwargs=True),
                          self.embedding.register_forward_hook(self._add_noise)]
@@ -124,29 +126,43 @@ class EmbeddingNoise(NoiseKind):
     def _catch_inputs(self, module, args, kwargs):
         self._mask, self._positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
         self._labels = kwargs.get("labels")
+        # A padding-free batch's flash-attention boundaries (TRL's and transformers' flattening collators)
+        cu = kwargs.get("cu_seq_lens_q")
+        self._cu_seq_lens = cu if isinstance(cu, torch.Tensor) and cu.dim() == 1 else None
 
     def _real_lengths(self, mask: Optional[torch.Tensor], shape: tuple, device) -> torch.Tensor:
         """L for every token, shape (batch, length): its own sequence's real length.
 
         A sequence is a row of a padded batch (its attention mask's sum), or, in a packed or padding-free row,
-        a run of position ids restarting at 0, with or without a mask. A batch with neither counts one
-        sequence per row, which is right without padding."""
+        a run of position ids restarting at 0, with or without a mask; without position ids, a span between
+        two of the flattened batch's `cu_seq_lens_q`. A batch with none of these counts one sequence per row,
+        which is right without padding."""
         batch, length = shape
         positions = self._positions if self._positions is not None and self._positions.shape[-1] == length else None
+        real = torch.ones(batch, length, device=device) if mask is None else mask.to(device).float()
         if positions is not None:  # no restart: one sequence per row, the mask's count as below (no host sync)
             starts = (positions.expand(batch, length) == 0).long()
             starts[:, 0] = 1
-            sequence = starts.cumsum(1) - 1  # which packed sequence each token belongs to
-            real = torch.ones(batch, length, device=device) if mask is None else mask.to(device).float()
-            counts = torch.zeros(batch, length, device=device).scatter_add_(1, sequence, real)
-            return counts.gather(1, sequence).clamp(min=1)
+            return self._per_sequence(starts.cumsum(1) - 1, real)  # which packed sequence each token belongs to
+        if self._cu_seq_lens is not None:  # over the batch's tokens flattened, as the varlen kernels read them
+            tokens = torch.arange(batch * length, device=device)
+            sequence = torch.searchsorted(self._cu_seq_lens.to(device)[1:].contiguous(), tokens, right=True)
+            return self._per_sequence(sequence.view(1, -1), real.view(1, -1)).view(batch, length)
         if mask is not None:
             return mask.to(device).float().sum(1, keepdim=True).clamp(min=1).expand(batch, length)
         return torch.full((batch, length), float(length), device=device)
 
+    @staticmethod
+    def _per_sequence(sequence: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """For every token, the real tokens of its sequence (`sequence`: each token's sequence index in its row)."""
+        counts = torch.zeros_like(real).scatter_add_(1, sequence, real)
+        return counts.gather(1, sequence).clamp(min=1)
+
     def _add_noise(self, module, inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
         if not module.training:
             return None
+        if hasattr(module, "neftune_noise_alpha"):  # the Trainer's hook attached after this one (its train())
+            raise NoiseError(TWICE)
         return (output.float() + self.perturb(output)).to(output.dtype)
 
     def perturb(self, output: torch.Tensor) -> torch.Tensor:
@@ -230,7 +246,7 @@ class EmbeddingNoise(NoiseKind):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._mask = self._positions = self._labels = None
+        self._mask = self._positions = self._labels = self._cu_seq_lens = None
         if getattr(self.embedding, "_neftlab_noise", None) is self:
             del self.embedding._neftlab_noise
 

@@ -24,6 +24,12 @@ class NoiseError(NeftlabError, RuntimeError):
     pass
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The noise stream of data-parallel rank `rank` from a run's `seed`: each rank its own, so that ranks draw
+    different noise (the runner's and `neftlab.noise_for`'s alike)."""
+    return seed + 1_000_003 * rank
+
+
 @dataclass(frozen=True)
 class Param:
     """One key of a kind's config that a search draws (`hparams_search=perturbations`): its range, on a log scale
