@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from neftlab import data, models
-from neftlab.evaluation.judge.answers import instruction_text
-from neftlab.evaluation.judge.controls import control_pairs
-from neftlab.evaluation.judge.scoring import load_judge, pairwise_preferences
+from neftlab.evaluation.llm_judge.answers import instruction_text
+from neftlab.evaluation.llm_judge.controls import control_pairs
+from neftlab.evaluation.llm_judge.scoring import load_judge, pairwise_preferences
 from neftlab.config import compose, package_path
 
 

@@ -51,7 +51,7 @@ def closing(outcome) -> str:
         return ""  # its one line is logged already; the traceback, if any, is in the run's log
     head = []
     for m in measures.declared():  # the declared headline measures the run has
-        if m.headline and _number(s.get(m.key)):
+        if m.headline and measures.is_number(s.get(m.key)):
             unreliable = m == measures.WIN_RATE and not s.get(measures.RELIABLE.key)
             head.append(f"{m.label} {m.format(s[m.key])}"
                         + (" (the judge failed its controls: no evidence)" if unreliable else ""))
@@ -66,10 +66,6 @@ def closing(outcome) -> str:
                   f"        python -m neftlab.judge {run} --baseline reference",
                   f"        python -m neftlab.evaluate {run} eval.max_new_tokens=512"]
     return "\n".join(lines)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # What a config may name as a `_target_` for Hydra to build: neftlab's callbacks and search spaces, Hydra's plugins

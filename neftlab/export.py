@@ -1,7 +1,7 @@
 """Answers in the field's formats: `python -m neftlab.export RUN_DIR|SWEEP_DIR --format alpaca_eval [--out DIR]`.
 
 Published win rates come from the field's own evaluators (AlpacaEval with GPT-4 as its judge), not from a local
-judge. This writes each completed run's final answers in AlpacaEval's format (`analysis.export`);
+judge. This writes each completed run's final answers in AlpacaEval's format (`analysis.alpaca_format`);
 `python -m neftlab.report ROOT --annotations DIR` then reads AlpacaEval's annotations.json files back and pairs
 them by seed like neftlab's own judge.
 """
@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .analysis.export import FORMATS, export
+from .analysis.alpaca_format import FORMATS, export
 from .core.errors import NeftlabError
 
 

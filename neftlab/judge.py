@@ -1,5 +1,5 @@
 """`python -m neftlab.judge RUN_DIR|SWEEP_DIR --baseline OTHER_RUN_DIR|reference|arm`: a local judge of a run's
-answers (`evaluation.judge`), against the dataset's references, another run's answers, or, for a sweep, each run
+answers (`evaluation.llm_judge`), against the dataset's references, another run's answers, or, for a sweep, each run
 against its seed's run of the baseline arm. Writes <run dir>/judge_<baseline name>.json, and adds the numbers to the
 run's W&B summary with --wandb. A run that has not completed is not judged: its answers are not its final ones."""
 
@@ -20,8 +20,8 @@ from .core import rundir
 from .core.claim import alive, age
 from .core.errors import NeftlabError
 from .core.files import read_json
-from .evaluation.judge.judging import add_instruction_terms, describe, judge_run
-from .evaluation.judge.prompts import JudgeError
+from .evaluation.llm_judge.judging import add_instruction_terms, describe, judge_run
+from .evaluation.llm_judge.prompts import JudgeError
 from .tracking.wandb_run import update_summary
 
 

@@ -1,5 +1,5 @@
 """`python -m neftlab.report <a run, a sweep, or outputs/> [--out DIR] [--baseline ARM] [--wandb] [--annotations DIR]`:
-the offline comparison report of every run under a directory (`analysis.report`)."""
+the offline comparison report of every run under a directory (`analysis.comparison`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .analysis.report import write_report
+from .analysis.comparison import write_report
 from .analysis.runs import ReportError
 from .core.errors import NeftlabError
 

@@ -1,6 +1,6 @@
 """`python -m neftlab.workspace SPEC [--entity E]`: save the W&B workspace and report that
 `python -m neftlab.report SWEEP --wandb` wrote to SPEC (wandb_workspace.json), once the runs are uploaded
-(`wandb sync`); prints their URLs (`analysis.workspace`)."""
+(`wandb sync`); prints their URLs (`analysis.wandb_workspace`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .analysis.workspace import read_spec, save
+from .analysis.wandb_workspace import read_spec, save
 from .core.errors import first_line
 
 

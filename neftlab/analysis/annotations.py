@@ -10,7 +10,8 @@ from pathlib import Path
 
 from ..core import stats
 from ..core.files import read_json
-from .runs import Run, _number, generator_name
+from ..core.measures import is_number
+from .runs import Run, generator_name
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def read_annotations(root: Path, runs: list[Run]) -> None:
         if generator not in by_name:
             continue
         # alpaca_eval's preference: 1 = output_1 (the baseline) is better, 2 = output_2, 1.5 (or 0) a tie
-        kept = [(float(a["preference"]), a) for a in records if _number(a["preference"]) and
+        kept = [(float(a["preference"]), a) for a in records if is_number(a["preference"]) and
                 not math.isnan(a["preference"])]
         prefs = [1.5 - 1 if p == 0 else p - 1 for p, _ in kept]
         summary = stats.preference_summary(prefs, [len(a["output_2"]) for _, a in kept],

@@ -8,8 +8,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from ..core import measures, stats
-from .runs import Run, _number, judged_titles, paired_runs
-from .tables import _cell, _table
+from ..core.measures import is_number
+from .runs import Run, judged_titles, paired_runs
+from .tables import cell, markdown_table
 
 BEST, BEST_AT = "best eval loss during training", "epoch of the best eval loss"  # of runs evaluated twice or more
 WIN, LC_WIN, RELIABLE = measures.WIN_RATE.key, measures.LC_WIN_RATE.key, measures.RELIABLE.key
@@ -34,23 +35,23 @@ def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]],
     """(the run's value, the baseline run's value) of each measure both have, and the measures that come from a
     judge that failed its controls."""
     out = {m.label: (run.summary[m.key], base.summary[m.key]) for m in paired()
-           if _number(run.summary.get(m.key)) and _number(base.summary.get(m.key))}
+           if is_number(run.summary.get(m.key)) and is_number(base.summary.get(m.key))}
     ours, theirs = curve_values(run), curve_values(base)
     out.update({title: (ours[title], theirs[title]) for title in ours if title in theirs})
     out.update({"harness " + key.removeprefix("harness/").replace("/", " "): (run.summary[key], base.summary[key])
                 for key in run.summary if key.startswith("harness/") and not key.endswith("_stderr")
-                and _number(run.summary[key]) and _number(base.summary.get(key))})
+                and is_number(run.summary[key]) and is_number(base.summary.get(key))})
     unreliable = set()
     for source in {**run.judges, **base.judges}:
         vs_baseline, lc_vs_baseline, vs_reference = judged_titles(source)
         judged = run.judges.get(source, {}).get(str(base.dir.resolve()), {})
         for key, title in ((WIN, vs_baseline), (LC_WIN, lc_vs_baseline)):
-            if _number(judged.get(key)):
+            if is_number(judged.get(key)):
                 out[title] = (judged[key], 0.5)  # the baseline's answers against themselves
                 if judged.get(RELIABLE) is False:
                     unreliable.add(title)
         ours, theirs = (r.judges.get(source, {}).get("reference", {}) for r in (run, base))
-        if _number(ours.get(WIN)) and _number(theirs.get(WIN)):
+        if is_number(ours.get(WIN)) and is_number(theirs.get(WIN)):
             out[vs_reference] = (ours[WIN], theirs[WIN])
             if False in (ours.get(RELIABLE), theirs.get(RELIABLE)):
                 unreliable.add(vs_reference)
@@ -122,12 +123,12 @@ def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
             method = e.method or "none (one pair)"
             p = f"{e.p:.3f}" if e.p is not None else "—"
             holm = f"{row.p_holm:.3f}" if row.p_holm is not None else "—"
-        lines.append([row.arm, row.title, str(e.n), _cell(statistics.fmean(b for _, b in row.pairs), fmt),
-                      _cell(statistics.fmean(a for a, _ in row.pairs), fmt), _cell(e.value, signed), interval, method,
+        lines.append([row.arm, row.title, str(e.n), cell(statistics.fmean(b for _, b in row.pairs), fmt),
+                      cell(statistics.fmean(a for a, _ in row.pairs), fmt), cell(e.value, signed), interval, method,
                       p, holm])
     header = ["arm", "measure", "n", "baseline", "arm", "arm − baseline", "95% interval", "interval method",
               "p (sign-flip)", "p (Holm)"]
-    return _table(header, lines) if lines else None
+    return markdown_table(header, lines) if lines else None
 
 
 PAIRED_NOTE = (

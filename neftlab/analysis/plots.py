@@ -13,7 +13,8 @@ import numpy as np
 from ..core import measures
 from ..core.files import atomic_write
 from .paired import paired_runs
-from .runs import Run, _number
+from ..core.measures import is_number
+from .runs import Run
 
 
 def save(fig, path: Path) -> None:
@@ -46,12 +47,12 @@ def _judged_wins(groups: dict[str, list[Run]], baseline: str | None) -> dict[str
     for arm, members in groups.items():
         for r in members:
             for source, judged in r.judges.items():
-                if _number(win := judged.get("reference", {}).get(measures.WIN_RATE.key)):
+                if is_number(win := judged.get("reference", {}).get(measures.WIN_RATE.key)):
                     series[f"{source} vs reference"][arm].append(win)
     if baseline is not None:
         for run, base in paired_runs(groups, baseline):
             for source, judged in run.judges.items():
-                if _number(win := judged.get(str(base.dir.resolve()), {}).get(measures.WIN_RATE.key)):
+                if is_number(win := judged.get(str(base.dir.resolve()), {}).get(measures.WIN_RATE.key)):
                     series[f"{source} vs {baseline}"][run.label_without_seed].append(win)
                     series[f"{source} vs {baseline}"][baseline] = [0.5]
     return series
@@ -60,7 +61,7 @@ def _judged_wins(groups: dict[str, list[Run]], baseline: str | None) -> dict[str
 def _mean_length(members: list[Run], lengths: list[int]) -> float | None:
     """From the answers of the final step, else from the runs' mean answer length."""
     key = measures.RESPONSE_LENGTH.key
-    values = lengths or [r.summary[key] for r in members if _number(r.summary.get(key))]
+    values = lengths or [r.summary[key] for r in members if is_number(r.summary.get(key))]
     return statistics.fmean(values) if values else None
 
 
@@ -96,7 +97,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
     for r in runs:
-        train, evals = ([(m["step"], m[key]) for m in r.history if _number(m.get(key))]
+        train, evals = ([(m["step"], m[key]) for m in r.history if is_number(m.get(key))]
                         for key in (measures.TRAIN_LOSS.key, measures.EVAL_LOSS.key))
         if train:
             train_ax.plot(*zip(*train), label=r.label, linewidth=1)
@@ -122,7 +123,7 @@ def plot_arm_curves(groups: dict[str, list[Run]], path: Path) -> bool:
         for r in members:
             for e in r.evaluations():
                 for key in (m.key for m in shown):
-                    if _number(e.get(key)):
+                    if is_number(e.get(key)):
                         by_epoch[key][e.get(measures.EPOCH, e["step"])].append(e[key])
         if any(len(points) >= 2 for points in by_epoch.values()):
             series[arm] = by_epoch
@@ -172,14 +173,14 @@ def curves(runs: list[Run], key: str, only) -> tuple[dict, bool]:
     series per combination of the other keys that set runs apart (noise kind, pruning method, and the other of
     alpha and ratio when it takes a few values), and whether a series joins its points (False when a key with
     many values, a search's, was left out of the series: its points are not one curve)."""
-    done = [r for r in runs if only(r) and _number(r.get(key)) and r.summary.get("status") == "completed"]
+    done = [r for r in runs if only(r) and is_number(r.get(key)) and r.summary.get("status") == "completed"]
     others = [k for k in SERIES_KEYS if k != key and len({str(r.get(k)) for r in done}) > 1]
     split = [k for k in others if len({str(r.get(k)) for r in done}) <= FEW]
     points = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for r in done:
         series = ", ".join(f"{k}={r.get(k)}" for k in split) or "all runs"
         for metric in (measures.EVAL_LOSS.key, measures.ACCURACY.key):
-            if _number(r.summary.get(metric)):
+            if is_number(r.summary.get(metric)):
                 points[metric][series][r.get(key)].append(r.summary[metric])
     return points, len(split) == len(others)
 
@@ -229,8 +230,8 @@ def plot_heatmap(runs: list[Run], keys: tuple[str, str], path: Path) -> bool:
     """The final eval loss over two swept keys (mean over seeds, each cell annotated): how alpha and the pruning
     ratio act together, which two curves cannot show."""
     loss = measures.EVAL_LOSS
-    done = [r for r in runs if r.summary.get("status") == "completed" and _number(r.summary.get(loss.key))
-            and all(_number(r.get(k)) for k in keys)]
+    done = [r for r in runs if r.summary.get("status") == "completed" and is_number(r.summary.get(loss.key))
+            and all(is_number(r.get(k)) for k in keys)]
     cells = defaultdict(list)
     for r in done:
         cells[r.get(keys[0]), r.get(keys[1])].append(r.summary[loss.key])

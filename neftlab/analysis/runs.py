@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core import measures, rundir
+from ..core.measures import is_number
 from ..core.errors import NeftlabError
 from ..core.files import link_below, read_json, read_jsonl, read_yaml
 from ..methods import noise
@@ -92,7 +93,7 @@ class Run:
         for r in rows:
             if (r["step"], r.get("stage")) == last:
                 for metric, value in r.items():
-                    if metric not in ("step", "stage", "task", "doc_id", "target") and _number(value):
+                    if metric not in ("step", "stage", "task", "doc_id", "target") and is_number(value):
                         out[r["task"], metric][r["doc_id"]] = value
         return dict(out)
 
@@ -103,7 +104,7 @@ class Run:
         for event in self.history:
             if event.get("stage", "train") == "train" and isinstance(event.get("step"), int):
                 merged.setdefault(event["step"], {}).update(event)
-        return [e for _, e in sorted(merged.items()) if _number(e.get(measures.EVAL_LOSS.key))]
+        return [e for _, e in sorted(merged.items()) if is_number(e.get(measures.EVAL_LOSS.key))]
 
     def answer_lengths(self) -> list[int]:
         """Answer lengths in tokens at the last generation step of samples.jsonl (one per prompt)."""
@@ -188,10 +189,6 @@ def generator_name(run: Run) -> str:
     arm = run.label_without_seed if run.label not in ("", "(common)") else ",".join(
         o for o in run.overrides if not o.startswith("seed="))
     return f"{arm if arm and arm != '(common)' else 'neftlab'},seed={run.get('seed')}".replace("/", "_")
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def arms(runs: list[Run]) -> dict[str, list[Run]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config.objectives import QUALITY, directions_of, objective_keys, values
 from .plots import save
 from .runs import Run
-from .tables import _table
+from .tables import markdown_table
 
 
 def pareto_front(points: list[list[float]], directions: list[str]) -> list[bool]:
@@ -48,7 +48,7 @@ def search_sections(runs: list[Run], root: Path, out: Path) -> list[str]:
         parts += [f"## Search: {', '.join(keys)}", "",
                   f"{len(trials)} trials, {len(done)} with values ({len(trials) - len(done)} failed or without the "
                   f"metric: Optuna recorded them as failed). ✓ = {what}.", "",
-                  _table(["trial", "dir", *arrows, "status", what], rows), ""]
+                  markdown_table(["trial", "dir", *arrows, "status", what], rows), ""]
         if len(keys) == 2 and len(done) >= 2:
             name = f"search_front{n or ''}.png"
             plot_front(done, front, keys, out / name)

@@ -8,8 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..core import measures
-from ..evaluation.judge.controls import CONTROLS
-from .runs import JUDGE, Run, _number
+from ..evaluation.llm_judge.controls import CONTROLS
+from ..core.measures import is_number
+from .runs import JUDGE, Run
 
 
 def columns() -> list[tuple[str, str, str]]:
@@ -18,13 +19,13 @@ def columns() -> list[tuple[str, str, str]]:
     return [(m.key, m.label, m.fmt) for m in measures.declared() if m.column]
 
 
-def _cell(value, fmt: str) -> str:
+def cell(value, fmt: str) -> str:
     if value is None:
         return ""
     return fmt.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -38,9 +39,9 @@ def _used_columns(runs: list[Run]):
 
 def runs_table(runs: list[Run]) -> str:
     cols = _used_columns(runs)
-    rows = [[r.label, str(r.dir.name), *(_cell(r.value(k), f) for k, _, f in cols), r.summary.get("status", "")]
+    rows = [[r.label, str(r.dir.name), *(cell(r.value(k), f) for k, _, f in cols), r.summary.get("status", "")]
             for r in runs]
-    return _table(["run", "dir", *(t for _, t, _ in cols), "status"], rows)
+    return markdown_table(["run", "dir", *(t for _, t, _ in cols), "status"], rows)
 
 
 def seeds_table(runs: list[Run]) -> str | None:
@@ -59,9 +60,9 @@ def seeds_table(runs: list[Run]) -> str | None:
         for key, _, fmt in cols:
             values = [m.value(key) for m in members if isinstance(m.value(key), (int, float))]
             cells.append("" if not values else
-                         f"{_cell(statistics.fmean(values), fmt)} ± {_cell(statistics.pstdev(values), fmt)}")
+                         f"{cell(statistics.fmean(values), fmt)} ± {cell(statistics.pstdev(values), fmt)}")
         rows.append([label, str(len(members)), *cells])
-    return _table(["config", "seeds", *(t for _, t, _ in cols)], rows)
+    return markdown_table(["config", "seeds", *(t for _, t, _ in cols)], rows)
 
 
 def judges_section(runs: list[Run]) -> list[str]:
@@ -79,7 +80,7 @@ def judges_section(runs: list[Run]) -> list[str]:
     for name, summaries in used.items():
         cells = []
         for control in CONTROLS:
-            values = [s[f"judge/control_{control}"] for s in summaries if _number(s.get(f"judge/control_{control}"))]
+            values = [s[f"judge/control_{control}"] for s in summaries if is_number(s.get(f"judge/control_{control}"))]
             cells.append(f"{statistics.fmean(values):.3f}" if values else "—")
         verdicts = {s.get(measures.RELIABLE.key) for s in summaries}
         verdict = ("reliable" if verdicts == {True} else
@@ -87,4 +88,4 @@ def judges_section(runs: list[Run]) -> list[str]:
         rows.append([name, str(len(summaries)), *cells, verdict])
     what = "; ".join(f"{name}: {a} against {b} (needs {rule})" for name, (a, b, _, rule) in CONTROLS.items())
     return ["## Judges", "", f"Controls, built from the judged prompts and averaged over the judgings: {what}.", "",
-            _table(["judge", "judgings", *CONTROLS, "verdict"], rows), ""]
+            markdown_table(["judge", "judgings", *CONTROLS, "verdict"], rows), ""]

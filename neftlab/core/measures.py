@@ -69,6 +69,11 @@ class Measure:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "compute"})
 
 
+def is_number(value: Any) -> bool:
+    """A measure's value that is a number (a bool is a flag, not a number)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 _REGISTRY: dict[str, Measure] = {}
 
 

@@ -65,10 +65,3 @@ def cut(table: pa.Table, rows: list[int], max_length: int) -> tuple[Dataset, int
                       "attention_mask": as_list(np.ones(len(flat_ids), np.int64)),
                       "labels": as_list(np.where(flat_mask > 0, flat_ids, -100).astype(np.int64))})
     return Dataset(table.filter(pa.array(answered))), int((~answered).sum())
-
-
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_length: int) -> dict | None:
-    """One conversation as a training example cut at `max_length`: labels -100 except on assistant replies.
-    None when truncation leaves no assistant token."""
-    example, dropped = cut(pa.table(encode_chats(tokenizer, [messages])), [0], max_length)
-    return None if dropped else example[0]

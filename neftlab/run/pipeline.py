@@ -31,7 +31,7 @@ from ..core.rundir import RunFiles
 from ..data import Source
 from ..data.packing import PackedCollator
 from ..evaluation import generation, harness, measures
-from ..evaluation.judge.judging import judge_run
+from ..evaluation.llm_judge.judging import judge_run
 from ..evaluation.noise_off import NoiseOffTrainLoss
 from ..methods import factory
 from ..methods.passes import PassesTrainer

@@ -9,7 +9,7 @@ import pytest
 
 from neftlab import export, report
 from neftlab.analysis.annotations import read_annotations
-from neftlab.analysis.export import export as export_answers
+from neftlab.analysis.alpaca_format import export as export_answers
 from neftlab.analysis.runs import find_runs, label_judgings
 from tests.evaluation.test_judge import ANSWERS_A, ANSWERS_B, sweep_run
 

@@ -8,8 +8,8 @@ import wandb_workspaces.reports.v2 as wr
 import wandb_workspaces.workspaces as ws
 
 from neftlab import workspace as workspace_cli
-from neftlab.analysis import workspace
-from neftlab.analysis.report import write_report
+from neftlab.analysis import wandb_workspace as workspace
+from neftlab.analysis.comparison import write_report
 from neftlab.core.measures import Measure, register
 from tests.helpers import TINY, sweep
 from tests.wandb_records import offline_run

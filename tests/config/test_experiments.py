@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from neftlab.config import ConfigError
-from neftlab.analysis.report import write_report
+from neftlab.analysis.comparison import write_report
 from tests.helpers import CONF, ROOT, compose_cfg, run
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))

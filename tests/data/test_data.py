@@ -15,6 +15,14 @@ from neftlab.data.read import READERS, _read_file
 from tests.helpers import TINY, compose_cfg
 
 
+def encode_chat(tokenizer, messages: list[dict], max_length: int) -> dict | None:
+    """One conversation as the data stage makes it (`chat.encode_chats`, then `chat.cut`): labels -100 except on
+    assistant replies; None when truncation leaves no assistant token."""
+    import pyarrow as pa
+    example, dropped = chat.cut(pa.table(chat.encode_chats(tokenizer, [messages])), [0], max_length)
+    return None if dropped else example[0]
+
+
 def cfg(**kw) -> DataConfig:
     base = dict(max_samples=None, eval_size=2, max_length=128)
     return DataConfig(**{**base, **kw})
@@ -91,7 +99,7 @@ def test_loss_is_on_assistant_tokens_only(llama_tokenizer):
                 {"role": "assistant", "content": "Four."},
                 {"role": "user", "content": "And three plus three?"},
                 {"role": "assistant", "content": "Six."}]
-    ex = chat.encode_chat(llama_tokenizer, messages, max_length=256)
+    ex = encode_chat(llama_tokenizer, messages, max_length=256)
     trained = llama_tokenizer.decode([t for t, y in zip(ex["input_ids"], ex["labels"]) if y != -100])
     assert trained == "Four.<|im_end|>\nSix.<|im_end|>\n"
     assert ex["labels"][0] == -100 and len(ex["labels"]) == len(ex["input_ids"])
@@ -101,15 +109,15 @@ def test_plain_template_for_tokenizers_without_one(bert_tokenizer):
     from neftlab.models import PLAIN_CHAT_TEMPLATE
     tok = bert_tokenizer.__class__.from_pretrained(bert_tokenizer.name_or_path)
     tok.chat_template = PLAIN_CHAT_TEMPLATE
-    ex = chat.encode_chat(tok, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "bye"}], 64)
+    ex = encode_chat(tok, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "bye"}], 64)
     assert tok.decode([t for t, y in zip(ex["input_ids"], ex["labels"]) if y != -100]).startswith("bye")
 
 
 def test_truncation_keeps_examples_with_some_answer(llama_tokenizer):
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]
-    ex = chat.encode_chat(llama_tokenizer, messages, max_length=64)
+    ex = encode_chat(llama_tokenizer, messages, max_length=64)
     assert len(ex["input_ids"]) == 64 and ex["labels"][-1] != -100
-    assert chat.encode_chat(llama_tokenizer, [{"role": "user", "content": "word " * 200},
+    assert encode_chat(llama_tokenizer, [{"role": "user", "content": "word " * 200},
                                               {"role": "assistant", "content": "x"}], 64) is None
 
 
@@ -188,7 +196,7 @@ def test_tokenized_once_then_cut_and_split_from_the_cache(tmp_path, monkeypatch,
                      for r in map(conversation_record, range(30))}
         rows = [records.conversation(by_prompt[json.dumps(p)], 0, "", {"conversations": "conversations"})
                 for p, _ in prepared.prompts]
-        return [chat.encode_chat(llama_tokenizer, c, max_length) for c in rows]
+        return [encode_chat(llama_tokenizer, c, max_length) for c in rows]
 
     first = data.prepare(cfg(path=str(path), eval_size=5, max_length=128), llama_tokenizer, True, seed=1)
     assert calls == [30]

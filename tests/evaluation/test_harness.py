@@ -13,7 +13,7 @@ from tests.helpers import ROOT, TINY, compose_cfg, run, sweep
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'neftlab[harness]')")
 
 from neftlab import evaluate, models  # noqa: E402
-from neftlab.analysis.report import write_report  # noqa: E402
+from neftlab.analysis.comparison import write_report  # noqa: E402
 from neftlab.config import ConfigError, HarnessConfig  # noqa: E402
 from neftlab.evaluation import harness  # noqa: E402
 

@@ -16,9 +16,9 @@ from neftlab import judge as judge_cli
 from neftlab.config import JudgeConfig
 from neftlab.core import rundir, stats
 from neftlab.core.files import read_jsonl
-from neftlab.evaluation.judge import answers, controls, judging, prompts
-from neftlab.evaluation.judge.prompts import _fit
-from neftlab.evaluation.judge.scoring import pairwise_preferences
+from neftlab.evaluation.llm_judge import answers, controls, judging, prompts
+from neftlab.evaluation.llm_judge.prompts import fit_texts
+from neftlab.evaluation.llm_judge.scoring import pairwise_preferences
 from tests.helpers import ROOT, run
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -109,7 +109,7 @@ def test_answers_are_cut_from_the_right_to_fit(llama_tokenizer):
     fake = FakeJudge(llama_tokenizer)
     _, truncated = pairwise_preferences(fake, llama_tokenizer, pairs, 256)
     assert truncated == 1 and max(fake.lengths) <= 256
-    texts, cut = _fit(llama_tokenizer, [("start middle end", "left"), (long, "right"), ("b", "right")], 12)
+    texts, cut = fit_texts(llama_tokenizer, [("start middle end", "left"), (long, "right"), ("b", "right")], 12)
     assert cut and texts[0] == "start middle end" and texts[2] == "b" and texts[1].startswith("word word")
     with pytest.raises(prompts.JudgeError, match="leaves no room for the answers"):
         pairwise_preferences(fake, llama_tokenizer, pairs, 64)

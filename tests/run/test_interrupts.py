@@ -16,7 +16,7 @@ import pytest
 
 from neftlab.core import rundir
 from neftlab.core.files import read_jsonl
-from neftlab.evaluation.judge.answers import final_answers
+from neftlab.evaluation.llm_judge.answers import final_answers
 from neftlab.run import checkpoint as checkpoints
 from neftlab.run import pipeline, signals
 from tests.helpers import ROOT, compose_cfg, run, subprocess_run

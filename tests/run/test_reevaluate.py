@@ -11,7 +11,7 @@ import pytest
 from neftlab import evaluate
 from neftlab.core.files import read_jsonl
 from neftlab.evaluation import generation
-from neftlab.evaluation.judge.answers import final_answers
+from neftlab.evaluation.llm_judge.answers import final_answers
 from neftlab.run import reevaluate
 from neftlab.run.reevaluate import evaluate_run, load_config
 from tests.helpers import ROOT, TINY, run

@@ -8,7 +8,7 @@ import re
 import pytest
 from hydra import compose, initialize_config_dir
 
-from neftlab.analysis.report import write_report
+from neftlab.analysis.comparison import write_report
 from neftlab.analysis.search import pareto_front
 from neftlab.config import ConfigError
 from neftlab.config import objectives as search

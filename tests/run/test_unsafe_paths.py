@@ -30,7 +30,7 @@ def test_links_where_the_report_and_the_export_write_lead_nowhere(reference, tmp
     assert export.main([str(sweep), "--format", "alpaca_eval"]) == 2
     assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
     with pytest.raises(UnsafePath, match="alpaca_eval is a symbolic link"):
-        from neftlab.analysis.export import export as export_answers
+        from neftlab.analysis.alpaca_format import export as export_answers
         export_answers(sweep)
 
 

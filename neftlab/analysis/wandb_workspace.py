@@ -23,7 +23,8 @@ from ..core.files import read_json, write_json
 from ..tracking.wandb_run import project as wandb_project
 from ..tracking.wandb_run import wandb_mode
 from .paired import paired_measures, paired_table
-from .runs import Run, _number
+from ..core.measures import is_number
+from .runs import Run
 from .tables import judges_section
 from .wandb_push import paired_key
 
@@ -87,12 +88,12 @@ def study(runs: list[Run], paired_keys: list[str], paired_markdown: str = "") ->
     logger = logged[0].config.get("logger") or {}
     swept = swept_keys(logged)
     flat = [_flat(r.config) for r in logged]
-    numeric = [k for k in swept if k != "seed" and all(_number(f.get(k)) for f in flat)]
-    history = {k for r in logged for event in r.history for k, v in event.items() if _number(v)}
-    summary = {k for r in logged for k, v in r.summary.items() if _number(v)}
+    numeric = [k for k in swept if k != "seed" and all(is_number(f.get(k)) for f in flat)]
+    history = {k for r in logged for event in r.history for k, v in event.items() if is_number(v)}
+    summary = {k for r in logged for k, v in r.summary.items() if is_number(v)}
     summary |= {declared.vs_baseline(k) if baseline != "reference" else k
                 for r in logged for judged in r.judges.values() for baseline, s in judged.items()
-                for k, v in s.items() if _number(v)}
+                for k, v in s.items() if is_number(v)}
     return Study(project=wandb_project(logger.get("project")), entity=logger.get("entity") or "",
                  groups=sorted({r.dir.parent.name for r in logged}), swept=swept, numeric=numeric, history=history,
                  summary=summary, answers=any(r.answer_lengths() for r in logged), paired=paired_keys,

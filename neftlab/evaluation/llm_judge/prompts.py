@@ -56,7 +56,7 @@ class JudgeError(NeftlabError, ValueError):
     """Answers that cannot be judged as asked; the message names the file or the prompts."""
 
 
-def _fit(tokenizer, texts: list[tuple[str, str]], budget: int) -> tuple[list[str], bool]:
+def fit_texts(tokenizer, texts: list[tuple[str, str]], budget: int) -> tuple[list[str], bool]:
     """The texts cut to `budget` tokens together, each from its side ("left" keeps the end, "right" the start).
     The longest are cut first, to equal shares, so a short answer never loses tokens to make room for a long one."""
     ids = [tokenizer.encode(text, add_special_tokens=False) for text, _ in texts]
@@ -71,7 +71,7 @@ def _fit(tokenizer, texts: list[tuple[str, str]], budget: int) -> tuple[list[str
     return [tokenizer.decode(c) for c in cut], True
 
 
-def _budget(frame: int, max_length: int) -> int:
+def token_budget(frame: int, max_length: int) -> int:
     """Tokens left for the texts once the judge's own prompt (`frame` tokens) is in."""
     if max_length - frame - MARGIN < 16:
         raise JudgeError(f"max_length={max_length} leaves no room for the answers: the judge's prompt alone "

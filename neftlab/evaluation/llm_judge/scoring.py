@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from ...config import JudgeConfig
 from ...models import PLAIN_CHAT_TEMPLATE, ModelLoadError, resolve
 from .answers import Pair
-from .prompts import TEMPLATES, JudgeError, _budget, _fit, chat_messages
+from .prompts import TEMPLATES, JudgeError, token_budget, fit_texts, chat_messages
 
 
 def _batches(tokenizer, ids: list[list[int]], batch_size: int, padding_side: str, desc: str):
@@ -59,10 +59,10 @@ def pairwise_preferences(model, tokenizer, pairs: list[Pair], max_length: int, b
     def render(instruction, first, second):
         return tokenizer.apply_chat_template(chat_messages(template, instruction, first, second), tokenize=False,
                                              add_generation_prompt=True)
-    budget = _budget(len(tokenizer.encode(render("", "", ""), add_special_tokens=False)), max_length)
+    budget = token_budget(len(tokenizer.encode(render("", "", ""), add_special_tokens=False)), max_length)
     texts, truncated = [], 0
     for p in pairs:
-        (instruction, run, base), cut = _fit(tokenizer, [(p.instruction, "left"), (p.run, "right"),
+        (instruction, run, base), cut = fit_texts(tokenizer, [(p.instruction, "left"), (p.run, "right"),
                                                          (p.baseline, "right")], budget)
         truncated += cut
         texts += [render(instruction, run, base), render(instruction, base, run)]
@@ -84,10 +84,10 @@ def reward_scores(model, tokenizer, pairs: list[Pair], max_length: int, batch_si
         text = tokenizer.apply_chat_template([{"role": "user", "content": instruction},
                                               {"role": "assistant", "content": answer}], tokenize=False)
         return tokenizer.encode(text, add_special_tokens=False)
-    budget = _budget(len(encode("", "")), max_length)
+    budget = token_budget(len(encode("", "")), max_length)
     ids, truncated = [], 0
     for p in pairs:
-        fitted = [_fit(tokenizer, [(p.instruction, "left"), (answer, "right")], budget)
+        fitted = [fit_texts(tokenizer, [(p.instruction, "left"), (answer, "right")], budget)
                   for answer in (p.run, p.baseline)]
         truncated += any(cut for _, cut in fitted)
         ids += [encode(*texts) for texts, _ in fitted]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..core import rundir
 from ..core.files import write_json
-from ..evaluation.judge.answers import final_answers, instruction_text
+from ..evaluation.llm_judge.answers import final_answers, instruction_text
 from .runs import ReportError, find_runs, generator_name
 
 FORMATS = ("alpaca_eval",)

@@ -15,7 +15,7 @@ from .runs import arms, baseline_arm, find_runs, label_judgings, plain_arms
 from .search import search_sections
 from .tables import judges_section, runs_table, seeds_table
 from .wandb_push import push_paired
-from .workspace import SPEC, dashboard
+from .wandb_workspace import SPEC, dashboard
 
 
 def write_report(root: Path, out: Path | None = None, baseline: str | None = None, wandb: bool = False,
