@@ -77,7 +77,7 @@ def test_a_signal_during_the_final_evaluation_keeps_the_training(completed, tmp_
     assert summary["status"] == "interrupted" and "train/train_runtime" in summary
     assert checkpoints.problem(run / "checkpoints/checkpoint-4") is None
     if signum == signal.SIGTERM:
-        proc = rerun(tmp_path, *slow_eval)
+        proc = rerun(tmp_path)  # short answers again (eval.* may change on a resume): it only evaluates
         assert proc.returncode == 0 and "evaluating only" in proc.stderr
         assert_resumed_to_reference(run, completed, proc.stderr, from_step=4)
 
@@ -106,7 +106,7 @@ def test_a_kill_9_during_the_final_evaluation_keeps_the_training_without_save_st
     proc.kill()
     proc.communicate(timeout=60)
     (run,) = (tmp_path / "runs").iterdir()
-    proc = rerun(tmp_path, *slow_eval)
+    proc = rerun(tmp_path, "trainer.save_steps=null")  # short answers again (eval.* may change on a resume)
     assert proc.returncode == 0 and "evaluating only" in proc.stderr, proc.stderr[-3000:]
     assert_resumed_to_reference(run, completed, proc.stderr, from_step=4)
     assert not (run / rundir.CHECKPOINTS).exists()
