@@ -27,8 +27,8 @@ def task(dict_cfg: DictConfig) -> Any:
     process, it exits with the run's exit code."""
     # Imported here, not above, for speed alone: --help, --cfg and a refused command line need no torch (5 s).
     from .run.job import JobContext, run_job
-    from .run.launch import LAUNCHER_PID_ENV
-    from .run.slurm import stopped
+    from .core.ledger import LAUNCHER_PID_ENV
+    from .sweep.slurm import stopped
     ctx = JobContext.from_hydra()
     outcome = run_job(dict_cfg, ctx)
     if ctx.multirun:
@@ -81,7 +81,7 @@ def main() -> None:
         print(f"Error: {moved}", file=sys.stderr)
         sys.exit(2)
     from hydra.core.plugins import Plugins
-    from .run.slurm import SlurmLauncher
+    from .sweep.slurm import SlurmLauncher
     Plugins.instance().register(SlurmLauncher)  # hydra/launcher=slurm: Hydra builds a launcher only from a plugin
     try:
         _app()  # a failed run, or a sweep with failed jobs, exits non-zero from within (task)

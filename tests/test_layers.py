@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "neftlab"
 # From the ground up; a module's layer is its package's, and the command lines at the package root are the top;
 # `api` (a training script's own entry, neftlab.noise_for) sits right above the methods it hands out.
-LAYERS = [("core",), ("config",), ("data", "models", "tracking"), ("methods",), ("api",), ("evaluation",), ("run",),
+LAYERS = [("core",), ("config",), ("data", "models", "tracking"), ("methods",), ("api",), ("evaluation",), ("run",), ("sweep",),
           ("analysis",), ("__main__", "report", "judge", "evaluate", "export", "workspace")]
 
 

@@ -39,13 +39,13 @@ from .. import models
 from ..config import Config, run_id, to_config
 from ..config.compose import spelled_out
 from ..config.objectives import objective, objective_keys
-from ..core import rundir
+from ..core import ledger, rundir
 from ..core.claim import RunLock, describe
 from ..core.errors import ConfigError, NeftlabError, disk_full, first_line
 from ..core.files import read_json, write_json
 from ..core.rank import launched_ranks, rank
 from ..core.rundir import RunFiles
-from . import launch, pipeline
+from . import pipeline
 from .checkpoint import training_done, usable_checkpoint
 from .fingerprint import Identity, config_differences, saved_config
 from .resume import Busy, Refused, Resume, claim, clear, find_resume, occupant
@@ -223,7 +223,7 @@ class Job:
     def _run(self) -> Outcome:
         out_dir = self.ctx.out_dir
         try:
-            if stopped := launch.sweep_stopped(self.ctx.sweep_dir):
+            if stopped := ledger.sweep_stopped(self.ctx.sweep_dir):
                 return Outcome("interrupted", f"not started: the sweep was stopped by {signal.Signals(stopped).name}",
                                exit_code=128 + stopped)
             self.dict_cfg = spelled_out(self.dict_cfg)  # what the run saves and logs names its kind and each value
@@ -334,7 +334,7 @@ class Job:
 def run_job(dict_cfg: DictConfig, ctx: JobContext) -> Outcome:
     """One job, with its log held until its directory is decided, and, in a sweep, its line in the ledger."""
     if ctx.multirun:
-        launch.record_job(ctx.sweep_dir, ctx.number, ctx.out_dir, "running")
+        ledger.record_job(ctx.sweep_dir, ctx.number, ctx.out_dir, "running")
     held = HeldLog()
     outcome = Job(dict_cfg, ctx, held).run()
     held.drop()
@@ -349,7 +349,7 @@ def run_job(dict_cfg: DictConfig, ctx: JobContext) -> Outcome:
                      outcome.run_dir)
     _tidy(ctx.out_dir, outcome.run_dir)
     if ctx.multirun:
-        launch.record_job(ctx.sweep_dir, ctx.number, ctx.out_dir, outcome.status, outcome.run_dir, outcome.message)
+        ledger.record_job(ctx.sweep_dir, ctx.number, ctx.out_dir, outcome.status, outcome.run_dir, outcome.message)
     return outcome
 
 

@@ -10,7 +10,8 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from neftlab.config import ConfigError
-from neftlab.run import launch, nonfinite
+from neftlab.run import nonfinite
+from neftlab.sweep import launch
 from neftlab.run.signals import GracefulStop
 from tests.helpers import cli, run, spawn
 

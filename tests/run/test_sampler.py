@@ -13,7 +13,7 @@ def _sampler(*overrides: str):
     with initialize_config_dir(config_dir=CONF):
         cfg = compose("config", list(overrides), return_hydra_config=True)
     sweeper = instantiate(cfg.hydra.sweeper, _recursive_=False,  # as Hydra builds it: the sweeper builds its sampler
-                          _execution_whitelist_=("neftlab.run.sweeper.*",))
+                          _execution_whitelist_=("neftlab.sweep.sweeper.*",))
     return sweeper.sweeper.sampler
 
 

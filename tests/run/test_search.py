@@ -51,7 +51,7 @@ def test_quality_is_the_win_rate_with_a_judge_else_the_loss():
 def test_sweeper_directions_follow_the_objectives(overrides, directions):
     with initialize_config_dir(config_dir=CONF):
         cfg = compose("config", overrides, return_hydra_config=True)
-    assert cfg.hydra.sweeper._target_ == "neftlab.run.sweeper.StudySweeper"
+    assert cfg.hydra.sweeper._target_ == "neftlab.sweep.sweeper.StudySweeper"
     assert list(cfg.hydra.sweeper.direction) == directions
 
 
@@ -243,7 +243,7 @@ def test_the_slurm_recipes_compose_to_a_shared_study():
         with initialize_config_dir(config_dir=CONF):
             cfg = compose("config", overrides, return_hydra_config=True)
         sweeper = cfg.hydra.sweeper
-        assert sweeper._target_ == "neftlab.run.sweeper.StudySweeper" and sweeper.n_trials == 30
+        assert sweeper._target_ == "neftlab.sweep.sweeper.StudySweeper" and sweeper.n_trials == 30
         assert sweeper.storage == "journal:/shared/neftlab/neftune_search.journal" and sweeper.sampler.constant_liar
     assert cfg.hydra.launcher._target_.endswith("BasicLauncher")  # the sbatch sweepers run their trials in-process
     with initialize_config_dir(config_dir=CONF):

@@ -113,7 +113,7 @@ def test_where_the_cluster_cannot_be_had_the_tests_say_why_in_one_line(monkeypat
 def test_the_jobs_states_come_from_sacct_where_it_answers_else_from_squeue(monkeypatch, accounting):
     """sacct's words where the cluster keeps accounting ("CANCELLED by 0"); else squeue's, and a job squeue no longer
     knows has ended (the cluster's own jobs run without accounting above)."""
-    from neftlab.run import slurm
+    from neftlab.sweep import slurm
 
     def answer(command, **kwargs):
         if command[0] == "sacct" and not accounting:
@@ -129,7 +129,7 @@ def test_the_jobs_states_come_from_sacct_where_it_answers_else_from_squeue(monke
 
 
 def test_a_stopped_job_leaves_no_result_in_slurm_and_asks_to_be_requeued_after_a_warning(monkeypatch, caplog):
-    from neftlab.run import slurm
+    from neftlab.sweep import slurm
     asked = []
 
     def refuse(command, **kwargs):
@@ -217,7 +217,7 @@ def _tiny(recipe: str, tmp_path: Path, **more: str) -> str:
 
 def _study(tmp_path: Path):
     import optuna
-    from neftlab.run.study import open_storage
+    from neftlab.sweep.study import open_storage
     return optuna.load_study(study_name="neftune_search_tiny",
                              storage=open_storage(f"journal:{tmp_path}/neftune_search.journal"))
 
@@ -226,7 +226,7 @@ def _complete_without_repeats(tmp_path: Path) -> list:
     """The study's trials, once it has ended at n_trials=4 completed trials, each run trained once."""
     from optuna.trial import TrialState
 
-    from neftlab.run.study import counted
+    from neftlab.sweep.study import counted
     trials = _study(tmp_path).trials
     assert len(counted(trials)) == 4 and all(t.state == TrialState.COMPLETE for t in counted(trials))
     assert not any(t.state == TrialState.RUNNING for t in trials)

@@ -1,4 +1,4 @@
-"""One Optuna study shared by several sweeper processes (neftlab.run.study): n_trials in all, a trial asked in the
+"""One Optuna study shared by several sweeper processes (neftlab.sweep.study): n_trials in all, a trial asked in the
 same instant as another process's last one dropped, a trial whose process is gone failed and retried with its
 parameters; then two real sweeper processes on one journal file with one of them killed mid-trial, and on a
 PostgreSQL server the test starts."""
@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from neftlab.core import claim
 from neftlab.core.errors import ConfigError
-from neftlab.run.study import HEARTBEAT, OWNER, SURPLUS, SharedStudy, counted, open_storage, open_study
+from neftlab.sweep.study import HEARTBEAT, OWNER, SURPLUS, SharedStudy, counted, open_storage, open_study
 from tests.helpers import ROOT
 
 

@@ -22,10 +22,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from ..config import run_id
 from ..core import rundir
 from ..core.errors import ConfigError
-from ..core.files import append_line, jsonl_line, read_jsonl
-from .signals import STOP_SIGNALS
+from ..core.ledger import LAUNCHER_PID_ENV, SWEEP_ENV, append, ledger_rows
+from ..run.signals import STOP_SIGNALS
 
-SWEEP_ENV, LAUNCHER_PID_ENV = "NEFTLAB_SWEEP", "NEFTLAB_SWEEP_PID"  # set by RunGuard for the sweep's jobs
 
 
 MIN_FREE_BYTES = 200 * 2**20
@@ -109,39 +108,6 @@ def upgrade_study_file(path: Path) -> Optional[Path]:
           f"schema; the original is kept as {backup} (an upgraded study cannot be read by the older Optuna)",
           file=sys.stderr)
     return backup
-
-
-def append(ledger: Path, row: dict) -> None:
-    """One whole line appended to a sweep's jobs.jsonl."""
-    append_line(ledger, jsonl_line(row), root=ledger.parent)
-
-
-def ledger_rows(ledger: Path) -> list[dict]:
-    return read_jsonl(ledger, required="sweep", root=ledger.parent)
-
-
-def record_job(sweep_dir: Path, number: int, out_dir: Path, status: str, run_dir: Optional[Path] = None,
-               message: str = "") -> None:
-    """Append how this job ended to the sweep's jobs.jsonl, one whole line."""
-    append(sweep_dir / rundir.SWEEP_JOBS, {
-        "sweep": os.environ.get(SWEEP_ENV, ""), "job": number, "dir": str(out_dir), "status": status,
-        "run": str(run_dir or ""), "error": message[:1000], "pid": os.getpid()})
-
-
-def job_statuses(sweep_dir: Path) -> dict[int, str]:
-    """How each job of this process's sweep ended (or "running"), by its number."""
-    sweep = os.environ.get(SWEEP_ENV, "")
-    return {r["job"]: r["status"] for r in ledger_rows(sweep_dir / rundir.SWEEP_JOBS)
-            if r["sweep"] == sweep and "job" in r}
-
-
-def sweep_stopped(sweep_dir: Optional[Path]) -> Optional[int]:
-    """The signal that stopped this job's sweep before the job started, if one did."""
-    sweep = os.environ.get(SWEEP_ENV)
-    if not sweep or sweep_dir is None:
-        return None
-    return next((r["stop"] for r in ledger_rows(sweep_dir / rundir.SWEEP_JOBS) if r["sweep"] == sweep and "stop" in r),
-                None)
 
 
 def _continued_sweep(config: DictConfig) -> Optional[Path]:

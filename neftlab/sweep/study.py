@@ -42,8 +42,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..core import claim
+from ..core import ledger
 from ..core.errors import ConfigError
-from . import launch
 from .launch import journal_path
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class StudySweeperImpl(OptunaSweeperImpl):
         log.info("Study %s in %s: %d of its %d trials to go, %d per batch in this process", study.study_name,
                  self.storage, max(shared.left(), 0), self.n_trials, self.n_jobs)
         waited = False
-        while not launch.sweep_stopped(Path(self.sweep_dir)):
+        while not ledger.sweep_stopped(Path(self.sweep_dir)):
             shared.fail_stale()
             trials = shared.ask(self.n_jobs)
             if not trials:
@@ -253,7 +253,7 @@ class StudySweeperImpl(OptunaSweeperImpl):
                     shared.give_back(trial)
                 raise
         self.job_idx += len(returns)
-        status = launch.job_statuses(Path(self.sweep_dir))
+        status = ledger.job_statuses(Path(self.sweep_dir))
         failures = 0
         for i, (trial, ret) in enumerate(zip(trials, returns)):
             if status.get(first + i) == "interrupted":

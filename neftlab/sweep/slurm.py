@@ -131,10 +131,10 @@ class SlurmLauncher(SubmititSlurmLauncher):
             time.sleep(1)
         if job.paths.result_pickle.exists():
             return job.results()[0]
-        from . import launch  # here, not above: the launcher class is imported at every start, --help included
+        from ..core import ledger  # here, not above: the launcher class is imported at every start, --help included
         state = job.state.split()[0]
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        last = launch.job_statuses(sweep_dir).get(number)
+        last = ledger.job_statuses(sweep_dir).get(number)
         what = "was cancelled" if state == "CANCELLED" else f"ended {state}"
         if last == "interrupted":
             print(f"SLURM job {job.job_id} (#{number}: {' '.join(overrides)}) {what}: its run stopped with a "
@@ -142,7 +142,7 @@ class SlurmLauncher(SubmititSlurmLauncher):
         else:
             message = f"SLURM job {job.job_id} {what} without a result; its log: {job.paths.stderr}"
             print(f"#{number}: {message}", file=sys.stderr)
-            launch.record_job(sweep_dir, number, sweep_dir / str(number), "failed", message=message)
+            ledger.record_job(sweep_dir, number, sweep_dir / str(number), "failed", message=message)
         ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
         ret.return_value = None
         return ret
