@@ -72,6 +72,8 @@ def test_the_measure_example_runs_from_a_copy_of_its_folder(tmp_path):
                                                                             "eval/entropy"}
     assert isinstance(summary["eval/entropy"], float) and isinstance(summary["eval/complete_sentences"], float)
     assert "answers ending a sentence" in (tmp_path / "out" / "run" / "report.md").read_text()
+    search = (tmp_path / "out" / "experiments" / "neftune_search_tiny" / "report.md").read_text()
+    assert "answers ending a sentence" in search and search.count("| completed |") >= 2  # searched as the objective
     assert proc.stdout.splitlines()[-1].endswith("| answers ending a sentence | next-token entropy (nats) | status |")
 
 
