@@ -38,7 +38,7 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from omegaconf import OmegaConf
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..core import claim
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 OWNER, HEARTBEAT, SURPLUS = "neftlab:owner", "neftlab:heartbeat", "neftlab:surplus"  # trials' system attrs
 MAX_RETRY = 3  # a trial whose process keeps dying is retried this often, then counts as failed
+CREATE_TRIES = 5  # opening a study that sweepers create together: the ones that lose the race try again
 
 
 def open_storage(spec: Optional[str]) -> Optional[optuna.storages.BaseStorage]:
@@ -70,8 +71,16 @@ def open_study(storage: Optional[str], name: Optional[str], sampler: Any, direct
     """The study, created or loaded; a storage that cannot be opened (a server down, a wrong URL or password, a
     driver not installed) is named in one line."""
     try:
-        return optuna.create_study(study_name=name, storage=open_storage(storage), sampler=sampler,
-                                   directions=directions, load_if_exists=True)
+        for attempt in range(CREATE_TRIES):
+            try:
+                return optuna.create_study(study_name=name, storage=open_storage(storage), sampler=sampler,
+                                           directions=directions, load_if_exists=True)
+            except IntegrityError:
+                # Sweepers started together on a fresh database each create Optuna's tables; the server lets one
+                # win (PostgreSQL: `duplicate key ... pg_type_typname_nsp_index`) and the others find them made.
+                if attempt == CREATE_TRIES - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except (SQLAlchemyError, ImportError, OSError, ValueError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise ConfigError(f"the study's storage hydra.sweeper.storage={storage} cannot be opened: {reason}") from e
