@@ -77,14 +77,14 @@ def test_a_tiny_study_reports_the_harness_paired_with_intervals(tmp_path):
     # One step and no answers: the paired rows are what the report makes of any study (after 4 steps, too, this
     # tiny random model's accuracy has not moved).
     jobs = sweep("size=tiny", "logger=none", f"eval.harness.tasks=[{MC}]", "trainer.max_steps=1",
-                 "eval.num_generations=0", grid={"method": ["finetune", "neftune", "sparse_neft"], "seed": [1, 2]},
+                 "eval.num_generations=0", grid={"noise": ["none", "uniform"], "pruning": ["off", "l1"], "seed": [1, 2]},
                  out_dir=tmp_path)
     assert all(summary["status"] == "completed" for _, summary in jobs)
     text = write_report(tmp_path).read_text()
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines() if "| harness " in line]
     over_seeds = [r for r in rows if r[1] == "harness neftlab_tiny_mc acc"]
     over_items = [r for r in rows if r[1] == "harness neftlab_tiny_mc acc, over items"]
-    assert len(over_seeds) == len(over_items) == 2  # NEFTune and Sparse-NEFT, each against plain fine-tuning
+    assert len(over_seeds) == len(over_items) == 3  # NEFTune, pruning and Sparse-NEFT, each against plain fine-tuning
     assert all(r[2] == "2" and r[6].startswith("[") and r[7] == "t" for r in over_seeds)  # 2 seed pairs, a t interval
     assert all(r[2] == "8" and r[6].startswith("[") and r[7] == "BCa bootstrap" for r in over_items)  # the 8 items
 
