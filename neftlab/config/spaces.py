@@ -31,7 +31,8 @@ def noise_magnitude(cfg: Any, trial: Any) -> None:
     kind's own space: alpha for the drawn kinds, FreeLB's starting magnitude, passes and step, NoisyTune's
     intensity, a user's kind's own keys."""
     searchpath = list((OmegaConf.select(cfg, "hydra.searchpath", default=None) if cfg is not None else None) or [])
-    option = trial.params.get("noise") or trial.suggest_categorical("noise", searched_kinds(searchpath))
+    option = (trial.params.get("noise") or trial.user_attrs.get("noise")  # drawn, or fixed by the command line
+              or trial.suggest_categorical("noise", searched_kinds(searchpath)))
     kind_class(option_node(option, searchpath)).suggest(trial)
 
 

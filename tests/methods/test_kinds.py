@@ -119,6 +119,7 @@ def test_a_users_kind_composes_and_is_searched_with_its_own_space(user_kind):
 
     class Trial:
         params: dict = {}
+        user_attrs: dict = {}
 
         def suggest_categorical(self, name, choices):
             self.params[name] = "triangular" if name == "noise" else choices[0]

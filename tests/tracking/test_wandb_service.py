@@ -19,7 +19,9 @@ def _command(out):
 
 @pytest.mark.slow
 def test_a_killed_wandb_service_ends_in_one_line_after_a_completed_run(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    # Without WANDB_SERVICE: an in-process W&B test earlier in this pytest leaves it set, and the child would use
+    # that test's service instead of starting the wandb-core this test kills.
+    env = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "WANDB_MODE": "offline"}
     proc = subprocess.Popen(_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics, killed = tmp_path / "metrics.jsonl", []

@@ -118,6 +118,8 @@ class NoiseKind(TrainerCallback):
 
     @classmethod
     def suggest(cls, trial: Any, prefix: str = "noise") -> None:
-        """Draw this kind's own search space on a trial."""
+        """Draw this kind's own search space on a trial; a key the search's params drew or fixed already (a command
+        line's `noise.alpha=choice(1,5)` or `noise.alpha=3`) is theirs."""
         for param in cls.space:
-            param.suggest(trial, prefix)
+            if f"{prefix}.{param.key}" not in {**trial.params, **trial.user_attrs}:
+                param.suggest(trial, prefix)
