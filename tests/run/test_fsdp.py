@@ -126,7 +126,7 @@ def lane_results(request, tmp_path_factory):
               ("synced generation", generate_worker, True, answers(tiny(True, device))),
               ("state", state_worker, True, expected_state(device, folder))]
     try:
-        spawn(lane, folder / "store", device, checks, folder)
+        spawn(lane, folder / "store", device, checks, folder, timeout=480)  # four checks: each spawn had 240 s
     except (Exception, pytest.fail.Exception):
         pass  # each test reads its check's outcome, and says why it has none
     return folder
