@@ -79,7 +79,7 @@ def test_no_two_options_of_different_groups_compose_the_same_config():
 def test_help_lists_only_what_a_user_picks():
     from neftlab.config.compose import groups_help
     text = groups_help()
-    assert "base_" not in text and "sized" not in text
+    assert "base_" not in text and "at_size" not in text
     assert "noise: dynamic, dynamic_auto, dynamic_small, freelb, gaussian, laplace, noisytune, none, symnoise, uniform, uniform_10" in text
     assert "hparams_search: neftune, perturbations, sparse_neft" in text
 
