@@ -3,9 +3,9 @@ class declares its typed config (`Config`), and that config holds only the keys 
 
 So a kind is found the same way whether it is neftlab's or a user's (a module on the path and named in
 $NEFTLAB_PLUGINS, its YAML added with `hydra.searchpath`): by its `_target_`. neftlab imports that class itself, only
-from a trusted module (`plugins.trusted`: a config alone never makes neftlab import code), and accepts only a class
-with a kind's declarations (`name`, `Config`), so no other class is ever built from a config. A preset (`noise=uniform_10`) names
-its kind's option in its defaults list instead of a `_target_` of its own.
+from a trusted module (`plugins.check_trusted`: a config alone never makes neftlab import code), and accepts only a
+class with a kind's declarations (`name`, `Config`), so no other class is ever built from a config. A preset
+(`noise=uniform_10`) names its kind's option in its defaults list instead of a `_target_` of its own.
 
 A run written before kinds had classes saved a flat `noise` (`kind: uniform` and every kind's fields): `typed` and
 `canonical` read it by its kind's name, keeping only that kind's keys, so the run is still reported and resumed.
@@ -21,7 +21,7 @@ from typing import Any, Iterable, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from ..core.errors import ConfigError
-from .plugins import PLUGINS_ENV, trusted
+from .plugins import check_trusted
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 TARGET = "_target_"
@@ -86,6 +86,12 @@ def is_kind_file(option: str, searchpath: Iterable[str] = ()) -> bool:
     return path is not None and TARGET in (OmegaConf.load(path) or {})
 
 
+def kind_options(searchpath: Iterable[str] = ()) -> list[str]:
+    """The noise options that are a kind's own file, neftlab's and those on the search path, in name order."""
+    names = {p.stem for folder in search_dirs(searchpath) for p in (folder / "noise").glob("*.yaml")}
+    return sorted(n for n in names if is_kind_file(n, searchpath))
+
+
 def kind_class(node: Any, key: str = "noise") -> type:
     """The kind class a noise node names: its `_target_`, or for a run saved before kinds had classes, the class
     of neftlab's option of its `kind`."""
@@ -96,9 +102,7 @@ def kind_class(node: Any, key: str = "noise") -> type:
             raise ConfigError(f"{key}.kind={name!r} names no kind of neftlab's and the config has no {key}.{TARGET}")
         target = option_node(str(name))[TARGET]
     module, _, attr = str(target).rpartition(".")
-    if not any(module == p[:-2] or module.startswith(p[:-1]) for p in trusted()):
-        raise ConfigError(f"{key}.{TARGET}={target} is not trusted: neftlab imports a config's code only from the "
-                          f"modules the environment names, so name it: export {PLUGINS_ENV}={module.split('.')[0]}")
+    check_trusted(str(target), f"{key}.{TARGET}")
     try:
         cls = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError, ValueError) as e:

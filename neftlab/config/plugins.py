@@ -22,6 +22,14 @@ def trusted() -> list[str]:
     return ["neftlab.*", *(f"{m}.*" for m in modules)]
 
 
+def check_trusted(target: str, key: str) -> None:
+    """Refuse, in one line naming `key`, a `_target_` outside `trusted()`: before anything of it is imported."""
+    module = target.rsplit(".", 1)[0]
+    if not any(module == p[:-2] or module.startswith(p[:-1]) for p in trusted()):
+        raise ConfigError(f"{key}={target} is not trusted: neftlab imports a config's code only from the modules the "
+                          f"environment names, so name it: export {PLUGINS_ENV}={module.split('.')[0]}")
+
+
 def build(spec: Any, key: str) -> Any:
     """The object a config entry `{_target_: module.name, ...}` describes; a target outside `trusted()`, or one that
     cannot be built, is refused in one line naming `key`."""
@@ -29,10 +37,7 @@ def build(spec: Any, key: str) -> Any:
     target = spec.get("_target_") if hasattr(spec, "get") else None
     if not isinstance(target, str) or "." not in target:
         raise ConfigError(f"{key}={spec!r} is not allowed: a mapping with _target_: <module>.<name>")
-    module = target.rsplit(".", 1)[0]
-    if not any(module == p[:-2] or module.startswith(p[:-1]) for p in trusted()):
-        raise ConfigError(f"{key}._target_={target} is not trusted: neftlab builds a config's code only from the "
-                          f"modules the environment names, so name it: export {PLUGINS_ENV}={module.split('.')[0]}")
+    check_trusted(target, f"{key}._target_")
     try:
         return instantiate(spec, _execution_whitelist_=trusted())
     except Exception as e:  # noqa: BLE001 - an import error, a missing module, a wrong argument: told in one line

@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .noise import is_kind_file, kind_class, option_node, search_dirs
+from .noise import kind_class, kind_options, option_node
 
 PRUNING_RATIO = ("pruning.ratio", 0.05, 0.7)
 
@@ -22,8 +22,7 @@ PRUNING_RATIO = ("pruning.ratio", 0.05, 0.7)
 def searched_kinds(searchpath: list) -> list[str]:
     """Every noise option that is a kind's own file (not a preset) with a search space, neftlab's and those on
     `hydra.searchpath`, in name order."""
-    names = sorted({p.stem for folder in search_dirs(searchpath) for p in (folder / "noise").glob("*.yaml")})
-    return [n for n in names if is_kind_file(n, searchpath) and kind_class(option_node(n, searchpath)).space]
+    return [n for n in kind_options(searchpath) if kind_class(option_node(n, searchpath)).space]
 
 
 def noise_magnitude(cfg: Any, trial: Any) -> None:

@@ -77,7 +77,7 @@ def test_a_module_the_environment_does_not_name_is_not_imported(plugin, monkeypa
     """A config alone (a run directory handed over) never makes neftlab import code."""
     monkeypatch.delenv("NEFTLAB_PLUGINS")
     with pytest.raises(ConfigError, match=re.escape(
-            "eval.measures[0]._target_=my_measures.questions is not trusted: neftlab builds a config's code only "
+            "eval.measures[0]._target_=my_measures.questions is not trusted: neftlab imports a config's code only "
             "from the modules the environment names, so name it: export NEFTLAB_PLUGINS=my_measures")):
         compose_cfg("eval.measures=[{_target_:my_measures.questions}]")
     assert "my_measures" not in sys.modules

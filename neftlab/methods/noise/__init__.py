@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 import torch
 
-from ...config.noise import CONF, is_kind_file, kind_class, option_file, option_node
+from ...config.noise import kind_class, kind_options, option_file, option_node
 from .embedding import ALPHA, DrawnConfig, DrawnNoise, EmbeddingConfig, EmbeddingNoise, ScheduledConfig
 from .kind import NoiseError, NoiseKind, Param
 
@@ -31,18 +31,13 @@ def attach(model: torch.nn.Module, kind: Union[str, type] = "uniform", seed: Opt
     model, PEFT-wrapped or not), with the kind's config keys as keyword arguments, checked as a run's are; `seed`
     gives it its own random stream."""
     if isinstance(kind, str) and option_file("noise", kind) is None:
-        raise NoiseError(f"unknown noise kind {kind!r}: use one of neftlab's ({', '.join(options_of_noise())}) or a "
+        raise NoiseError(f"unknown noise kind {kind!r}: use one of neftlab's ({', '.join(kind_options())}) or a "
                          "kind class")
     cls = kind if isinstance(kind, type) else kind_class({"kind": kind}, key="kind")
     return cls.attach(model, seed=seed, **params)
 
 
-def options_of_noise() -> list[str]:
-    """neftlab's own kinds: the files of conf/noise/ that name a class."""
-    return sorted(p.stem for p in (CONF / "noise").glob("*.yaml") if is_kind_file(p.stem))
-
-
 def builtin() -> list[type]:
     """neftlab's own kind classes, imported: what they log is then declared, for reports of runs written before
     runs declared it themselves."""
-    return [kind_class(option_node(name)) for name in options_of_noise()]
+    return [kind_class(option_node(name)) for name in kind_options()]

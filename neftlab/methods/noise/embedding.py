@@ -106,7 +106,8 @@ class EmbeddingNoise(NoiseKind):
         self._generator, self._pending_state = None, None
         self._mask = self._positions = self._labels = self._cu_seq_lens = None
         self._padded_ratio: Optional[torch.Tensor] = None
-        if getattr(self.embedding, "_neftlab_noise", None) is not None or hasattr(self.embedding, "neftune_noise_alpha"):
+        attached = getattr(self.embedding, "_neftlab_noise", None)
+        if attached is not None or hasattr(self.embedding, "neftune_noise_alpha"):
             raise NoiseError(TWICE)
         self.embedding._neftlab_noise = self
         self._handles = [model.register_forward_pre_hook(self._catch_inputs, with_kwargs=True),

@@ -71,8 +71,8 @@ class NoiseKind(TrainerCallback):
     def __init__(self, model: torch.nn.Module, cfg: Optional[NoiseConfig] = None, seed: Optional[int] = None,
                  log_event: Optional[Callable[[int, dict], None]] = None):
         self.log_event = log_event or (lambda step, values: None)  # where it logs events (the run's files)
-        self.cfg = cfg if cfg is not None else self.Config(_target_=f"{type(self).__module__}.{type(self).__qualname__}",
-                                                           kind=self.name)
+        target = f"{type(self).__module__}.{type(self).__qualname__}"
+        self.cfg = cfg if cfg is not None else self.Config(_target_=target, kind=self.name)
         self.seed = seed
         self.passes = 1  # forward and backward passes per batch (`passes.PassesTrainer` drives more than one)
 
