@@ -1,6 +1,6 @@
 """What a config's `noise` and `pruning` groups ask for, built in one place: the noise kind (its hooks on the model
-and its callback), the pruning callback, what the Trainer needs to be built with (the passes of FreeLB and of
-antithetic noise), and which of them hold state a checkpoint must keep."""
+and its callback), the pruning callback, what the Trainer needs to be built with (the kind, for its passes
+and its loss), and which of them hold state a checkpoint must keep."""
 
 from __future__ import annotations
 
@@ -32,9 +32,8 @@ class Methods:
 
     @property
     def trainer_kwargs(self) -> dict:
-        """What PassesTrainer is built with: the kind when it drives passes (FreeLB's, even at K = 1: its
-        perturbation is reset after each batch; antithetic noise's two)."""
-        return {"passes": self.noise if self.noise.driven else None}
+        """What PassesTrainer is built with: the kind, which computes each training loss and drives its passes."""
+        return {"noise": self.noise}
 
 
 def build(model: torch.nn.Module, noise: NoiseConfig, pruning: PruningConfig, seed: int, rank: int, fresh: bool,

@@ -63,7 +63,7 @@ def test_freelb_follows_its_authors_algorithm(tmp_path, steps, max_norm):
     reference = copy.deepcopy(model)
     inputs = batch()
     expected_delta = reference_freelb(reference, inputs, seed=11, steps=steps, lr=0.3, init_mag=5.0, max_norm=max_norm)
-    trainer = trainer_for(model, tmp_path, passes=FreeLB.attach(model, adv_init_mag=5.0, seed=11, adv_steps=steps,
+    trainer = trainer_for(model, tmp_path, noise=FreeLB.attach(model, adv_init_mag=5.0, seed=11, adv_steps=steps,
                                                                 adv_lr=0.3, adv_max_norm=max_norm))
     seen = []
     model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.detach()))
@@ -75,13 +75,13 @@ def test_freelb_follows_its_authors_algorithm(tmp_path, steps, max_norm):
     assert torch.allclose(seen[steps - 1] - clean, expected_delta, atol=1e-6)  # the last pass saw delta_{K-1}
     if max_norm > 0:
         assert torch.linalg.vector_norm(expected_delta.reshape(3, -1), dim=1).max() <= max_norm * (1 + 1e-5)
-    assert trainer.passes.delta is None and math.isfinite(float(loss))  # reset for the next batch
+    assert trainer.noise.delta is None and math.isfinite(float(loss))  # reset for the next batch
 
 
 def test_one_step_is_neftunes_uniform_noise(tmp_path):
     model, inputs = tiny_llama(), batch()
     other = copy.deepcopy(model)
-    trainer = trainer_for(model, tmp_path, passes=FreeLB.attach(model, adv_init_mag=5.0, seed=3, adv_steps=1))
+    trainer = trainer_for(model, tmp_path, noise=FreeLB.attach(model, adv_init_mag=5.0, seed=3, adv_steps=1))
     trainer.training_step(model, inputs)
     plain = trainer_for(other, tmp_path, cls=Trainer)
     with noise.attach(other, "uniform", alpha=5.0, seed=3):
@@ -106,7 +106,7 @@ def test_antithetic_gradients_are_the_mean_of_x_plus_and_x_minus_eps(tmp_path):
     hook = noise.attach(model, "symnoise", alpha=5.0, seed=8, antithetic=True)
     seen = []
     model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.detach()))
-    trainer = trainer_for(model, tmp_path, passes=hook)
+    trainer = trainer_for(model, tmp_path, noise=hook)
     loss = trainer.training_step(model, inputs)
     clean = torch.nn.functional.embedding(inputs["input_ids"], reference.get_input_embeddings().weight).detach()
     eps = seen[0] - clean

@@ -91,6 +91,15 @@ class NoiseKind(TrainerCallback):
         """Once, before a run trains from its pretrained weights (never on resume), with the run's seed (the same on
         every rank): NoisyTune's perturbation."""
 
+    def loss(self, forward: Callable[[dict], tuple], inputs: dict,
+             reduce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple:
+        """One training pass's (loss, outputs). `forward(batch)` runs the model as the Trainer does and returns its
+        (loss, outputs); `reduce(per_token, mask)` averages a per-token term the way that loss averages its
+        cross-entropy, so an added term weighs alike under gradient accumulation and data parallelism
+        (`passes.PassesTrainer.token_mean`). A kind that adds terms (a consistency term, NoiseFiT's hybrid loss)
+        runs its other forwards here; the base returns the Trainer's own."""
+        return forward(inputs)
+
     def metrics(self) -> dict:
         """What it reports at each log (one host sync at most)."""
         return {}
