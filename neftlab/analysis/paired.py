@@ -12,7 +12,6 @@ from ..core.measures import is_number
 from .runs import Run, judged_titles, paired_runs
 from .tables import cell, markdown_table
 
-BEST, BEST_AT = "best eval loss during training", "epoch of the best eval loss"  # of runs evaluated twice or more
 WIN, LC_WIN, RELIABLE = measures.WIN_RATE.key, measures.LC_WIN_RATE.key, measures.RELIABLE.key
 
 
@@ -21,23 +20,11 @@ def paired() -> list[measures.Measure]:
     return [m for m in measures.declared() if m.paired]
 
 
-def curve_values(run: Run) -> dict[str, float]:
-    """From a run evaluated at least twice during training: its best eval loss and the epoch it came at."""
-    evaluations = run.evaluations()
-    if len(evaluations) < 2:
-        return {}
-    loss = measures.EVAL_LOSS.key
-    best = min(evaluations, key=lambda e: e[loss])
-    return {BEST: best[loss], BEST_AT: best.get(measures.EPOCH, best["step"])}
-
-
 def _paired_values(run: Run, base: Run) -> tuple[dict[str, tuple[float, float]], set[str]]:
     """(the run's value, the baseline run's value) of each measure both have, and the measures that come from a
     judge that failed its controls."""
     out = {m.label: (run.summary[m.key], base.summary[m.key]) for m in paired()
            if is_number(run.summary.get(m.key)) and is_number(base.summary.get(m.key))}
-    ours, theirs = curve_values(run), curve_values(base)
-    out.update({title: (ours[title], theirs[title]) for title in ours if title in theirs})
     out.update({"harness " + key.removeprefix("harness/").replace("/", " "): (run.summary[key], base.summary[key])
                 for key in run.summary if key.startswith("harness/") and not key.endswith("_stderr")
                 and is_number(run.summary[key]) and is_number(base.summary.get(key))})
@@ -111,7 +98,7 @@ def harness_item_measures(groups: dict[str, list[Run]], baseline: str) -> list[P
 
 def paired_table(groups: dict[str, list[Run]], baseline: str) -> str | None:
     """The paired measures as a table: means, difference, its interval with method and n, raw and Holm p."""
-    formats = {**{m.label: m.fmt for m in paired()}, BEST: measures.EVAL_LOSS.fmt, BEST_AT: "{:.1f}"}
+    formats = {m.label: m.fmt for m in paired()}
     lines = []
     for row in paired_measures(groups, baseline):
         fmt, e = formats.get(row.title, "{:.3f}"), row.estimate

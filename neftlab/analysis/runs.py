@@ -98,13 +98,8 @@ class Run:
         return dict(out)
 
     def evaluations(self) -> list[dict]:
-        """The evaluations during training, oldest first: each step's events of stage "train" merged (the held-out
-        loss and the noise-off training loss are logged as two events of one step), those with an eval loss."""
-        merged: dict[int, dict] = {}
-        for event in self.history:
-            if event.get("stage", "train") == "train" and isinstance(event.get("step"), int):
-                merged.setdefault(event["step"], {}).update(event)
-        return [e for _, e in sorted(merged.items()) if is_number(e.get(measures.EVAL_LOSS.key))]
+        """The evaluations during training, oldest first (`rundir.evaluations`)."""
+        return rundir.evaluations(self.history)
 
     def answer_lengths(self) -> list[int]:
         """Answer lengths in tokens at the last generation step of samples.jsonl (one per prompt)."""
@@ -122,6 +117,7 @@ def _read_run(summary_path: Path, root: Path) -> Run | None:
     overrides = read_yaml(run_dir / rundir.OVERRIDES, [], root=root)
     config = read_yaml(run_dir / rundir.CONFIG, {}, root=root)
     history = read_jsonl(run_dir / rundir.METRICS, root=root)
+    summary = {**rundir.best_evaluation(history), **summary}  # a run written before summary.json held them
     judges = {}
     for path in rundir.judge_files(run_dir):
         data = read_json(path, root=root)

@@ -140,6 +140,10 @@ SKIPPED_BATCHES = Measure("train/skipped_batches", "batches skipped (non-finite 
                           column=False)
 EVAL_LOSS = Measure("eval/loss", "eval loss", "minimize", "{:.4f}", "held-out", paired=True, curve=True,
                     headline=True)
+# Of a run evaluated twice or more during training (trainer.eval_steps): its best held-out loss and when it came,
+# the measures of overfitting (`rundir.best_evaluation`)
+BEST_LOSS = Measure("eval/best_loss", "best eval loss during training", "minimize", "{:.4f}", "held-out", paired=True)
+BEST_EPOCH = Measure("eval/best_epoch", "epoch of the best eval loss", None, "{:.1f}", "held-out", paired=True)
 PERPLEXITY = Measure("eval/perplexity", "perplexity", "minimize", "{:.2f}", "held-out")
 ACCURACY = Measure("eval/accuracy", "accuracy", "maximize", "{:.4f}", "held-out", headline=True)
 MACRO_F1 = Measure("eval/macro_f1", "macro-F1", "maximize", "{:.4f}", "held-out")

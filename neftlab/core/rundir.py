@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Protocol
 
 from .errors import first_line
-from .measures import TRAIN_LOSS
+from .measures import BEST_EPOCH, BEST_LOSS, EPOCH, EVAL_LOSS, TRAIN_LOSS, is_number
 from .files import jsonable, jsonl_line, open_append, read_json, read_jsonl, write_json, write_text
 from .rank import rank
 
@@ -266,6 +266,7 @@ class RunFiles:
                    **({MEASURES: self.declared} if self.declared else {})}
         if not self.writes:
             return summary
+        summary.update(best_evaluation(read_jsonl(self.dir / METRICS, root=self.dir)))
         try:
             self.close()
             write_json(self.dir / SUMMARY, summary, root=self.dir)
@@ -274,3 +275,24 @@ class RunFiles:
         self._to_sinks("finish", summary, 0 if status == "completed" else 1)
         self.sinks = []
         return summary
+
+
+def evaluations(events: Iterable[dict]) -> list[dict]:
+    """The evaluations during training in a run's metrics.jsonl events, oldest first: each step's events of stage
+    "train" merged (the held-out loss and the noise-off training loss are logged as two events of one step), those
+    with an eval loss."""
+    merged: dict[int, dict] = {}
+    for event in events:
+        if event.get("stage", TRAIN) == TRAIN and isinstance(event.get("step"), int):
+            merged.setdefault(event["step"], {}).update(event)
+    return [e for _, e in sorted(merged.items()) if is_number(e.get(EVAL_LOSS.key))]
+
+
+def best_evaluation(events: Iterable[dict]) -> dict[str, float]:
+    """Of a run evaluated twice or more during training: its best held-out loss and the epoch it came at (the step
+    where no epoch was logged); nothing for a run evaluated once."""
+    found = evaluations(events)
+    if len(found) < 2:
+        return {}
+    best = min(found, key=lambda e: e[EVAL_LOSS.key])
+    return {BEST_LOSS.key: best[EVAL_LOSS.key], BEST_EPOCH.key: best.get(EPOCH, best["step"])}

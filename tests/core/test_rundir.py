@@ -61,3 +61,23 @@ def test_a_torn_last_line_is_skipped_and_named(tmp_path, caplog):
     (tmp_path / rundir.METRICS).write_text('{"step": 1, "a": 1}\n{"step": 2, "a"')
     assert read_jsonl(tmp_path / rundir.METRICS) == [{"step": 1, "a": 1}]
     assert "skipped its last line, cut off" in caplog.text
+
+
+def test_the_best_evaluation_during_training_is_in_the_summary_resumed_or_not(tmp_path):
+    """A search's objective in the overfitting regime (search.objectives=[eval/best_loss]): the lowest held-out loss
+    of the evaluations during training, merged per step with its epoch; the final evaluation is not one of them."""
+    files = rundir.RunFiles(tmp_path)
+    for step, epoch, loss in ((6, 1.0, 1.79), (12, 2.0, 1.77), (18, 3.0, 1.88)):
+        files.log(step, {"train/loss": 1.0, "train/epoch": epoch})
+        files.log(step, {"eval/loss": loss})
+        if step == 12:  # killed here, resumed with both evaluations kept
+            files.close()
+            files = rundir.RunFiles(tmp_path, keep=lambda row: True)
+    files.stage = rundir.FINAL
+    files.log(18, {"eval/loss": 1.5})
+    summary = files.finish("completed")
+    assert (summary["eval/best_loss"], summary["eval/best_epoch"]) == (1.77, 2.0)
+    assert json.loads((tmp_path / rundir.SUMMARY).read_text())["eval/best_loss"] == 1.77
+    once = rundir.RunFiles(tmp_path / "once")
+    once.log(6, {"eval/loss": 1.0})
+    assert "eval/best_loss" not in once.finish("completed")  # one evaluation: no best to speak of
