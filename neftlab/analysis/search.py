@@ -49,6 +49,7 @@ def search_sections(runs: list[Run], root: Path, out: Path) -> list[str]:
                   f"{len(trials)} trials, {len(done)} with values ({len(trials) - len(done)} failed or without the "
                   f"metric: Optuna recorded them as failed). ✓ = {what}.", "",
                   markdown_table(["trial", "dir", *arrows, "status", what], rows), ""]
+        parts += best_of_each_kind(done, keys, sign)
         if len(keys) == 2 and len(done) >= 2:
             name = f"search_front{n or ''}.png"
             plot_front(done, front, keys, out / name)
@@ -68,3 +69,22 @@ def plot_front(done: list[tuple[Run, list[float]]], front: dict[int, bool], keys
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, path)
+
+
+def best_of_each_kind(done: list[tuple[Run, list[float]]], keys: tuple, sign: float) -> list[str]:
+    """Of a one-objective search over several noise kinds (hparams_search=perturbations, overfit): each kind's best
+    trial, and its settings as a command line's overrides, to confirm against no noise over seeds."""
+    if len(keys) != 1:
+        return []
+    best: dict[str, tuple[Run, list[float]]] = {}
+    for r, v in done:
+        kind = r.get("noise.kind")
+        if kind is not None and (kind not in best or sign * v[0] > sign * best[kind][1][0]):
+            best[kind] = (r, v)
+    if len(best) < 2:
+        return []
+    rows = [[kind, "{:.4f}".format(v[0]), "`" + " ".join(o for o in r.overrides if o.split("=")[0].split(".")[0]
+                                                        in ("noise", "pruning")) + "`"]
+            for kind, (r, v) in sorted(best.items(), key=lambda kv: -sign * kv[1][1][0])]
+    return ["### Best of each kind", "", "Each kind's best trial; confirm it against no noise over seeds with its "
+            "settings (docs/results.md).", "", markdown_table(["kind", keys[0], "settings"], rows), ""]

@@ -212,6 +212,12 @@ def values(return_value: Any, n: int) -> Optional[list[float]]:
 class StudySweeperImpl(OptunaSweeperImpl):
     """Hydra's Optuna sweeper, whose `n_trials` is the study's total, shared by every process that runs it."""
 
+    def _parse_sweeper_params_config(self) -> list[str]:
+        """The sweeper's params as overrides, leaving out those set to "": a search that takes a study's set-up
+        drops the study's own grid so (hparams_search/overfit.yaml: `seed: ""`, `noise: ""`; Hydra types them str,
+        so not null)."""
+        return [f"{k!s}={v}" for k, v in (self.params or {}).items() if v not in (None, "")]
+
     def _space(self, arguments: list[str]) -> tuple[dict, dict, list[str]]:
         self._process_searchspace_config()
         space, fixed, fixed_overrides = create_params_from_overrides(self._parse_sweeper_params_config() + arguments)

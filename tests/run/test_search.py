@@ -16,7 +16,8 @@ from tests.helpers import CONF, ROOT, cli, compose_cfg
 
 
 @pytest.mark.parametrize("search_name, option", [("neftune_search", "neftune"), ("sparse_neft_search", "sparse_neft"),
-                                                 ("perturbation_search", "perturbations")])
+                                                 ("perturbation_search", "perturbations"),
+                                                 ("overfit_search", "overfit")])
 @pytest.mark.parametrize("size, name", [([], "cpu"), (["size=tiny"], "tiny"), (["size=gpu"], "gpu")])
 def test_each_size_has_a_study_of_its_own(search_name, option, size, name):
     """A tiny dry run must not leave trials in the real study, nor continue one."""
@@ -24,6 +25,24 @@ def test_each_size_has_a_study_of_its_own(search_name, option, size, name):
         cfg = compose("config", [f"hparams_search={option}", *size], return_hydra_config=True)
     assert cfg.hydra.sweeper.study_name == f"{search_name}_{name}"
     assert cfg.hydra.sweeper.storage == f"sqlite:///outputs/experiments/{search_name}_{name}/study.db"
+
+
+def test_the_overfit_search_is_the_perturbation_search_in_the_overfit_studys_regime_at_one_seed():
+    """hparams_search=overfit takes experiment=overfit's set-up but not its grid of seeds and arms (set to "", which
+    the sweeper leaves out), and optimizes the best held-out loss during training."""
+    from neftlab.sweep.study import StudySweeperImpl
+    with initialize_config_dir(config_dir=CONF):
+        search_cfg = compose("config", ["hparams_search=overfit"], return_hydra_config=True)
+        study_cfg = compose("config", ["experiment=overfit"], return_hydra_config=True)
+    for key in ("data", "trainer", "pruning"):
+        assert search_cfg[key] == study_cfg[key]
+    assert list(search_cfg.search.objectives) == ["eval/best_loss"] and search_cfg.eval.num_generations == 0
+    assert search_cfg.hydra.sweeper.custom_search_space == "neftlab.config.spaces.noise_magnitude"
+    sweeper = StudySweeperImpl.__new__(StudySweeperImpl)
+    sweeper.params = search_cfg.hydra.sweeper.params
+    assert dict(sweeper.params) == {"seed": "", "noise": ""} and sweeper._parse_sweeper_params_config() == []
+    sweeper.params = {"seed": "", "noise": "choice(uniform,laplace)"}
+    assert sweeper._parse_sweeper_params_config() == ["noise=choice(uniform,laplace)"]
 
 
 def test_objective_is_one_float_a_list_or_none():
@@ -82,6 +101,19 @@ def _study(storage: str):
 
 
 @pytest.mark.slow
+def test_the_report_names_each_kinds_best_trial_with_its_settings(tmp_path):
+    from neftlab.analysis.runs import Run
+    from neftlab.analysis.search import best_of_each_kind
+
+    def trial(kind, value, *keys):
+        return Run(tmp_path, [f"noise={kind}", *keys, "size=tiny"], {}, {"noise": {"kind": kind}}), [value]
+    done = [trial("gaussian", 1.80, "noise.alpha=3"), trial("gaussian", 1.78, "noise.alpha=12"),
+            trial("noisytune", 1.79, "noise.intensity=0.2")]
+    table = "\n".join(best_of_each_kind(done, ("eval/best_loss",), -1.0))
+    assert "| gaussian | 1.7800 | `noise=gaussian noise.alpha=12` |\n| noisytune | 1.7900 |" in table
+    assert best_of_each_kind(done[:2], ("eval/best_loss",), -1.0) == []  # one kind: the best trial says it all
+
+
 def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
     """Three trials, one of which fails its config check (the seeded random sampler draws alpha 5, 1, -1), then
     the same study taken to four in all (a sampler seeded to draw 5): n_trials is the study's total."""
