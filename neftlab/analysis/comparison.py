@@ -63,7 +63,7 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
                     only=lambda r: r.get("noise.kind") not in (None, "none")):
         parts += ["![final metrics against alpha](vs_alpha.png)", ""]
     if plot_against(runs, "pruning.ratio", "pruning.ratio", out / "vs_pruning_ratio.png",
-                    only=lambda r: r.get("pruning.method") not in (None, "off")):
+                    only=lambda r: r.get("pruning.kind") not in (None, "off")):
         parts += ["![final metrics against pruning ratio](vs_pruning_ratio.png)", ""]
     if (pair := swept_pair(runs)) and plot_heatmap(runs, pair, out / "heatmap.png"):
         parts += [f"![eval loss over {pair[0]} and {pair[1]}](heatmap.png)", ""]

@@ -150,7 +150,7 @@ def plot_arm_curves(groups: dict[str, list[Run]], path: Path) -> bool:
     return True
 
 
-SERIES_KEYS = ("noise.kind", "pruning.method", "noise.alpha", "pruning.ratio")  # what sets a curve apart
+SERIES_KEYS = ("noise.kind", "pruning.kind", "noise.alpha", "pruning.ratio")  # what sets a curve apart
 FEW = 6  # a key with at most this many values splits the curves; more (a search's), and points stand alone
 
 
@@ -170,7 +170,7 @@ def _plain_axes(ax) -> None:
 
 def curves(runs: list[Run], key: str, only) -> tuple[dict, bool]:
     """{metric: {series: {x: values over seeds}}} of the completed runs `only` keeps, against config `key`: one
-    series per combination of the other keys that set runs apart (noise kind, pruning method, and the other of
+    series per combination of the other keys that set runs apart (noise kind, pruning kind, and the other of
     alpha and ratio when it takes a few values), and whether a series joins its points (False when a key with
     many values, a search's, was left out of the series: its points are not one curve)."""
     done = [r for r in runs if only(r) and is_number(r.get(key)) and r.summary.get("status") == "completed"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..config.compose import renamed
 from ..core import measures, rundir
 from ..core.measures import is_number
 from ..core.errors import NeftlabError
@@ -80,7 +81,7 @@ class Run:
     @property
     def is_plain_finetuning(self) -> bool:
         """No noise, no pruning, trained: the arm the others are measured against by default."""
-        return (self.get("noise.kind") == "none" and self.get("pruning.method") == "off"
+        return (self.get("noise.kind") == "none" and self.get("pruning.kind") == "off"
                 and self.get("trainer.max_steps") != 0 and self.get("trainer.neftune_noise_alpha") is None)
 
     def harness_items(self) -> dict[tuple[str, str], dict]:
@@ -116,6 +117,7 @@ def _read_run(summary_path: Path, root: Path) -> Run | None:
     declare_used(summary, summary_path)
     overrides = read_yaml(run_dir / rundir.OVERRIDES, [], root=root)
     config = read_yaml(run_dir / rundir.CONFIG, {}, root=root)
+    config = renamed(config) if isinstance(config, dict) else {}  # a run written before a key's rename
     history = read_jsonl(run_dir / rundir.METRICS, root=root)
     summary = {**rundir.best_evaluation(history), **summary}  # a run written before summary.json held them
     judges = {}
@@ -126,7 +128,7 @@ def _read_run(summary_path: Path, root: Path) -> Run | None:
                                                               "judge/template": data.get("template", "neftlab")}
     sweeper = (read_yaml(run_dir / rundir.HYDRA_CONFIG, {}, root=root).get("hydra") or {}).get("sweeper") or {}
     return Run(run_dir, [str(o) for o in overrides if not str(o).startswith("hydra.")], summary,
-               config if isinstance(config, dict) else {}, history, judges,
+               config, history, judges,
                searched="direction" in sweeper)  # an optimizing sweeper (Optuna's, or neftlab's over it)
 
 

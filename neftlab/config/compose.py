@@ -26,13 +26,14 @@ MOVED = {
             "uniform_5_response": "noise=uniform_response"},
     "trainer": {"paper": "size=paper", "study": "size=gpu"},
     "experiment": {"neftune_search": "hparams_search=neftune", "perturbation_search": "hparams_search=perturbations",
-                   "sparse_neft_search": "hparams_search=sparse_neft"},
+                   "sparse_neft_search": "hparams_search=sparse_neft", "pruning_method": "experiment=pruning_kind"},
     "method": {"finetune": "the default (noise=none pruning=off)", "neftune": "noise=uniform",
                "pruning": "pruning=l1", "sparse_neft": "noise=uniform pruning=l1", "original": "trainer.max_steps=0"},
     "noise": {"dynamic_large": "noise=dynamic", "symnoise_antithetic": "noise=symnoise noise.antithetic=true"},
 }
 WHY = {"arm": "noise presets are noise options", "trainer": "it sets the data and the evaluation too, so it is a size",
-       "experiment": "searches have a group of their own, which also sets multirun",
+       "experiment": "searches have a group of their own, which also sets multirun; a study is named by the key it "
+                     "varies, and pruning.method is pruning.kind",
        "method": "the method group only composed the noise and pruning groups' options",
        "noise": "it composed the same run"}
 # Groups a user picks; their options are the files under conf/<group>, and under a `hydra.searchpath` directory.
@@ -83,6 +84,21 @@ def noise_key(override: str, overrides: list[str], searchpath: list[str]) -> Opt
     return None
 
 
+def option_name_key(override: str) -> Optional[str]:
+    """The one line for setting which option a group took by its key (`pruning.kind=l1`, or its old name
+    `pruning.method=l1`): a second spelling of `pruning=l1`, which Hydra would take or refuse in many lines."""
+    match = re.match(r"^[+~]*([a-z]+)\.([a-z_]+)=(.*)$", override)
+    if not match:
+        return None
+    group, key, value = match.groups()
+    if RENAMED.get((group, key)) is not None:
+        return (f"{override}: {group}.{key} is now {group}.{RENAMED[group, key]}, the name of the option: "
+                f"pick it with {group}={value}")
+    if group == "pruning" and key == "kind":
+        return f"{override}: pruning.kind is the name of the option: pick it with pruning={value}"
+    return None
+
+
 def groups_help() -> str:
     """`${neftlab_groups:}`: each group a user picks, with its options, for --help."""
     return "\n".join(f"{group}: {', '.join(options(group))}" for group in PICKED) + \
@@ -111,6 +127,8 @@ def check_command_line(overrides: Iterable[str]) -> Optional[str]:
             return unset
         if (unread := noise_key(override, overrides, searchpath)) is not None:
             return unread
+        if (named := option_name_key(override)) is not None:
+            return named
         match = re.match(r"^[+~]*([A-Za-z_]+)=(.*)$", override)
         if not match or match.group(1) not in PICKED + tuple(MOVED):
             continue
@@ -141,11 +159,26 @@ def register() -> None:
         cs.store(group=group, name=f"base_{group}", node=node, replace=True)
 
 
-def upgraded(saved: dict) -> dict:
-    """A run's saved config (resolved, plain) in today's spelling: its noise spelled out (a flat noise saved before
-    kinds had classes is read by its kind's name) and `trainer.neftune_noise_alpha`, gone since, dropped where it
-    was null. What a rerun's fingerprint and a re-evaluation read."""
+# Keys renamed since: which option of a group a run took is `kind` in every group (noise, pruning, logger)
+RENAMED = {("pruning", "method"): "kind"}
+
+
+def renamed(saved: dict) -> dict:
+    """A run's saved config with the keys renamed since in today's names (`pruning.method` is `pruning.kind`): what
+    the reports read, so that a run written before the rename is grouped and labelled with today's."""
     out = dict(saved)
+    for (group, old), new in RENAMED.items():
+        node = out.get(group)
+        if isinstance(node, dict) and old in node and new not in node:
+            out[group] = {(new if k == old else k): v for k, v in node.items()}
+    return out
+
+
+def upgraded(saved: dict) -> dict:
+    """A run's saved config (resolved, plain) in today's spelling: its keys renamed (`renamed`), its noise spelled
+    out (a flat noise saved before kinds had classes is read by its kind's name) and `trainer.neftune_noise_alpha`,
+    gone since, dropped where it was null. What a rerun's fingerprint and a re-evaluation read."""
+    out = renamed(saved)
     if isinstance(out.get("noise"), dict):
         out["noise"] = canonical(out["noise"])
     trainer = out.get("trainer")

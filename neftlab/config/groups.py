@@ -99,12 +99,12 @@ class DataConfig:
               f"batch unless {key}.packing=true")
 
 
-PRUNING_METHODS = ("off", "l1", "l2")
+PRUNING_KINDS = ("off", "l1", "l2")
 
 
 @dataclass
 class PruningConfig:
-    method: str = "off"  # off | l1 (element-wise |w|) | l2 (whole token rows by L2 norm)
+    kind: str = "off"  # off | l1 (element-wise |w|) | l2 (whole token rows by L2 norm)
     ratio: float = 0.3  # fraction of the scope set to zero
     interval: int = 100  # re-prune every this many optimizer steps
     schedule: str = "constant"  # constant | gradual (cubic ramp, Zhu & Gupta 2017)
@@ -113,7 +113,7 @@ class PruningConfig:
     scope: str = "embedding"  # embedding | all_linear
 
     def validate(self, key: str) -> None:
-        check_choice(f"{key}.method", self.method, PRUNING_METHODS)
+        check_choice(f"{key}.kind", self.kind, PRUNING_KINDS)
         check(0 <= self.ratio < 1, f"{key}.ratio", self.ratio, "a fraction in [0, 1)")
         check(self.interval >= 1, f"{key}.interval", self.interval, "an integer >= 1")
         check_choice(f"{key}.schedule", self.schedule, ("constant", "gradual"))

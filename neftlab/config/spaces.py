@@ -1,5 +1,5 @@
 """Conditional search spaces for Hydra's Optuna sweeper (`hydra.sweeper.custom_search_space`): the sweeper draws
-the fixed parameters of `hydra.sweeper.params` (the pruning method, a noise kind where the search lists them),
+the fixed parameters of `hydra.sweeper.params` (the pruning kind, a noise kind where the search lists them),
 then calls one of these with the trial, which draws only what that choice reads. A trial's parameters are then the
 drawn kind's own magnitude, not every kind's: the sampler learns from values that did something.
 
@@ -36,7 +36,7 @@ def noise_magnitude(cfg: Any, trial: Any) -> None:
 
 
 def noise_and_pruning(cfg: Any, trial: Any) -> None:
-    """The noise kind's magnitude, and the pruning ratio only when the drawn pruning method prunes."""
+    """The noise kind's magnitude, and the pruning ratio only when the drawn pruning kind prunes."""
     noise_magnitude(cfg, trial)
     if trial.params.get("pruning", "off") != "off":
         trial.suggest_float(*PRUNING_RATIO)

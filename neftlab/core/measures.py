@@ -2,7 +2,7 @@
 computes it. Objectives, W&B summaries, the report's columns and paired rows, the workspace's panels, the plots and
 the closing line all read these declarations; nothing else spells a measure's key.
 
-A `Measure` is registered once (`register`): neftlab's own below, a noise kind's or pruning method's from its own
+A `Measure` is registered once (`register`): neftlab's own below, a noise kind's or pruning kind's from its own
 module (`register(Measure("noise/x", "x", stage="noise", curve=True))` at import), a user's from `eval.measures`
 (`declare`, built by Hydra's instantiate), and the user's measures of a finished run from its summary.json
 (`from_json`), so that a report reads them without importing the user's code. A key registered twice must be

@@ -44,5 +44,5 @@ def build(model: torch.nn.Module, noise: NoiseConfig, pruning: PruningConfig, se
     kind = kind_class(noise)(model, noise, seed=rank_seed(seed, rank), log_event=log_event)
     if fresh:
         kind.prepare(model, seed)
-    pruner = PruningCallback(model, pruning, log_event) if pruning.method != "off" else None
+    pruner = PruningCallback(model, pruning, log_event) if pruning.kind != "off" else None
     return Methods(kind, pruner)

@@ -36,15 +36,15 @@ class PruningCallback(TrainerCallback):
 
     def prune(self, step: int) -> dict:
         ratio = ratio_at(self.cfg, step)
-        self.masks = prune_tensors_(self.weights, ratio, self.cfg.method)
+        self.masks = prune_tensors_(self.weights, ratio, self.cfg.kind)
         shards, groups = zip(*map(local_rows, self.weights))
         zeros, rows = all_sum([sum(int((w == 0).sum()) for w in shards),
-                               sum(int((~m[:, 0]).sum()) for m in self.masks) if self.cfg.method == "l2" else 0],
+                               sum(int((~m[:, 0]).sum()) for m in self.masks) if self.cfg.kind == "l2" else 0],
                               groups[0])
         metrics = {measures.RATIO_TARGET.key: ratio,
                    measures.SPARSITY.key: zeros / sum(w.numel() for w in self.weights),
                    measures.TIED_OUTPUT.key: self.tied}
-        if self.cfg.method == "l2":
+        if self.cfg.kind == "l2":
             metrics[measures.ROWS_PRUNED.key] = int(rows)
         metrics.update(parameter_counts(self.model))
         self.log_event(step, metrics)

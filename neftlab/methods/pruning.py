@@ -114,7 +114,7 @@ def _prune_l2(weights: list[torch.Tensor], ratio: float) -> list[torch.Tensor]:
     return masks
 
 
-def prune_tensors_(weights: list[torch.Tensor], ratio: float, method: str = "l1") -> list[torch.Tensor]:
+def prune_tensors_(weights: list[torch.Tensor], ratio: float, kind: str = "l1") -> list[torch.Tensor]:
     """Zero the `ratio` smallest of `weights` taken together, in place; returns their masks of kept entries.
 
     l1: exactly floor(ratio * entries) entries by |w|; l2: exactly floor(ratio * rows) whole rows by L2 norm.
@@ -122,20 +122,20 @@ def prune_tensors_(weights: list[torch.Tensor], ratio: float, method: str = "l1"
     """
     if not 0 <= ratio < 1:
         raise ValueError(f"pruning ratio {ratio} is not a fraction in [0, 1)")
-    if method == "l1":
+    if kind == "l1":
         if len({w.dtype for w in weights}) > 1:
             raise ValueError("l1 pruning over several tensors needs them in one dtype")
         return _prune_l1(weights, ratio)
-    if method == "l2":
+    if kind == "l2":
         if any(w.dim() != 2 for w in weights):
             raise ValueError("l2 pruning removes rows and needs 2-D weights")
         return _prune_l2(weights, ratio)
-    raise ValueError(f"unknown pruning method {method!r}: use l1 or l2")
+    raise ValueError(f"unknown pruning kind {kind!r}: use l1 or l2")
 
 
-def prune_(weight: torch.Tensor, ratio: float, method: str = "l1") -> torch.Tensor:
+def prune_(weight: torch.Tensor, ratio: float, kind: str = "l1") -> torch.Tensor:
     """Prune one weight in place (see `prune_tensors_`); returns the boolean mask of kept entries."""
-    return prune_tensors_([weight], ratio, method)[0]
+    return prune_tensors_([weight], ratio, kind)[0]
 
 
 def ratio_at(cfg: PruningConfig, step: int) -> float:

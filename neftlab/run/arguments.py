@@ -21,7 +21,7 @@ def training_arguments(cfg: Config, out_dir: Path):
     t = cfg.trainer
     check(not t.fsdp or torch.cuda.is_available(), "trainer.fsdp", t.fsdp, "false without CUDA: accelerate shards "
           "only on GPUs, and on CPUs the run would train as plain DDP, every rank holding the whole model")
-    if zero_stage(t.args.get("deepspeed")) == 3 and (cfg.pruning.method != "off" or cfg.noise.kind == "dynamic"):
+    if zero_stage(t.args.get("deepspeed")) == 3 and (cfg.pruning.kind != "off" or cfg.noise.kind == "dynamic"):
         raise ConfigError(f"trainer.args.deepspeed={t.args['deepspeed']!r} is ZeRO stage 3, where each rank's embedding "
                           "weight is an empty placeholder (transformers #32021), so pruning and the dynamic noise "
                           "statistic would read nothing: use ZeRO stage 1 or 2, or trainer=fsdp (FSDP2), with them")

@@ -134,7 +134,7 @@ def start_wandb(cfg: Config, dict_cfg: DictConfig, ctx: JobContext, run_dir: Pat
                     group=ctx.sweep_dir.name if ctx.multirun else None,
                     job_type="train" if cfg.trainer.max_steps != 0 else "eval",
                     tags=[f"model:{ctx.choices.get('model', cfg.model.arch)}", f"noise:{cfg.noise.kind}",
-                          f"pruning:{cfg.pruning.method}"])
+                          f"pruning:{cfg.pruning.kind}"])
 
 
 def _message(e: BaseException, out_dir: Path) -> tuple[str, str]:

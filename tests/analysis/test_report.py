@@ -16,6 +16,8 @@ from neftlab.core import measures
 
 def fake_run(root, name, overrides, alpha, seed, eval_loss, status="completed", noise="uniform", pruning="off",
              max_steps=4):
+    """A run as neftlab wrote it before `pruning.method` was renamed `pruning.kind` (and, in `study_run`, before the
+    method group was gone): the report reads it in today's names."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))

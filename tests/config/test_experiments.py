@@ -12,7 +12,7 @@ from neftlab.analysis.comparison import write_report
 from tests.helpers import CONF, ROOT, compose_cfg, run
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-JOBS_AT_ONE_SEED = {"baselines": 4, "pruning_ratio": 3, "pruning_method": 2, "pruning_interval": 3,
+JOBS_AT_ONE_SEED = {"baselines": 4, "pruning_ratio": 3, "pruning_kind": 2, "pruning_interval": 3,
                     "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 8, "overfit": 3}
 
 
@@ -27,6 +27,23 @@ def test_the_plan_is_all_there():
 def test_an_option_that_composed_another_options_run_names_its_one_spelling(old, new):
     with pytest.raises(ConfigError, match=rf"^{old}: {old} is now {re.escape(new)} \("):
         compose_cfg(old)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("pruning.method=l1", "pruning.method=l1: pruning.method is now pruning.kind, the name of the option: pick it with "
+     "pruning=l1"),
+    ("pruning.kind=l2", "pruning.kind=l2: pruning.kind is the name of the option: pick it with pruning=l2")])
+def test_a_pruning_kind_is_picked_by_its_option_only(override, message):
+    """`pruning=off pruning.kind=l1` would be a second spelling of `pruning=l1`, as `pruning.method=l1` was."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        compose_cfg(override)
+
+
+def test_a_run_saved_with_pruning_method_reads_with_pruning_kind():
+    from neftlab.config.compose import renamed, upgraded
+    saved = {"seed": 1, "pruning": {"method": "l2", "ratio": 0.3}}
+    assert renamed(saved)["pruning"] == upgraded(saved)["pruning"] == {"kind": "l2", "ratio": 0.3}
+    assert saved["pruning"] == {"method": "l2", "ratio": 0.3}  # the saved one is left as it is
 
 
 def test_tiny_size_keeps_the_untouched_model_untrained():
@@ -98,7 +115,7 @@ def test_wandb_sweep_file_parses_and_every_command_composes():
         args = [f"{n}={v}" for n, v in zip(names, point)]
         cfg = compose_cfg(*command[4:-1], *args)
         assert (cfg.noise.alpha, cfg.pruning.ratio) == point
-        assert cfg.noise.kind == "uniform" and cfg.pruning.method == "l1" and cfg.logger.kind == "wandb"
+        assert cfg.noise.kind == "uniform" and cfg.pruning.kind == "l1" and cfg.logger.kind == "wandb"
 
 
 def test_the_overfit_study_evaluates_at_every_epoch_with_the_noise_off_training_loss(tmp_path):

@@ -96,7 +96,7 @@ def check_sharded(world, expected, like_nccl):
         model.weight = torch.nn.Parameter(w)
         counts = parameter_counts(model)
         assert counts["efficiency/nonzero_params"] == int(torch.count_nonzero(w.full_tensor())), backend
-    if like_nccl:  # the statistic, both pruning methods' histograms and the counts all went through it
+    if like_nccl:  # the statistic, both pruning kinds' histograms and the counts all went through it
         assert len(reduced_on) > 10 and set(reduced_on) == {torch.device("lazy", 0)}
 
 
@@ -152,7 +152,7 @@ def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_r
     refused = r"placements \(Replicate\(\),\): neftlab supports FSDP2's row sharding \(Shard\(dim=0\),\) only"
     for method in ("l1", "l2"):
         with pytest.raises(sharding.UnsupportedLayoutError, match=refused):
-            PruningCallback(model, PruningConfig(method=method), lambda step, m: None).on_train_begin(*begin)
+            PruningCallback(model, PruningConfig(kind=method), lambda step, m: None).on_train_begin(*begin)
     for threshold in ("auto", 0.1):
         callback = noise.attach(model, "dynamic", stability_threshold=threshold)  # the kind is its own callback
         with pytest.raises(sharding.UnsupportedLayoutError, match="no hybrid sharding"):

@@ -349,7 +349,7 @@ def sweep_run(root, name, noise, seed, answers, wandb_id=None):
     (run / ".hydra").mkdir()
     logger = {"kind": "wandb", "mode": "offline", "project": "test"} if wandb_id else {"kind": "none"}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(
-        {"seed": seed, "noise": {"kind": noise}, "pruning": {"method": "off"}, "trainer": {"max_steps": 4},
+        {"seed": seed, "noise": {"kind": noise}, "pruning": {"kind": "off"}, "trainer": {"max_steps": 4},
          "logger": logger}))
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"noise={noise}", f"seed={seed}"]))
     (run / "summary.json").write_text(json.dumps({"status": "completed"}))

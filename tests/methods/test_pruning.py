@@ -81,16 +81,16 @@ def test_global_threshold_over_several_tensors():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="not a fraction"):
         pruning.prune_(torch.ones(3), 1.0)
-    with pytest.raises(ValueError, match="unknown pruning method 'l3'"):
+    with pytest.raises(ValueError, match="unknown pruning kind 'l3'"):
         pruning.prune_(torch.ones(3), 0.5, "l3")
 
 
 def test_gradual_schedule_is_zhu_and_gupta_cubic():
-    cfg = PruningConfig(method="l1", ratio=0.5, schedule="gradual", initial_ratio=0.1, ramp_steps=100)
+    cfg = PruningConfig(kind="l1", ratio=0.5, schedule="gradual", initial_ratio=0.1, ramp_steps=100)
     assert pruning.ratio_at(cfg, 0) == pytest.approx(0.1)
     assert pruning.ratio_at(cfg, 50) == pytest.approx(0.5 - 0.4 * 0.5 ** 3)
     assert pruning.ratio_at(cfg, 100) == pruning.ratio_at(cfg, 1000) == pytest.approx(0.5)
-    assert pruning.ratio_at(PruningConfig(method="l1", ratio=0.5), 0) == 0.5
+    assert pruning.ratio_at(PruningConfig(kind="l1", ratio=0.5), 0) == 0.5
 
 
 def tiny_llama():
@@ -114,7 +114,7 @@ def train_steps(model, callback, steps):
 def test_masks_survive_adamw_with_weight_decay(method):
     model = tiny_llama()
     events = []
-    callback = PruningCallback(model, PruningConfig(method=method, ratio=0.4, interval=1000),
+    callback = PruningCallback(model, PruningConfig(kind=method, ratio=0.4, interval=1000),
                                        lambda step, m: events.append(m))
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
     zeros = model.get_input_embeddings().weight == 0
@@ -130,7 +130,7 @@ def test_masks_survive_adamw_with_weight_decay(method):
 def test_reprunes_every_interval_with_the_scheduled_ratio():
     model = tiny_llama()
     events = []
-    cfg = PruningConfig(method="l1", ratio=0.6, interval=2, schedule="gradual", initial_ratio=0.2, ramp_steps=4)
+    cfg = PruningConfig(kind="l1", ratio=0.6, interval=2, schedule="gradual", initial_ratio=0.2, ramp_steps=4)
     callback = PruningCallback(model, cfg, lambda step, m: events.append((step, m)))
     callback.on_train_begin(None, SimpleNamespace(global_step=0), None)
     train_steps(model, callback, 4)
@@ -149,7 +149,7 @@ def test_all_linear_scope_leaves_embedding_and_head_alone():
 
 def test_dense_refill_for_latency_restores_the_exact_pruned_model():
     model = tiny_llama()
-    pruner = PruningCallback(model, PruningConfig(method="l1", ratio=0.5), lambda step, m: None)
+    pruner = PruningCallback(model, PruningConfig(kind="l1", ratio=0.5), lambda step, m: None)
     pruner.on_train_begin(None, SimpleNamespace(global_step=0), None)
     before = model.get_input_embeddings().weight.clone()
     with pruner.dense():

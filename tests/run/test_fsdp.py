@@ -145,7 +145,7 @@ def worker(model, rank, tied, expected):
     assert pruning.output_tied(model) == expected["tied"]
     assert stability(model.get_input_embeddings().weight) == pytest.approx(expected["stability"], rel=1e-5)
     # the unpruned-latency refill reaches the forward, although the embedding unit stays unsharded after one
-    pruner = PruningCallback(model, PruningConfig(method="l1", ratio=0.5), lambda step, m: None)
+    pruner = PruningCallback(model, PruningConfig(kind="l1", ratio=0.5), lambda step, m: None)
     pruner.weights = pruning.targets(model, "embedding")
     pruner.prune(0)
     ids = torch.tensor([[5, 9, 11, 2, 7]], device=model.device)
@@ -184,7 +184,7 @@ def test_synced_generation_with_unequal_prompt_counts_gives_the_single_process_a
 def pruned(model, method: str, scope: str) -> tuple[PruningCallback, dict]:
     """The model pruned at 30 % as a run's first step prunes it, and the metrics it logs."""
     logged = {}
-    pruner = PruningCallback(model, PruningConfig(method=method, ratio=0.3, scope=scope),
+    pruner = PruningCallback(model, PruningConfig(kind=method, ratio=0.3, scope=scope),
                                      lambda step, metrics: logged.update(metrics))
     pruner.on_train_begin(None, SimpleNamespace(global_step=0), None)
     return pruner, logged
@@ -226,7 +226,7 @@ def full(w: torch.Tensor) -> torch.Tensor:
 
 
 def state_worker(model, rank, tied, expected):
-    """Noise and FreeLB on the sharded model, each pruning method and scope, and the pruning state through a
+    """Noise and FreeLB on the sharded model, each pruning kind and scope, and the pruning state through a
     checkpoint: each as the single process has it."""
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh(model.device.type, (dist.get_world_size(),))
@@ -255,7 +255,7 @@ def state_worker(model, rank, tied, expected):
         hook.remove()
         dist.barrier()
         again = sharded()
-        restored = PruningCallback(again, PruningConfig(method=method, ratio=0.3, scope=scope),
+        restored = PruningCallback(again, PruningConfig(kind=method, ratio=0.3, scope=scope),
                                            lambda step, metrics: None)
         hook = noise.attach(again, "uniform", seed=rank)
         StateCheckpoint([hook, restored], keep=None).load(folder / "checkpoint-5")
