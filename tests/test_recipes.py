@@ -145,6 +145,12 @@ def test_a_search(tmp_path):
     report = recipe("python -m neftlab.report outputs/experiments/neftune_search_cpu")
     run([*report[:3], str(tmp_path / "experiments" / "neftune_search_tiny")])  # size=tiny keeps its own study
     assert "## Search: eval/loss" in (tmp_path / "experiments" / "neftune_search_tiny" / "report.md").read_text()
+    run(recipe("python -m neftlab -m hparams_search=overfit"), "size=tiny", "hydra.sweeper.n_trials=2",
+        *tiny(tmp_path))
+    report = recipe("python -m neftlab.report outputs/experiments/overfit_search_cpu")
+    run([*report[:3], str(tmp_path / "experiments" / "overfit_search_tiny")])
+    text = (tmp_path / "experiments" / "overfit_search_tiny" / "report.md").read_text()
+    assert "## Search: eval/best_loss" in text and "| best eval loss during training |" in text  # its column
 
 
 def test_the_gpu_recipes_compose():
