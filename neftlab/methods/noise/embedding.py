@@ -102,9 +102,6 @@ class EmbeddingNoise(Sequences, NoiseKind):
         self.tokens = "all"  # a drawn kind may noise the prompt or the response only
         self.embedding = model.get_input_embeddings()
         self._magnitude: Optional[torch.Tensor] = None  # kept on the device: reading it every forward would sync
-        # With a seed the noise has its own random stream (the runner gives each rank its own seed, so data-
-        # parallel ranks draw different noise); without, it draws from torch's global generator.
-        self._generator, self._pending_state = None, None
         self._padded_ratio: Optional[torch.Tensor] = None
         attached = getattr(self.embedding, "_neftlab_noise", None)
         if attached is not None or hasattr(self.embedding, "neftune_noise_alpha"):
@@ -184,27 +181,13 @@ class EmbeddingNoise(Sequences, NoiseKind):
             out[PADDED_RATIO.key] = self.padded_ratio
         return out
 
-    def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-            if self._pending_state is not None:
-                self._generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self._generator
-
     def state_dict(self) -> dict:
         """The noise stream's position (None: the global generator, which the Trainer saves; each rank has its own
         stream and saves it) and the live alpha."""
-        return {"rng": self._generator.get_state() if self._generator is not None else self._pending_state,
-                "alpha": self.alpha}
+        return {"rng": self._stream_state(), "alpha": self.alpha}
 
     def load_state_dict(self, state: dict) -> None:
-        if self._generator is not None and state.get("rng") is not None:
-            self._generator.set_state(state["rng"])
-        else:
-            self._pending_state = state.get("rng")
+        self._load_stream_state(state.get("rng"))
         if state.get("alpha") is not None:
             self.alpha = state["alpha"]
 
