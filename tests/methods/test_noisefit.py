@@ -182,7 +182,8 @@ def test_a_resumed_kind_noises_the_same_layers_from_the_same_stream_without_meas
 
 @pytest.mark.parametrize("override, message", [
     ("scale=0", "scale=0.0 is not allowed: > 0"), ("layers=0", "layers=0 is not allowed: an integer >= 1"),
-    ("snr=middle", "snr='middle' is not allowed: one of largest, lowest"), ("beta=-1", "beta=-1.0 is not allowed: >= 0"),
+    ("snr=middle", "snr='middle' is not allowed: one of largest, lowest"),
+    ("beta=-1", "beta=-1.0 is not allowed: >= 0"),
     ("hybrid_alpha=1.5", "hybrid_alpha=1.5 is not allowed: in [0, 1]"),
     ("lambda_consistency=-1", "lambda_consistency=-1.0 is not allowed: >= 0"),
     ("temperature=0", "temperature=0.0 is not allowed: > 0")])
