@@ -192,6 +192,18 @@ def test_each_key_out_of_its_range_is_refused_in_one_line(override, message):
         compose_cfg("noise=noisefit", f"noise.{override}")
 
 
+def test_activation_checkpointing_is_refused_in_one_line():
+    """Its hooks would be rerun in the backward pass, after the noisy passes, without their noise."""
+    with pytest.raises(ConfigError, match=r"^trainer\.args\.activation_checkpointing=True is not allowed: false with "
+                                          r"noise\.kind=noisefit: its noise is drawn by hooks [^\n]*$"):
+        compose_cfg("noise=noisefit", "+trainer.args.activation_checkpointing=true")
+    model = llama(1)
+    model.gradient_checkpointing_enable()
+    kind = noise.attach(model, "noisefit")
+    with pytest.raises(noise.NoiseError, match=r"^noise=noisefit cannot train with activation checkpointing on: "):
+        kind.loss(forward_of(model), {"input_ids": torch.ones(1, 3, dtype=torch.long)}, mean)
+
+
 def test_a_model_without_one_stack_of_layers_is_refused_in_one_line():
     bare = torch.nn.Linear(2, 2)
     bare.config = SimpleNamespace(num_hidden_layers=2)

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 EPSILON = 1e-6  # the reference's, in its robust statistics and its SNR
 FACTOR_CAP = 5.0  # the reference's cap on the token's variance factor
 HALF_NORMAL = math.sqrt(2 / math.pi)  # E|z|, z ~ N(0, 1)
+CHECKPOINTING = ("activation_checkpointing", "gradient_checkpointing")  # the latter its deprecated alias
+RERUN = ("its noise is drawn by hooks on the layers, which activation checkpointing reruns in the backward pass "
+         "without it")
 
 CE = Measure("noise/noisefit_ce", "NoiseFiT clean cross-entropy", None, "{:.4f}", "noise", column=False, curve=True)
 SOFT = Measure("noise/noisefit_soft", "NoiseFiT clean-to-noisy KL", None, "{:.4f}", "noise", column=False, curve=True)
@@ -64,6 +67,11 @@ class NoiseFiTConfig(NoiseConfig):
         check(0 <= self.hybrid_alpha <= 1, f"{key}.hybrid_alpha", self.hybrid_alpha, "in [0, 1]")
         check(self.lambda_consistency >= 0, f"{key}.lambda_consistency", self.lambda_consistency, ">= 0")
         check(self.temperature > 0, f"{key}.temperature", self.temperature, "> 0")
+
+    def validate_run(self, cfg) -> None:
+        for option in CHECKPOINTING:
+            value = (cfg.trainer.args or {}).get(option)
+            check(not value, f"trainer.args.{option}", value, f"false with noise.kind=noisefit: {RERUN}")
 
 
 def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -181,6 +189,8 @@ class NoiseFiT(Sequences, NoiseKind):
     def choose(self, forward: Callable[[dict], tuple], inputs: dict) -> None:
         """Each layer's SNR on this batch (all ranks' together), in eval mode, without noise; the chosen layers
         noised from now on, and logged once."""
+        if getattr(self.model, "is_gradient_checkpointing", False):
+            raise NoiseError(f"noise=noisefit cannot train with activation checkpointing on: {RERUN}")
         self._probe = torch.zeros(len(self.stack), 3, dtype=torch.float64)
         handles = [layer.register_forward_hook(functools.partial(self._measure, i))
                    for i, layer in enumerate(self.stack)]
