@@ -219,11 +219,11 @@ def test_noise_for_refuses_it_in_one_line(tmp_path):
     assert not model._forward_pre_hooks  # nothing left attached
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("study", [[], ["experiment=overfit", "size=tiny"]], ids=["tiny", "overfit"])
+@pytest.mark.parametrize("study", [[*TINY, "model=llama_tiny"], [*TINY, "model=opt_tiny"], [*TINY, "model=bert_tiny"],
+                                   ["experiment=overfit", "size=tiny"]], ids=["llama", "opt", "bert", "overfit"])
 def test_noisefit_trains_and_logs_its_terms_and_layers(tmp_path, study):
-    outcome, summary = run(*(study or [*TINY, "model=llama_tiny"]), "logger=none", "noise=noisefit",
-                           out_dir=tmp_path)
+    """Each of the layer stacks it finds, and a BERT classifier's one row per example; the overfit study's shape."""
+    outcome, summary = run(*study, "logger=none", "noise=noisefit", out_dir=tmp_path)
     assert summary["status"] == "completed", outcome.message
     assert math.isfinite(summary["train/loss"]) and math.isfinite(summary["noise/noisefit_consistency"])
     events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
