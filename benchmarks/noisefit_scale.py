@@ -5,7 +5,7 @@ the top of noisefit's search range (docs/methods.md):
 
     PYTHONPATH=. python benchmarks/noisefit_scale.py
 """
-import math, torch
+import torch
 from tests.helpers import compose_cfg
 from neftlab import models
 from neftlab.data.prepare import prepare
