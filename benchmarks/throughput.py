@@ -38,6 +38,7 @@ ARMS = {
     "freelb K=2": ["noise=freelb", "noise.adv_steps=2"],
     "freelb K=3": ["noise=freelb", "noise.adv_steps=3"],
     "noisytune": ["noise=noisytune"],
+    "noisefit": ["noise=noisefit"],
     "none packed": ["noise=none", "data.packing=true"],
     "uniform packed": ["noise=uniform", "data.packing=true"],
     # Rows packed best-fit decreasing: other batches than the padded arms', so its own count of real tokens

@@ -37,7 +37,8 @@ def noise_for(trainer: Any, kind: Union[str, type] = "uniform", seed: Optional[i
 
     Refused in one line: the trainer's own `neftune_noise_alpha` set too (the noise would be applied twice), and
     the kinds that need neftlab's runner: more than one pass per batch (FreeLB, antithetic noise: the runner's
-    PassesTrainer drives them) or a change to the weights before training (NoisyTune)."""
+    PassesTrainer drives them), a loss of their own (NoiseFiT's three passes: `own_loss`) or a change to the weights
+    before training (NoisyTune)."""
     args = trainer.args
     alpha = getattr(trainer, "neftune_noise_alpha", None)
     alpha = getattr(args, "neftune_noise_alpha", None) if alpha is None else alpha
@@ -64,6 +65,8 @@ def runner_only(noise: NoiseKind) -> Optional[str]:
     if noise.driven:
         return (f"needs each batch's passes ({noise.passes}) driven and reset by neftlab.methods.passes."
                 "PassesTrainer")
+    if noise.own_loss:
+        return "computes its own training loss (more forwards and terms than the Trainer's), through PassesTrainer"
     if type(noise).prepare is not NoiseKind.prepare:
         return "changes the pretrained weights once before training (prepare), and never on a resume"
     return None

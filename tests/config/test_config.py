@@ -80,7 +80,7 @@ def test_help_lists_only_what_a_user_picks():
     from neftlab.config.compose import groups_help
     text = groups_help()
     assert "base_" not in text and "at_size" not in text
-    assert "noise: dynamic, dynamic_auto, dynamic_small, freelb, gaussian, laplace, noisytune, none, symnoise, uniform, uniform_10" in text
+    assert "noise: dynamic, dynamic_auto, dynamic_small, freelb, gaussian, laplace, noisefit, noisytune, none, symnoise, uniform, uniform_10" in text
     assert "hparams_search: neftune, overfit, perturbations, sparse_neft" in text
 
 

@@ -15,7 +15,8 @@ KIND_FILES = sorted(p.stem for p in (CONF / "noise").glob("*.yaml") if is_kind_f
 
 
 def test_the_kind_files_are_the_kinds():
-    assert KIND_FILES == ["dynamic", "freelb", "gaussian", "laplace", "noisytune", "none", "symnoise", "uniform"]
+    assert KIND_FILES == ["dynamic", "freelb", "gaussian", "laplace", "noisefit", "noisytune", "none", "symnoise",
+                          "uniform"]
 
 
 @pytest.mark.parametrize("option", KIND_FILES)
@@ -114,8 +115,8 @@ def user_kind(tmp_path, monkeypatch):
 def test_a_users_kind_composes_and_is_searched_with_its_own_space(user_kind):
     cfg = compose_cfg("noise=triangular", "noise.alpha=3", f"hydra.searchpath=[{user_kind}]")
     assert (cfg.noise.kind, cfg.noise.alpha, cfg.noise.schedule) == ("triangular", 3.0, "constant")
-    assert searched_kinds([user_kind]) == ["dynamic", "freelb", "gaussian", "laplace", "noisytune", "symnoise",
-                                           "triangular", "uniform"]
+    assert searched_kinds([user_kind]) == ["dynamic", "freelb", "gaussian", "laplace", "noisefit", "noisytune",
+                                           "symnoise", "triangular", "uniform"]
 
     class Trial:
         params: dict = {}

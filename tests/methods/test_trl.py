@@ -364,6 +364,7 @@ def test_neftune_noise_alpha_with_the_api_is_refused_in_one_line(llama_tokenizer
     ("freelb", {"adv_steps": 1}, "needs each batch's passes (1) driven"),
     ("uniform", {"antithetic": True}, "with antithetic=True trains each batch twice"),
     ("noisytune", {}, "changes the pretrained weights once before training"),
+    ("noisefit", {}, "computes its own training loss"),
 ])
 def test_the_kinds_that_need_the_runner_are_refused_in_one_line_and_leave_no_hook(llama_tokenizer, tmp_path, kind,
                                                                                    keys, why):

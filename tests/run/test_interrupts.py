@@ -178,13 +178,14 @@ def test_a_killed_sweep_job_is_resumed_by_the_sweeps_rerun(completed, tmp_path):
 
 
 @pytest.mark.parametrize("extra", [["noise=uniform", "noise.schedule=linear", "noise.tokens=response"],
-                                   ["noise=noisytune", "pruning=l1"], ["noise=freelb"]],
-                         ids=["linear_response", "noisytune_l1", "freelb"])
+                                   ["noise=noisytune", "pruning=l1"], ["noise=freelb"], ["noise=noisefit"]],
+                         ids=["linear_response", "noisytune_l1", "freelb", "noisefit"])
 @pytest.mark.slow
 def test_the_later_perturbations_resume_exactly(tmp_path, extra):
     """A schedule's position comes from the step, NoisyTune's perturbation from the checkpoint's weights, FreeLB's
-    delta_0 from the noise stream in the checkpoint: killed after step 2 and rerun, each run ends as its
-    uninterrupted reference, alpha step for step."""
+    delta_0 and NoiseFiT's noise from the noise stream in the checkpoint, NoiseFiT's layers from its state there
+    (not measured again: its SNR logged once): killed after step 2 and rerun, each run ends as its uninterrupted
+    reference, alpha step for step."""
     outcome, summary = run(*BASE, *extra, out_dir=tmp_path / "reference")
     assert summary["status"] == "completed", outcome.message
     crash = crashed(tmp_path / "reference", tmp_path, at=2)
@@ -194,6 +195,8 @@ def test_the_later_perturbations_resume_exactly(tmp_path, extra):
     alphas = [[(e["step"], e["noise/alpha"]) for e in read_jsonl(r / "metrics.jsonl") if "noise/alpha" in e]
               for r in (crash, tmp_path / "reference")]
     assert alphas[0] == alphas[1]
+    chosen = [e for e in read_jsonl(crash / "metrics.jsonl") if any(k.startswith("noise/noisefit_snr") for k in e)]
+    assert len(chosen) == ("noise=noisefit" in extra)
     if "noise.schedule=linear" in extra:  # set before each step from the steps done: 5 (1 - (step - 1) / 4)
         assert alphas[0] == [(step, pytest.approx(5.0 * (1 - (step - 1) / 4))) for step in (1, 2, 3, 4)]
 

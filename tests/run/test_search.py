@@ -178,7 +178,8 @@ def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude
     import yaml
     from neftlab.config.noise import kind_class, option_node
     from neftlab.config.spaces import searched_kinds
-    assert searched_kinds([]) == ["dynamic", "freelb", "gaussian", "laplace", "noisytune", "symnoise", "uniform"]
+    assert searched_kinds([]) == ["dynamic", "freelb", "gaussian", "laplace", "noisefit", "noisytune", "symnoise",
+                                  "uniform"]
     proc, _ = cli("-m", "hparams_search=perturbations", "size=tiny", *SHORT, "logger=none", "hydra.sweeper.n_trials=2",
                   "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",

@@ -21,6 +21,7 @@ from ...config.checks import check, check_choice
 from ...config.noise import NoiseConfig
 from ...core.measures import Measure
 from .kind import NoiseError, NoiseKind, Param
+from .sequences import Sequences
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def schedule_factor(schedule: str, step: int, total: int, warmup_ratio: float = 
     return 1.0
 
 
-class EmbeddingNoise(NoiseKind):
+class EmbeddingNoise(Sequences, NoiseKind):
     """The hooks on a model's input embedding; `perturb` is what the embedding output gets in training."""
 
     Config = EmbeddingConfig
@@ -101,10 +102,6 @@ class EmbeddingNoise(NoiseKind):
         self.tokens = "all"  # a drawn kind may noise the prompt or the response only
         self.embedding = model.get_input_embeddings()
         self._magnitude: Optional[torch.Tensor] = None  # kept on the device: reading it every forward would sync
-        # With a seed the noise has its own random stream (the runner gives each rank its own seed, so data-
-        # parallel ranks draw different noise); without, it draws from torch's global generator.
-        self._generator, self._pending_state = None, None
-        self._mask = self._positions = self._labels = self._cu_seq_lens = None
         self._padded_ratio: Optional[torch.Tensor] = None
         attached = getattr(self.embedding, "_neftlab_noise", None)
         if attached is not None or hasattr(self.embedding, "neftune_noise_alpha"):
@@ -123,41 +120,6 @@ class EmbeddingNoise(NoiseKind):
     def scale(self, lengths: torch.Tensor, dim: int) -> torch.Tensor:
         """Per token, what its unit noise is multiplied by: alpha / sqrt(L_i * d) of its sequence."""
         return self.alpha / torch.sqrt(lengths * dim)
-
-    def _catch_inputs(self, module, args, kwargs):
-        self._mask, self._positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        self._labels = kwargs.get("labels")
-        # A padding-free batch's flash-attention boundaries (TRL's and transformers' flattening collators)
-        cu = kwargs.get("cu_seq_lens_q")
-        self._cu_seq_lens = cu if isinstance(cu, torch.Tensor) and cu.dim() == 1 else None
-
-    def _real_lengths(self, mask: Optional[torch.Tensor], shape: tuple, device) -> torch.Tensor:
-        """L for every token, shape (batch, length): its own sequence's real length.
-
-        A sequence is a row of a padded batch (its attention mask's sum), or, in a packed or padding-free row,
-        a run of position ids restarting at 0, with or without a mask; without position ids, a span between
-        two of the flattened batch's `cu_seq_lens_q`. A batch with none of these counts one sequence per row,
-        which is right without padding."""
-        batch, length = shape
-        positions = self._positions if self._positions is not None and self._positions.shape[-1] == length else None
-        real = torch.ones(batch, length, device=device) if mask is None else mask.to(device).float()
-        if positions is not None:  # no restart: one sequence per row, the mask's count as below (no host sync)
-            starts = (positions.expand(batch, length) == 0).long()
-            starts[:, 0] = 1
-            return self._per_sequence(starts.cumsum(1) - 1, real)  # which packed sequence each token belongs to
-        if self._cu_seq_lens is not None:  # over the batch's tokens flattened, as the varlen kernels read them
-            tokens = torch.arange(batch * length, device=device)
-            sequence = torch.searchsorted(self._cu_seq_lens.to(device)[1:].contiguous(), tokens, right=True)
-            return self._per_sequence(sequence.view(1, -1), real.view(1, -1)).view(batch, length)
-        if mask is not None:
-            return mask.to(device).float().sum(1, keepdim=True).clamp(min=1).expand(batch, length)
-        return torch.full((batch, length), float(length), device=device)
-
-    @staticmethod
-    def _per_sequence(sequence: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """For every token, the real tokens of its sequence (`sequence`: each token's sequence index in its row)."""
-        counts = torch.zeros_like(real).scatter_add_(1, sequence, real)
-        return counts.gather(1, sequence).clamp(min=1)
 
     def _add_noise(self, module, inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
         if not module.training:
@@ -219,27 +181,13 @@ class EmbeddingNoise(NoiseKind):
             out[PADDED_RATIO.key] = self.padded_ratio
         return out
 
-    def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:
-        if self.seed is None:
-            return None
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-            if self._pending_state is not None:
-                self._generator.set_state(self._pending_state)
-                self._pending_state = None
-        return self._generator
-
     def state_dict(self) -> dict:
         """The noise stream's position (None: the global generator, which the Trainer saves; each rank has its own
         stream and saves it) and the live alpha."""
-        return {"rng": self._generator.get_state() if self._generator is not None else self._pending_state,
-                "alpha": self.alpha}
+        return {"rng": self._stream_state(), "alpha": self.alpha}
 
     def load_state_dict(self, state: dict) -> None:
-        if self._generator is not None and state.get("rng") is not None:
-            self._generator.set_state(state["rng"])
-        else:
-            self._pending_state = state.get("rng")
+        self._load_stream_state(state.get("rng"))
         if state.get("alpha") is not None:
             self.alpha = state["alpha"]
 
@@ -247,7 +195,7 @@ class EmbeddingNoise(NoiseKind):
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._mask = self._positions = self._labels = self._cu_seq_lens = None
+        self._forget_inputs()
         if getattr(self.embedding, "_neftlab_noise", None) is self:
             del self.embedding._neftlab_noise
 

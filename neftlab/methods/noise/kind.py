@@ -74,6 +74,10 @@ class NoiseKind(TrainerCallback):
         target = f"{type(self).__module__}.{type(self).__qualname__}"
         self.cfg = cfg if cfg is not None else self.Config(_target_=target, kind=self.name)
         self.seed = seed
+        # With a seed the noise has its own random stream (the runner gives each rank its own seed, so data-
+        # parallel ranks draw different noise), made on the device at its first draw; without, torch's global one.
+        self._generator: Optional[torch.Generator] = None
+        self._pending_state: Optional[torch.Tensor] = None  # a loaded stream position, set on it when it is made
         self.passes = 1  # forward and backward passes per batch (`passes.PassesTrainer` drives more than one)
 
     @classmethod
@@ -82,10 +86,38 @@ class NoiseKind(TrainerCallback):
         from ...config.noise import typed
         return cls(model, typed({"_target_": f"{cls.__module__}.{cls.__qualname__}", **params}, cls=cls), seed=seed)
 
+    def _generator_on(self, device: torch.device) -> Optional[torch.Generator]:
+        """The kind's own random stream on `device`, from its seed (None without one: torch's global generator),
+        continued from a loaded state."""
+        if self.seed is None:
+            return None
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending_state is not None:
+                self._generator.set_state(self._pending_state)
+                self._pending_state = None
+        return self._generator
+
+    def _stream_state(self) -> Optional[torch.Tensor]:
+        """The stream's position for a checkpoint (None: the global generator, which the Trainer saves)."""
+        return self._generator.get_state() if self._generator is not None else self._pending_state
+
+    def _load_stream_state(self, rng: Optional[torch.Tensor]) -> None:
+        if self._generator is not None and rng is not None:
+            self._generator.set_state(rng)
+        else:
+            self._pending_state = rng
+
     @property
     def driven(self) -> bool:
         """Whether `passes.PassesTrainer` must drive it: more than one pass per batch."""
         return self.passes > 1
+
+    @property
+    def own_loss(self) -> bool:
+        """Whether its training loss is its own (`loss` runs more forwards or adds terms): only
+        `passes.PassesTrainer` computes it, so `neftlab.noise_for` refuses such a kind for a Trainer of one's own."""
+        return False
 
     def prepare(self, model: torch.nn.Module, seed: int) -> None:
         """Once, before a run trains from its pretrained weights (never on resume), with the run's seed (the same on
