@@ -37,7 +37,8 @@ def noise_for(trainer: Any, kind: Union[str, type] = "uniform", seed: Optional[i
 
     Refused in one line: the trainer's own `neftune_noise_alpha` set too (the noise would be applied twice), and
     the kinds that need neftlab's runner: more than one pass per batch (FreeLB, antithetic noise: the runner's
-    PassesTrainer drives them) or a change to the weights before training (NoisyTune)."""
+    PassesTrainer drives them), a loss with a pass of its own (a consistency term's clean pass) or a change to
+    the weights before training (NoisyTune)."""
     args = trainer.args
     alpha = getattr(trainer, "neftune_noise_alpha", None)
     alpha = getattr(args, "neftune_noise_alpha", None) if alpha is None else alpha
@@ -61,6 +62,9 @@ def runner_only(noise: NoiseKind) -> Optional[str]:
     """Why `noise` needs neftlab's runner, or None where a Trainer's one pass per batch and its callbacks do."""
     if getattr(noise.cfg, "antithetic", False):
         return "with antithetic=True trains each batch twice, on x + eps then on x - eps, driven by PassesTrainer"
+    if getattr(noise.cfg, "consistency", "none") != "none":
+        return (f"with consistency={noise.cfg.consistency} adds a clean forward pass to each training loss, run by "
+                "PassesTrainer")
     if noise.driven:
         return (f"needs each batch's passes ({noise.passes}) driven and reset by neftlab.methods.passes."
                 "PassesTrainer")
