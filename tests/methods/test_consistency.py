@@ -190,8 +190,11 @@ def run_events(folder):
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_the_term_trains_at_size_tiny_and_logs_its_divergence(tmp_path):
-    outcome, summary = run(*TINY, "model=llama_tiny", "logger=none", "noise=uniform", "noise.consistency=kl",
+@pytest.mark.parametrize("model, mode", [pytest.param("llama_tiny", "kl", marks=pytest.mark.slow),
+                                         ("bert_tiny", "symmetric")])
+def test_the_term_trains_at_size_tiny_and_logs_its_divergence(tmp_path, model, mode):
+    """A causal LM's tokens, and a sequence classifier's one term per sequence."""
+    outcome, summary = run(*TINY, f"model={model}", "logger=none", "noise=uniform", f"noise.consistency={mode}",
                            out_dir=tmp_path)
     assert summary["status"] == "completed", outcome.message
     values = [e["noise/consistency"] for e in run_events(tmp_path) if "noise/consistency" in e]
