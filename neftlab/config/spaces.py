@@ -3,10 +3,10 @@ the fixed parameters of `hydra.sweeper.params` (the pruning method, a noise kind
 then calls one of these with the trial, which draws only what that choice reads. A trial's parameters are then the
 drawn kind's own magnitude, not every kind's: the sampler learns from values that did something.
 
-A kind's space is its class's (`NoiseKind.search_space`: its `space`, and the keys an option turns on, so that a
-preset turning on a drawn kind's consistency term searches its weight too); a user's kind, its YAML on
-`hydra.searchpath`, is searched with its own space like neftlab's. To write another: a function of (cfg, trial) that reads `trial.params` and calls
-`trial.suggest_*` with the dotted config key as the name (each becomes the override `key=value`); name it in the
+A kind's space is its class's (`NoiseKind.search_space`: its `space`, and the keys an option turns on, so that a preset
+turning on a drawn kind's consistency term searches its weight too); a user's kind, its YAML on `hydra.searchpath`, is
+searched with its own space like neftlab's. To write another: a function of (cfg, trial) that reads `trial.params` and
+calls `trial.suggest_*` with the dotted config key as the name (each becomes the override `key=value`); name it in the
 search's `hydra.sweeper.custom_search_space`."""
 
 from __future__ import annotations
