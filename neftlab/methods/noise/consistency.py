@@ -46,7 +46,7 @@ class ConsistencyConfig(NoiseConfig):
         check(self.consistency_weight > 0, f"{key}.consistency_weight", self.consistency_weight, "> 0")
 
 
-def search_space(node: dict) -> tuple:
+def consistency_space(node: dict) -> tuple:
     """The weight, for an option that turns the term on (`noise=uniform_kl`): a search draws it there only."""
     return (WEIGHT,) if node.get("consistency", "none") != "none" else ()
 

@@ -21,7 +21,7 @@ import torch
 from ...config.checks import check, check_choice
 from ...config.noise import NoiseConfig
 from ...core.measures import Measure
-from .consistency import DIVERGENCE, Consistency, ConsistencyConfig, search_space
+from .consistency import DIVERGENCE, Consistency, ConsistencyConfig, consistency_space
 from .kind import NoiseError, NoiseKind, Param
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ class DrawnNoise(EmbeddingNoise):
 
     @classmethod
     def search_space(cls, node: dict) -> tuple:
-        return super().search_space(node) + search_space(node)
+        return super().search_space(node) + consistency_space(node)
 
     def loss(self, forward, inputs, reduce):
         if self.consistency is None:

@@ -135,7 +135,7 @@ class NoiseKind(TrainerCallback):
 
     @classmethod
     def suggest(cls, trial: Any, prefix: str = "noise", node: Optional[dict] = None) -> None:
-        """Draw the search space of this kind's option `node` (default: its own file's) on a trial; a key the
+        """Draw the search space of this kind's option `node` (none: the kind's `space`) on a trial; a key the
         search's params drew or fixed already (a command line's `noise.alpha=choice(1,5)` or `noise.alpha=3`) is
         theirs."""
         for param in cls.search_space(node or {}):
