@@ -4,7 +4,8 @@ Each arm is a process of its own, so that peak memory is its own:
 - `plain`: data and model from neftlab's loaders, `TrainingArguments` from `run.arguments.training_arguments`, a bare
   `Trainer` with the padding collator and no callbacks;
 - the others: `python -m neftlab` with noise none / uniform / dynamic (adjust_interval 100) / l1 pruning (interval
-  100) / FreeLB with K = 1, 2, 3 passes / NoisyTune, padded, and none / uniform packed (`data.packing=true`), and
+  100) / FreeLB with K = 1, 2, 3 passes / NoisyTune / uniform with a consistency term (kl, symmetric), padded, and
+  none / uniform packed (`data.packing=true`), and
   none packed into best-fit-decreasing rows, and none with Liger's fused kernels (`none liger`, CUDA and
   `pip install liger-kernel` only).
 
@@ -39,6 +40,8 @@ ARMS = {
     "freelb K=3": ["noise=freelb", "noise.adv_steps=3"],
     "noisytune": ["noise=noisytune"],
     "noisefit": ["noise=noisefit"],
+    "uniform kl": ["noise=uniform_kl"],  # + a consistency term: one more forward per step
+    "uniform symmetric": ["noise=uniform", "noise.consistency=symmetric"],  # ... and a backward through it
     "none packed": ["noise=none", "data.packing=true"],
     "uniform packed": ["noise=uniform", "data.packing=true"],
     # Rows packed best-fit decreasing: other batches than the padded arms', so its own count of real tokens

@@ -37,8 +37,8 @@ def noise_for(trainer: Any, kind: Union[str, type] = "uniform", seed: Optional[i
 
     Refused in one line: the trainer's own `neftune_noise_alpha` set too (the noise would be applied twice), and
     the kinds that need neftlab's runner: more than one pass per batch (FreeLB, antithetic noise: the runner's
-    PassesTrainer drives them), a loss of their own (NoiseFiT's three passes: `own_loss`) or a change to the weights
-    before training (NoisyTune)."""
+    PassesTrainer drives them), a loss of their own (NoiseFiT's three passes, a consistency term's clean pass:
+    `own_loss`) or a change to the weights before training (NoisyTune)."""
     args = trainer.args
     alpha = getattr(trainer, "neftune_noise_alpha", None)
     alpha = getattr(args, "neftune_noise_alpha", None) if alpha is None else alpha

@@ -156,7 +156,8 @@ def test_an_appended_typo_ends_the_run_in_one_line(tmp_path):
     outcome, _ = run("size=tiny", "logger=none", "noise=uniform", "+noise.alpah=5", out_dir=tmp_path)
     assert outcome.exit_code == 1
     assert outcome.message == ("noise.alpah is not a key of noise kind uniform: its keys are noise.length_mode, "
-                               "noise.alpha, noise.tokens, noise.antithetic, noise.schedule, noise.warmup_ratio")
+                               "noise.consistency, noise.consistency_weight, noise.alpha, noise.tokens, "
+                               "noise.antithetic, noise.schedule, noise.warmup_ratio")
 
 
 def test_unknown_key_is_refused_at_composition():

@@ -13,7 +13,7 @@ from tests.helpers import CONF, ROOT, compose_cfg, run
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 JOBS_AT_ONE_SEED = {"baselines": 4, "pruning_ratio": 3, "pruning_kind": 2, "pruning_interval": 3,
-                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 9, "overfit": 4}
+                    "alpha_sweep": 4, "dynamic_vs_static": 2, "neftune_repro": 4, "perturbations": 10, "overfit": 5}
 
 
 def test_the_plan_is_all_there():

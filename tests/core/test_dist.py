@@ -164,12 +164,13 @@ def test_layouts_other_than_row_sharding_are_refused_before_the_first_step(one_r
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["uniform", "freelb"])  # freelb: K passes, the first K - 1 under no_sync
+# freelb: K passes, the first K - 1 under no_sync; a symmetric consistency term: two forwards, one backward
+@pytest.mark.parametrize("kind", ["uniform", "freelb", "uniform noise.consistency=symmetric"])
 def test_ddp_with_two_processes_writes_one_set_of_run_files(tmp_path, kind):
     run_dir = tmp_path / "run"
     env = {**os.environ, **CPU_ONLY}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "neftlab",
-                           f"hydra.run.dir={run_dir}", *TINY, "model=llama_tiny", f"noise={kind}",
+                           f"hydra.run.dir={run_dir}", *TINY, "model=llama_tiny", *f"noise={kind}".split(),
                            "logger=wandb", "logger.mode=offline"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -43,8 +43,8 @@ def test_a_flat_noise_saved_before_kinds_had_classes_reads_as_its_kind():
 
 @pytest.mark.parametrize("overrides, message", [
     (["noise=uniform", "noise.adv_lr=0.3"], "noise.adv_lr=0.3: noise.adv_lr is not a key of noise kind uniform "
-     "(noise=uniform): its keys are noise.length_mode, noise.alpha, noise.tokens, noise.antithetic, noise.schedule, "
-     "noise.warmup_ratio"),
+     "(noise=uniform): its keys are noise.length_mode, noise.consistency, noise.consistency_weight, noise.alpha, "
+     "noise.tokens, noise.antithetic, noise.schedule, noise.warmup_ratio"),
     (["noise=noisytune", "noise.alpha=3"], "noise.alpha=3: noise.alpha is not a key of noise kind noisytune "
      "(noise=noisytune): its keys are noise.intensity"),
     (["noise.alpha=3"], "noise.alpha=3: noise.alpha is not a key of noise kind none (noise=none): its keys are none"),
@@ -62,7 +62,8 @@ def test_a_key_of_another_kind_is_refused_on_the_command_line_in_one_line(overri
 def test_a_key_of_another_kind_is_refused_by_the_kinds_typed_config():
     """However it got there (a study's YAML, a `+` past the command line): the typed config refuses it."""
     with pytest.raises(ConfigError, match="^noise.adv_lr is not a key of noise kind uniform: its keys are "
-                                          "noise.length_mode, noise.alpha, noise.tokens, noise.antithetic"):
+                                          "noise.length_mode, noise.consistency, noise.consistency_weight, "
+                                          "noise.alpha, noise.tokens, noise.antithetic"):
         typed({"_target_": "neftlab.methods.noise.uniform.Uniform", "adv_lr": 0.3})
 
 
@@ -115,8 +116,13 @@ def user_kind(tmp_path, monkeypatch):
 def test_a_users_kind_composes_and_is_searched_with_its_own_space(user_kind):
     cfg = compose_cfg("noise=triangular", "noise.alpha=3", f"hydra.searchpath=[{user_kind}]")
     assert (cfg.noise.kind, cfg.noise.alpha, cfg.noise.schedule) == ("triangular", 3.0, "constant")
+    # A YAML written before a base option (noise.consistency) existed still composes, and still takes it, with `+`
+    # (Hydra says so): only neftlab's own kind files must list every key (the test above).
+    assert cfg.noise.consistency == "none"
+    cfg = compose_cfg("noise=triangular", "+noise.consistency=kl", f"hydra.searchpath=[{user_kind}]")
+    assert cfg.noise.consistency == "kl"
     assert searched_kinds([user_kind]) == ["dynamic", "freelb", "gaussian", "laplace", "noisefit", "noisytune",
-                                           "symnoise", "triangular", "uniform"]
+                                           "symnoise", "triangular", "uniform", "uniform_kl"]
 
     class Trial:
         params: dict = {}

@@ -363,6 +363,7 @@ def test_neftune_noise_alpha_with_the_api_is_refused_in_one_line(llama_tokenizer
     ("freelb", {}, "needs each batch's passes (2) driven and reset by neftlab.methods.passes.PassesTrainer"),
     ("freelb", {"adv_steps": 1}, "needs each batch's passes (1) driven"),
     ("uniform", {"antithetic": True}, "with antithetic=True trains each batch twice"),
+    ("gaussian", {"consistency": "kl"}, "computes its own training loss"),
     ("noisytune", {}, "changes the pretrained weights once before training"),
     ("noisefit", {}, "computes its own training loss"),
 ])

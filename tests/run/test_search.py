@@ -173,13 +173,14 @@ def test_a_damaged_study_database_stops_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude(tmp_path):
-    """Its space holds every kind file with a space (none has none); each trial's parameters are its kind and that
-    kind's own space only (a conditional space), and each trial trains as the kind drawn, with the values drawn."""
+    """Its space holds every kind file with a space (none has none) and every preset that opens keys of its own
+    (uniform_kl: the consistency term's weight); each trial's parameters are its option and that option's own space
+    only (a conditional space), and each trial trains as the option drawn, with the values drawn."""
     import yaml
     from neftlab.config.noise import kind_class, option_node
     from neftlab.config.spaces import searched_kinds
     assert searched_kinds([]) == ["dynamic", "freelb", "gaussian", "laplace", "noisefit", "noisytune", "symnoise",
-                                  "uniform"]
+                                  "uniform", "uniform_kl"]
     proc, _ = cli("-m", "hparams_search=perturbations", "size=tiny", *SHORT, "logger=none", "hydra.sweeper.n_trials=2",
                   "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=7",
                   f"hydra.sweeper.storage=sqlite:///{tmp_path}/study.db", f"hydra.sweep.dir={tmp_path}/sweep",
@@ -189,10 +190,11 @@ def test_the_perturbation_search_chooses_among_every_kind_with_its_own_magnitude
     trials = optuna.load_study(study_name="perturbation_search_tiny", storage=f"sqlite:///{tmp_path}/study.db").trials
     assert len(trials) == 2
     for t in trials:
-        own = [f"noise.{p.key}" for p in kind_class(option_node(t.params["noise"])).space]
+        node = option_node(t.params["noise"])
+        own = [f"noise.{p.key}" for p in kind_class(node).search_space(node)]
         assert sorted(t.params) == sorted(["noise", *own])  # no other kind's magnitude drawn
-        (job,) = [d for d in (tmp_path / "sweep").iterdir() if (d / ".hydra" / "config.yaml").exists()
-                  and yaml.safe_load((d / ".hydra" / "config.yaml").read_text())["noise"]["kind"] == t.params["noise"]]
+        (job,) = [d for d in (tmp_path / "sweep").iterdir() if (d / ".hydra" / "overrides.yaml").exists()
+                  and f"noise={t.params['noise']}" in yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text())]
         noise = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["noise"]
         for name in own:
             assert noise[name.split(".", 1)[1]] == pytest.approx(t.params[name])

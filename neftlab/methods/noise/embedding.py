@@ -10,6 +10,7 @@ A drawn kind only says how its unit noise is drawn (`sample`); FreeLB starts fro
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 from ...config.checks import check, check_choice
 from ...config.noise import NoiseConfig
 from ...core.measures import Measure
+from .consistency import DIVERGENCE, Consistency, ConsistencyConfig, consistency_space
 from .kind import NoiseError, NoiseKind, Param
 from .sequences import Sequences
 
@@ -45,7 +47,7 @@ class EmbeddingConfig(NoiseConfig):
 
 
 @dataclass
-class DrawnConfig(EmbeddingConfig):
+class DrawnConfig(ConsistencyConfig, EmbeddingConfig):  # noise.consistency: consistency.py
     alpha: float = 5.0  # NEFTune's alpha: the noise is alpha / sqrt(L_i * d) times the kind's unit noise
     tokens: str = "all"  # all | prompt | response (labels != -100): which tokens get noise; L_i stays the sequence's
     antithetic: bool = False  # each batch trained on x + eps and on x - eps, the same eps (two passes, half the loss)
@@ -103,6 +105,7 @@ class EmbeddingNoise(Sequences, NoiseKind):
         self.embedding = model.get_input_embeddings()
         self._magnitude: Optional[torch.Tensor] = None  # kept on the device: reading it every forward would sync
         self._padded_ratio: Optional[torch.Tensor] = None
+        self._silent = False
         attached = getattr(self.embedding, "_neftlab_noise", None)
         if attached is not None or hasattr(self.embedding, "neftune_noise_alpha"):
             raise NoiseError(TWICE)
@@ -121,8 +124,17 @@ class EmbeddingNoise(Sequences, NoiseKind):
         """Per token, what its unit noise is multiplied by: alpha / sqrt(L_i * d) of its sequence."""
         return self.alpha / torch.sqrt(lengths * dim)
 
+    @contextlib.contextmanager
+    def silenced(self):
+        """No noise from this kind in the forwards within (a consistency term's clean pass); nothing drawn."""
+        self._silent = True
+        try:
+            yield
+        finally:
+            self._silent = False
+
     def _add_noise(self, module, inputs, output: torch.Tensor) -> Optional[torch.Tensor]:
-        if not module.training:
+        if not module.training or self._silent:
             return None
         if hasattr(module, "neftune_noise_alpha"):  # the Trainer's hook attached after this one (its train())
             raise NoiseError(TWICE)
@@ -203,11 +215,13 @@ class EmbeddingNoise(Sequences, NoiseKind):
 class DrawnNoise(EmbeddingNoise):
     """Noise drawn afresh per token each batch, at NEFTune's scale, on the tokens `noise.tokens` names; alpha moved
     by `noise.schedule`; with `noise.antithetic` each batch is trained on x + eps and then on x - eps (two passes
-    of `passes.PassesTrainer`, each at half the loss), so the first-order terms of the noise cancel in the gradient.
-    Subclasses say only how the unit noise is drawn (`sample`)."""
+    of `passes.PassesTrainer`, each at half the loss), so the first-order terms of the noise cancel in the gradient;
+    with `noise.consistency` each loss adds a divergence from a clean pass (`consistency.py`). Subclasses say only
+    how the unit noise is drawn (`sample`)."""
 
     Config = ScheduledConfig
     space = (ALPHA,)
+    logs = EmbeddingNoise.logs + (DIVERGENCE,)
     drawn = True
 
     def __init__(self, model: torch.nn.Module, cfg: Optional[DrawnConfig] = None, **kwargs):
@@ -216,6 +230,24 @@ class DrawnNoise(EmbeddingNoise):
         self.passes = 2 if self.cfg.antithetic else 1
         self._held: Optional[torch.Tensor] = None  # antithetic: the first pass's noise, mirrored in the second
         self._mirrored = False
+        mode = self.cfg.consistency
+        self.consistency = None if mode == "none" else Consistency(mode, self.cfg.consistency_weight)
+
+    @classmethod
+    def search_space(cls, node: dict) -> tuple:
+        return super().search_space(node) + consistency_space(node)
+
+    @property
+    def own_loss(self) -> bool:
+        return self.consistency is not None  # the consistency term's clean pass
+
+    def loss(self, forward, inputs, reduce):
+        if self.consistency is None:
+            return super().loss(forward, inputs, reduce)
+        return self.consistency.loss(forward, inputs, reduce, self.silenced)
+
+    def metrics(self) -> dict:
+        return {**super().metrics(), **(self.consistency.metrics() if self.consistency is not None else {})}
 
     def perturb(self, output: torch.Tensor) -> torch.Tensor:
         if self._mirrored and self._held is not None and self._held.shape == output.shape:

@@ -158,9 +158,18 @@ class NoiseKind(TrainerCallback):
         self.remove()
 
     @classmethod
-    def suggest(cls, trial: Any, prefix: str = "noise") -> None:
-        """Draw this kind's own search space on a trial; a key the search's params drew or fixed already (a command
-        line's `noise.alpha=choice(1,5)` or `noise.alpha=3`) is theirs."""
-        for param in cls.space:
+    def search_space(cls, node: dict) -> tuple[Param, ...]:
+        """What a search draws for the noise option `node` (its keys, as `config.noise.option_node` reads them): the
+        kind's `space`, and the keys of an option the node turns on (a drawn kind's `noise.consistency`: its
+        weight). An option whose space holds keys its kind's does not is searched in its own right
+        (`config.spaces.searched_kinds`)."""
+        return cls.space
+
+    @classmethod
+    def suggest(cls, trial: Any, prefix: str = "noise", node: Optional[dict] = None) -> None:
+        """Draw the search space of this kind's option `node` (none: the kind's `space`) on a trial; a key the
+        search's params drew or fixed already (a command line's `noise.alpha=choice(1,5)` or `noise.alpha=3`) is
+        theirs."""
+        for param in cls.search_space(node or {}):
             if f"{prefix}.{param.key}" not in {**trial.params, **trial.user_attrs}:
                 param.suggest(trial, prefix)
