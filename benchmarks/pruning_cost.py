@@ -98,7 +98,7 @@ def main():
     model = models.load_model(cfg.model, models.load_tokenizer(cfg.model)).to(device)
     original = model.get_input_embeddings().weight.detach().clone()
     for method in ("l1", "l2"):
-        callback = PruningCallback(model, PruningConfig(method=method, ratio=0.3), lambda step, m: None)
+        callback = PruningCallback(model, PruningConfig(kind=method, ratio=0.3), lambda step, m: None)
         callback.weights = pruning.targets(model, "embedding")
 
         def prune_event():
