@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .read import DataError
 
@@ -98,35 +98,60 @@ def has_exchange(messages: list[dict]) -> bool:
     return any(m["role"] == "assistant" for m in messages) and messages[0]["role"] in ("user", "system")
 
 
-def _skip_long(items: list, size: Callable[[Any], int], source: str) -> list:
+def _skip_long(items: list, size: Callable[[Any], int], source: str, notes: Optional[list] = None) -> list:
+    """The items of at most MAX_RECORD_CHARS; how many were not is logged, or noted in `notes` to log later."""
     kept = [x for x in items if size(x) <= MAX_RECORD_CHARS]
     if len(kept) < len(items):
-        log.warning("%s: skipped %d record(s) of more than %d characters", Path(source).name, len(items) - len(kept),
-                    MAX_RECORD_CHARS)
+        note = (logging.WARNING, f"{Path(source).name}: skipped {len(items) - len(kept)} record(s) of more than "
+                                 f"{MAX_RECORD_CHARS} characters")
+        if notes is None:
+            log.log(*note)
+        else:
+            notes.append(note)
     return kept
+
+
+# The last conversion, by the records it was made from: the jobs of a sweep that run in one process (Hydra's basic
+# launcher) read the same list of records (`read._read_file`) and convert it once.
+_CONVERTED: dict[tuple, tuple] = {}
 
 
 def chats(records: list, fmt: str, columns: dict, source: str) -> list[list[dict]]:
     """The records as conversations that hold an exchange (a user turn, then an answer); those without are
-    counted, and a file with none is refused."""
+    counted, and a file with none is refused. Converted once per process for a given list of records, and what
+    the conversion found is logged by every run that uses it; nobody changes the list it returns."""
     columns = {**DEFAULT_COLUMNS[fmt], **columns}
+    key = (id(records), fmt, tuple(sorted(columns.items())), source)
+    found = _CONVERTED.get(key)
+    if found is None or found[0] is not records:
+        found = (records, *_converted(records, fmt, columns, source))
+        _CONVERTED.clear()
+        _CONVERTED[key] = found
+    _, usable, notes = found
+    for level, message in notes:
+        log.log(level, message)
+    return usable
+
+
+def _converted(records: list, fmt: str, columns: dict, source: str) -> tuple[list[list[dict]], list[tuple]]:
     check_one_format(records, source, fmt, columns)
     convert = conversation if fmt == "sharegpt" else alpaca
+    notes: list[tuple] = []
     converted = _skip_long([convert(r, row, source, columns) for row, r in enumerate(records)],
-                           lambda c: sum(len(m["content"]) for m in c), source)
+                           lambda c: sum(len(m["content"]) for m in c), source, notes)
     usable = [c for c in converted if c and has_exchange(c)]
     if not usable:
         raise DataError(f"{source}: no record has a user turn followed by an assistant reply, so there is nothing to "
                         "train on")
     if len(usable) < len(converted):
-        log.info("%s: %d of %d records have no user turn followed by an assistant reply; skipped",
-                 Path(source).name, len(converted) - len(usable), len(converted))
+        notes.append((logging.INFO, f"{Path(source).name}: {len(converted) - len(usable)} of {len(converted)} records "
+                                    "have no user turn followed by an assistant reply; skipped"))
     empty = sum(not any(m["content"].strip() for m in c if m["role"] == "assistant") for c in usable)
     if empty:
-        log.warning("%s: %s of %d examples have an empty answer%s", Path(source).name,
-                    "all" if empty == len(usable) else empty, len(usable),
-                    ": the model can only learn to stop at once" if empty == len(usable) else "")
-    return usable
+        notes.append((logging.WARNING, f"{Path(source).name}: {'all' if empty == len(usable) else empty} of "
+                                       f"{len(usable)} examples have an empty answer"
+                                       + (": the model can only learn to stop at once" if empty == len(usable) else "")))
+    return usable, notes
 
 
 def labelled(records: list, fmt: str, columns: dict, source: str) -> tuple[list[tuple[str, int]], list[str]]:
