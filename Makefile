@@ -23,11 +23,16 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: setup
 	$(PY) -m neftlab $(ARGS)
 
+# Two workers of one thread each (tests/conftest.py): the suite alone keeps about one core busy, since many tests
+# wait on a process of their own (a signal, a launcher, SLURM). WORKERS=0 runs it in this process.
+WORKERS ?= 2
+XDIST = $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadgroup)
+
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 gpu-check:
 	$(PY) benchmarks/gpu_check.py $(ARGS)

@@ -6,6 +6,9 @@ import os
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of make test's workers: one thread, and so the processes it starts
+    os.environ["OMP_NUM_THREADS"] = "1"  # two workers of two threads each on two cores spent a third of their time
+    #                                      waiting on each other's threads (33 min of CPU against 21)
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from neftlab.config import compose, register  # noqa: E402
