@@ -108,9 +108,11 @@ def test_the_report_names_each_kinds_best_trial_with_its_settings(tmp_path):
     def trial(kind, value, *keys):
         return Run(tmp_path, [f"noise={kind}", *keys, "size=tiny"], {}, {"noise": {"kind": kind}}), [value]
     done = [trial("gaussian", 1.80, "noise.alpha=3"), trial("gaussian", 1.78, "noise.alpha=12"),
-            trial("noisytune", 1.79, "noise.intensity=0.2")]
+            trial("noisytune", 1.79, "noise.intensity=0.2"), trial("gaussian", 1.70, "noise.alpha=2")]
+    done[-1][0].overrides[0] = "noise=gaussian_kl"  # a preset of kind gaussian: a choice of its own
     table = "\n".join(best_of_each_kind(done, ("eval/best_loss",), -1.0))
-    assert "| gaussian | 1.7800 | `noise=gaussian noise.alpha=12` |\n| noisytune | 1.7900 |" in table
+    assert ("| gaussian_kl | 1.7000 | `noise=gaussian_kl noise.alpha=2` |\n"
+            "| gaussian | 1.7800 | `noise=gaussian noise.alpha=12` |\n| noisytune | 1.7900 |") in table
     assert best_of_each_kind(done[:2], ("eval/best_loss",), -1.0) == []  # one kind: the best trial says it all
 
 
