@@ -51,27 +51,38 @@ def consistency_space(node: dict) -> tuple:
     return (WEIGHT,) if node.get("consistency", "none") != "none" else ()
 
 
+def kl(target: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(target / T) || softmax(logits / T)) per position (over the last dim, the classes), from logits, in
+    fp32. F.kl_div(input, target) is KL(target || input), both log-probabilities here; a target that must not
+    learn is detached by the caller."""
+    target, logits = (F.log_softmax(x.float() / temperature, -1) for x in (target, logits))
+    return F.kl_div(logits, target, reduction="none", log_target=True).sum(-1)
+
+
 def divergence(clean: torch.Tensor, noisy: torch.Tensor, mode: str) -> torch.Tensor:
-    """Per position (every dimension but the last, the classes), from logits, in fp32: KL(p_clean || p_noisy)
-    (`kl`), or its mean with KL(p_noisy || p_clean) (`symmetric`). F.kl_div(input, target) is KL(target || input)
-    with `input` the log-probabilities."""
-    clean, noisy = F.log_softmax(clean.float(), -1), F.log_softmax(noisy.float(), -1)
-    forward = F.kl_div(noisy, clean, reduction="none", log_target=True).sum(-1)
-    if mode == "kl":
-        return forward
-    return 0.5 * (forward + F.kl_div(clean, noisy, reduction="none", log_target=True).sum(-1))
+    """Per position: KL(p_clean || p_noisy) (`kl`), or its mean with KL(p_noisy || p_clean) (`symmetric`)."""
+    forward = kl(clean, noisy)
+    return forward if mode == "kl" else 0.5 * (forward + kl(noisy, clean))
+
+
+def counted(logits: torch.Tensor, inputs: dict) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """(what keeps of a pass's logits the positions the cross-entropy counts, which of them have a label): a causal
+    LM's position t predicts token t + 1 (logits[:, :-1] against labels[:, 1:] != -100, or a padding-free
+    collator's `shift_labels` as they are); a sequence classifier's one row per sequence. The loss terms that
+    weigh each token as the cross-entropy does read it: this option's and NoiseFiT's."""
+    labels = inputs.get("shift_labels", inputs.get("labels"))
+    if labels is None:
+        raise NoiseError("a loss term of the noise weighs each token as the cross-entropy does and needs the batch's "
+                         "labels, which this batch has not")
+    if logits.dim() == 3 and "shift_labels" not in inputs:
+        return (lambda x: x[:, :-1]), labels[:, 1:] != -100
+    return (lambda x: x), labels != -100
 
 
 def per_token(clean: torch.Tensor, noisy: torch.Tensor, inputs: dict, mode: str) -> tuple:
     """(the divergence at each position the cross-entropy counts, zero elsewhere; the mask of those positions)."""
-    labels = inputs.get("shift_labels", inputs.get("labels"))
-    if labels is None:
-        raise NoiseError(f"noise.consistency={mode} weighs each token as the cross-entropy does and needs the "
-                         "batch's labels, which this batch has not")
-    if clean.dim() == 3 and "shift_labels" not in inputs:  # a causal LM: position t predicts token t + 1
-        clean, noisy, labels = clean[:, :-1], noisy[:, :-1], labels[:, 1:]
-    mask = labels != -100
-    return divergence(clean, noisy, mode).masked_fill(~mask, 0.0), mask
+    cut, mask = counted(clean, inputs)
+    return divergence(cut(clean), cut(noisy), mode).masked_fill(~mask, 0.0), mask
 
 
 class Consistency:

@@ -25,12 +25,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ...config.checks import check, check_choice
 from ...config.noise import NoiseConfig
 from ...core.dist import all_reduce
 from ...core.measures import Measure
+from .consistency import counted, kl
 from .kind import NoiseError, NoiseKind, Param
 from .sequences import Sequences
 
@@ -91,21 +91,6 @@ def snr_layers(snr: torch.Tensor, count: int, rule: str) -> list[int]:
     """The reference's rule: the `count` layers of largest (or lowest) SNR, in that order; all of them when the
     model has fewer."""
     return torch.topk(snr, min(count, snr.numel()), largest=rule == "largest").indices.tolist()
-
-
-def kl_per_token(target_logits: torch.Tensor, logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL(softmax(target / T) || softmax(logits / T)) over the last dim, per position, the target detached, in fp32
-    (the reference's F.kl_div(log_softmax(logits / T), softmax(target / T).detach()).sum(-1))."""
-    target = F.softmax(target_logits.detach().float() / temperature, dim=-1)
-    return F.kl_div(F.log_softmax(logits.float() / temperature, dim=-1), target, reduction="none").sum(-1)
-
-
-def predicted(logits: torch.Tensor, labels: Optional[torch.Tensor]) -> tuple[Callable, torch.Tensor]:
-    """(what keeps a causal model's positions that predict a next token, which of them have a label): a causal
-    model's logits at t predict the token t + 1; a classifier's one row per example is kept whole."""
-    if logits.dim() == 3 and labels is not None and labels.shape == logits.shape[:2]:
-        return (lambda x: x[:, :-1]), labels[:, 1:] != -100
-    return (lambda x: x), torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
 
 
 class NoiseFiT(Sequences, NoiseKind):
@@ -224,11 +209,11 @@ class NoiseFiT(Sequences, NoiseKind):
             noisy = [forward(dict(inputs))[1].logits for _ in range(2)]
         finally:
             self._noisy = False
-        cut, mask = predicted(outputs.logits, inputs.get("labels"))
-        clean, first, second = cut(outputs.logits), cut(noisy[0]), cut(noisy[1])
+        cut, mask = counted(outputs.logits, inputs)
+        clean, first, second = cut(outputs.logits).detach(), cut(noisy[0]), cut(noisy[1])
         t = self.cfg.temperature
-        soft = reduce((kl_per_token(clean, first, t) + kl_per_token(clean, second, t)) / 2, mask) * t ** 2
-        consistency = reduce(kl_per_token(second, first, t), mask) * t ** 2
+        soft = reduce((kl(clean, first, t) + kl(clean, second, t)) / 2, mask) * t ** 2  # the clean pass a target
+        consistency = reduce(kl(second.detach(), first, t), mask) * t ** 2
         alpha = self.cfg.hybrid_alpha
         total = alpha * ce + (1 - alpha) * soft + self.cfg.lambda_consistency * consistency
         self._terms = torch.stack([ce.detach().float(), soft.detach(), consistency.detach()])
