@@ -49,7 +49,7 @@ def search_sections(runs: list[Run], root: Path, out: Path) -> list[str]:
                   f"{len(trials)} trials, {len(done)} with values ({len(trials) - len(done)} failed or without the "
                   f"metric: Optuna recorded them as failed). ✓ = {what}.", "",
                   markdown_table(["trial", "dir", *arrows, "status", what], rows), ""]
-        parts += best_of_each_kind(done, keys, sign)
+        parts += best_of_each_option(done, keys, sign)
         if len(keys) == 2 and len(done) >= 2:
             name = f"search_front{n or ''}.png"
             plot_front(done, front, keys, out / name)
@@ -71,7 +71,7 @@ def plot_front(done: list[tuple[Run, list[float]]], front: dict[int, bool], keys
     save(fig, path)
 
 
-def best_of_each_kind(done: list[tuple[Run, list[float]]], keys: tuple, sign: float) -> list[str]:
+def best_of_each_option(done: list[tuple[Run, list[float]]], keys: tuple, sign: float) -> list[str]:
     """Of a one-objective search over several noise options (hparams_search=perturbations, overfit): each option's
     best trial, and its settings as a command line's overrides, to confirm against no noise over seeds."""
     if len(keys) != 1:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ..core.errors import ConfigError
 from .checks import check_keys
 from .groups import DataConfig, LoggerConfig, ModelConfig, PruningConfig
-from .noise import CONF, canonical, kind_class, option_file, option_node, own_keys, search_dirs, typed
+from .noise import CONF, canonical, kind_class, option_file, option_node, options, own_keys, typed
 from .resolvers import register_resolvers
 from .root import Config
 from .trainer import NEFTLAB_DEFAULTS, TrainerConfig, moved_training_arg
@@ -38,10 +38,6 @@ WHY = {"arm": "noise presets are noise options", "trainer": "it sets the data an
        "noise": "it composed the same run"}
 # Groups a user picks; their options are the files under conf/<group>, and under a `hydra.searchpath` directory.
 PICKED = ("model", "data", "noise", "pruning", "trainer", "logger", "size", "harness", "experiment", "hparams_search")
-
-
-def options(group: str, searchpath: Iterable[str] = ()) -> list[str]:
-    return sorted({p.stem for folder in search_dirs(searchpath) for p in (folder / group).glob("*.yaml")})
 
 
 def searchpath_of(overrides: Iterable[str]) -> list[str]:

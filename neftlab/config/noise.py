@@ -86,14 +86,15 @@ def is_kind_file(option: str, searchpath: Iterable[str] = ()) -> bool:
     return path is not None and TARGET in (OmegaConf.load(path) or {})
 
 
-def noise_options(searchpath: Iterable[str] = ()) -> list[str]:
-    """Every noise option, a kind's own file or a preset, neftlab's and those on the search path, in name order."""
-    return sorted({p.stem for folder in search_dirs(searchpath) for p in (folder / "noise").glob("*.yaml")})
+def options(group: str, searchpath: Iterable[str] = ()) -> list[str]:
+    """Every option of a config group (`noise`: a kind's own file or a preset), neftlab's and those on the search
+    path, in name order."""
+    return sorted({p.stem for folder in search_dirs(searchpath) for p in (folder / group).glob("*.yaml")})
 
 
 def kind_options(searchpath: Iterable[str] = ()) -> list[str]:
     """The noise options that are a kind's own file, neftlab's and those on the search path, in name order."""
-    return [n for n in noise_options(searchpath) if is_kind_file(n, searchpath)]
+    return [n for n in options("noise", searchpath) if is_kind_file(n, searchpath)]
 
 
 def kind_class(node: Any, key: str = "noise") -> type:

@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from .noise import kind_class, kind_options, noise_options, option_node
+from .noise import kind_class, kind_options, option_node, options
 
 PRUNING_RATIO = ("pruning.ratio", 0.05, 0.7)
 
@@ -26,7 +26,7 @@ def searched_kinds(searchpath: list) -> list[str]:
     term's weight too), neftlab's and those on `hydra.searchpath`, in name order."""
     kinds = set(kind_options(searchpath))
     out = []
-    for name in noise_options(searchpath):
+    for name in options("noise", searchpath):
         node = option_node(name, searchpath)
         cls = kind_class(node)
         space = cls.search_space(node)

@@ -148,9 +148,10 @@ def _converted(records: list, fmt: str, columns: dict, source: str) -> tuple[lis
                                     "have no user turn followed by an assistant reply; skipped"))
     empty = sum(not any(m["content"].strip() for m in c if m["role"] == "assistant") for c in usable)
     if empty:
-        notes.append((logging.WARNING, f"{Path(source).name}: {'all' if empty == len(usable) else empty} of "
-                                       f"{len(usable)} examples have an empty answer"
-                                       + (": the model can only learn to stop at once" if empty == len(usable) else "")))
+        every = empty == len(usable)
+        notes.append((logging.WARNING, f"{Path(source).name}: {'all' if every else empty} of {len(usable)} examples "
+                                       "have an empty answer" + (": the model can only learn to stop at once" if every
+                                                                 else "")))
     return usable, notes
 
 

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from neftlab.config import ConfigError
-from neftlab.config.compose import options
+from neftlab.config.noise import options
 from tests.helpers import cli, compose_cfg, run
 
 
@@ -39,7 +39,8 @@ def test_gpu_sizes_answer_every_held_out_prompt_at_length(size):
 @pytest.mark.parametrize("override, new", [
     ("arm=uniform_5", "noise=uniform"), ("arm=no_noise,uniform_10", "noise=none"), ("trainer=paper", "size=paper"),
     ("trainer=study", "size=gpu"), ("experiment=neftune_search", "hparams_search=neftune"),
-    ("experiment=sparse_neft_search", "hparams_search=sparse_neft"), ("experiment=pruning_method", "experiment=pruning_kind"),
+    ("experiment=sparse_neft_search", "hparams_search=sparse_neft"),
+    ("experiment=pruning_method", "experiment=pruning_kind"),
 ])
 def test_an_old_spelling_stops_with_one_line_naming_the_new_one(override, new):
     with pytest.raises(ConfigError, match=f"is now {new} "):
@@ -80,7 +81,8 @@ def test_help_lists_only_what_a_user_picks():
     from neftlab.config.compose import groups_help
     text = groups_help()
     assert "base_" not in text and "at_size" not in text
-    assert "noise: dynamic, dynamic_auto, dynamic_small, freelb, gaussian, laplace, noisefit, noisytune, none, symnoise, uniform, uniform_10" in text
+    assert ("noise: dynamic, dynamic_auto, dynamic_small, freelb, gaussian, laplace, noisefit, noisytune, none, "
+            "symnoise, uniform, uniform_10") in text
     assert "hparams_search: neftune, overfit, perturbations, sparse_neft" in text
 
 

@@ -103,17 +103,17 @@ def _study(storage: str):
 @pytest.mark.slow
 def test_the_report_names_each_kinds_best_trial_with_its_settings(tmp_path):
     from neftlab.analysis.runs import Run
-    from neftlab.analysis.search import best_of_each_kind
+    from neftlab.analysis.search import best_of_each_option
 
     def trial(kind, value, *keys):
         return Run(tmp_path, [f"noise={kind}", *keys, "size=tiny"], {}, {"noise": {"kind": kind}}), [value]
     done = [trial("gaussian", 1.80, "noise.alpha=3"), trial("gaussian", 1.78, "noise.alpha=12"),
             trial("noisytune", 1.79, "noise.intensity=0.2"), trial("gaussian", 1.70, "noise.alpha=2")]
     done[-1][0].overrides[0] = "noise=gaussian_kl"  # a preset of kind gaussian: a choice of its own
-    table = "\n".join(best_of_each_kind(done, ("eval/best_loss",), -1.0))
+    table = "\n".join(best_of_each_option(done, ("eval/best_loss",), -1.0))
     assert ("| gaussian_kl | 1.7000 | `noise=gaussian_kl noise.alpha=2` |\n"
             "| gaussian | 1.7800 | `noise=gaussian noise.alpha=12` |\n| noisytune | 1.7900 |") in table
-    assert best_of_each_kind(done[:2], ("eval/best_loss",), -1.0) == []  # one kind: the best trial says it all
+    assert best_of_each_option(done[:2], ("eval/best_loss",), -1.0) == []  # one kind: the best trial says it all
 
 
 def test_search_records_failed_trials_goes_on_and_resumes(tmp_path):
