@@ -31,7 +31,7 @@ def write_report(root: Path, out: Path | None = None, baseline: str | None = Non
     parts = [f"# neftlab report: {root}", "",
              f"{len(runs)} runs, {len(runs) - len(failed)} completed, {len(failed)} not completed.", "",
              f"Overrides common to all runs: `{' '.join(common) or '(none)'}`", "",
-             "## Runs", "", runs_table(runs), ""]
+             "## Runs", "", runs_table(runs, root), ""]
     folded = seeds_table(runs)
     if folded:
         parts += ["## Over seeds (mean ± std of completed runs)", "", folded, ""]

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..config.objectives import QUALITY, directions_of, objective_keys, values
 from .plots import save
 from .runs import Run
-from .tables import markdown_table
+from .tables import markdown_table, where
 
 
 def pareto_front(points: list[list[float]], directions: list[str]) -> list[bool]:
@@ -41,7 +41,7 @@ def search_sections(runs: list[Run], root: Path, out: Path) -> list[str]:
         order = sorted(done, key=lambda rv: (not front[id(rv[0])], -sign * rv[1][0])) + [
             (r, v) for r, v in found if v is None]
         arrows = [f"{k} ({'↑' if d == 'maximize' else '↓'})" for k, d in zip(keys, directions)]
-        rows = [[r.label, str(r.dir.relative_to(root)) if r.dir.is_relative_to(root) else str(r.dir),
+        rows = [[r.label, where(r, root),
                  *(["{:.4f}".format(x) for x in v] if v else [""] * len(keys)), r.summary.get("status", ""),
                  "✓" if v and front[id(r)] else ""] for r, v in order]
         what = "best" if len(keys) == 1 else "on the Pareto front"

@@ -37,9 +37,15 @@ def _used_columns(runs: list[Run]):
             + [(title, title, "{:.3f}") for title in judged])
 
 
-def runs_table(runs: list[Run]) -> str:
+def where(run: Run, root: Path) -> str:
+    """A run's directory as the report names it: relative to the report's root, so that runs of several sweeps
+    under one root (a search's processes, a confirmation's arms) are told apart."""
+    return str(run.dir.relative_to(root)) if run.dir.is_relative_to(root) else str(run.dir)
+
+
+def runs_table(runs: list[Run], root: Path) -> str:
     cols = _used_columns(runs)
-    rows = [[r.label, str(r.dir.name), *(cell(r.value(k), f) for k, _, f in cols), r.summary.get("status", "")]
+    rows = [[r.label, where(r, root), *(cell(r.value(k), f) for k, _, f in cols), r.summary.get("status", "")]
             for r in runs]
     return markdown_table(["run", "dir", *(t for _, t, _ in cols), "status"], rows)
 

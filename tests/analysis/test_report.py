@@ -228,3 +228,15 @@ def test_plots_keep_apart_what_a_sweep_varied(tmp_path):
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(["noise.alpha=10", "noise.alpha=5", "noise.alpha=1"], key=plots.natural) == [
         "noise.alpha=1", "noise.alpha=5", "noise.alpha=10"]
+
+
+def test_arms_of_several_sweeps_under_one_root_are_paired_and_told_apart(tmp_path):
+    """A confirmation: each arm its own sweep (`ROOT/OPTION/N`), paired by seed; the runs named by their place."""
+    for arm, noise, losses in (("none", "none", (2.0, 2.2)), ("uniform", "uniform", (1.9, 2.0))):
+        for job, (seed, loss) in enumerate(zip((1, 2), losses)):
+            fake_run(tmp_path, f"{arm}/{job}", ["experiment=overfit", f"seed={seed}", f"noise={noise}"], 5, seed,
+                     loss, noise=noise)
+    assert report.main([str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "| seed=2,noise=uniform | uniform/1 | 2.0000 |" in text and "| seed=2,noise=none | none/1 | 2.2000 |" in text
+    assert "| noise=uniform | eval loss | 2 | 2.1000 | 1.9500 | -0.1500 |" in text
