@@ -21,5 +21,5 @@ class Laplace(DrawnNoise):
     name = "laplace"
 
     def sample(self, shape: torch.Size, generator: Optional[torch.Generator], device) -> torch.Tensor:
-        return inverse_cdf(torch.empty(shape, dtype=torch.float32, device=device).uniform_(-0.5, 0.5,
-                                                                                             generator=generator))
+        u = torch.empty(shape, dtype=torch.float32, device=device).uniform_(-0.5, 0.5, generator=generator)
+        return inverse_cdf(u)
